@@ -1,0 +1,459 @@
+"""Prompt-token estimators learned online from ``usage.prompt_tokens``.
+
+``FeatureKalman`` (the default) — tokens = θ · g, where g holds the prompt's *group* token
+estimates: the cold-start prior's per-feature coefficients (priors.json, fitted on real text
+per tokenizer family) summed within each group of features (Latin words, digits, whitespace,
+punctuation, CJK, other scripts, JSON the template renders, output schemas) plus the chat
+template's overheads (per turn, per request, per raw prompt). θ starts at the prior (1 for
+each content group, the template's counts for the overheads) and is learned per model key by a
+random-walk Kalman filter — recursive least squares with forgetting that cannot wind up in
+directions a key's traffic never excites. Each observation is normalised by its true count, so
+the filter minimises relative error. One response gives one total for a request that mixes
+kinds of text; because each group enters separately, a stream of mixed requests separates
+their rates.
+
+The routing margin comes from the observed errors: a window of out-of-sample relative errors
+(each request's error *before* its own count was learned) per key; the margin is a high
+quantile of those errors, blended with the prior's cross-validated margin while the key has
+few samples. Requests far below the smallest pool tell little about errors near it, so the
+quantile prefers samples above ``margin_min_tokens`` once there are enough.
+
+``PaperEMA`` — the paper's estimator, kept as a selectable baseline: per (model, category)
+bytes-per-token EMA ĉ ← βĉ + (1−β)·obs, σ̂ an EMA of |obs − ĉ|, routing on c* = ĉ − γσ̂.
+``FixedRatio`` — one bytes-per-token constant (4.0 in the paper's baseline).
+
+All state is bounded: at most ``max_keys`` model keys (new names beyond that share one overflow
+key per family), and a fixed-size error window per key. State saves to and restores from a
+JSON-able snapshot.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from importlib import resources
+from typing import Iterable, Protocol
+
+from .features import FEATURE_GROUP, N_FEATURES
+from .request import Prompt
+
+CONTENT_GROUPS = ("latin", "digits", "space", "punct", "cjk", "script")
+GROUPS = CONTENT_GROUPS + ("json", "schema", "turns", "chat", "prompt")
+_G = {name: i for i, name in enumerate(GROUPS)}
+_N_GROUPS = len(GROUPS)
+_FEATURE_GROUP_INDEX = tuple(_G[g] for g in FEATURE_GROUP)
+SNAPSHOT_VERSION = 1
+OVERFLOW_KEY = "__other__"
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """Cold-start knowledge of one tokenizer family."""
+
+    name: str
+    coef: tuple[float, ...]
+    turn: float        # tokens the chat template adds per message
+    chat: float        # tokens it adds once per request (BOS, generation prompt)
+    prompt: float      # tokens added to a raw /v1/completions prompt (BOS)
+    margin: float      # cross-validated cold-start margin (relative)
+
+
+def load_priors(path: str | None = None) -> dict[str, Family]:
+    if path is None:
+        text = resources.files("extproc.budget").joinpath("priors.json").read_text()
+    else:
+        with open(path) as f:
+            text = f.read()
+    doc = json.loads(text)
+    if len(doc["features"]) != N_FEATURES:
+        raise ValueError(f"priors have {len(doc['features'])} features, the code measures {N_FEATURES}")
+    out = {}
+    for name, fam in doc["families"].items():
+        o = fam["overhead"]
+        out[name] = Family(name, tuple(fam["coef"]), float(o["message"]), float(o["chat"]),
+                           float(o["prompt"]), float(fam["margin"]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    tokens: float        # point estimate of the prompt's tokens
+    conservative: int    # what routing uses: the estimate plus the safety margin
+    source: str          # "calibrated", "prior", "exact"
+
+
+class Estimator(Protocol):
+    name: str
+
+    def estimate(self, key: str, family: Family, prompt: Prompt, media_tokens: int) -> Estimate: ...
+
+    def observe(self, key: str, family: Family, prompts: list[Prompt], prompt_tokens: int,
+                media_tokens: int) -> float | None: ...
+
+    def samples(self, key: str) -> int: ...
+
+    def snapshot(self) -> dict: ...
+
+    def restore(self, doc: dict) -> None: ...
+
+
+class KeyTable:
+    """Per-model state with a hard bound on the number of keys."""
+
+    def __init__(self, max_keys: int) -> None:
+        self.max_keys = max_keys
+        self.states: dict[str, object] = {}
+
+    def get(self, key: str):
+        """State of a key; a name that found no room reads the shared overflow state."""
+        st = self.states.get(key)
+        if st is None and len(self.states) >= self.max_keys - 1:
+            st = self.states.get(OVERFLOW_KEY)
+        return st
+
+    def slot(self, key: str, family: str) -> str:
+        """The key a new observation is stored under: its own while there is room (one slot
+        stays for the overflow key, so the table never exceeds ``max_keys``)."""
+        if key in self.states or len(self.states) < self.max_keys - 1:
+            return key
+        return OVERFLOW_KEY
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[i]
+
+
+class ErrorWindow:
+    """Recent out-of-sample relative errors (true/estimate − 1) of one key, with sizes."""
+
+    __slots__ = ("errors", "n")
+
+    def __init__(self, size: int) -> None:
+        self.errors: deque[tuple[int, float]] = deque(maxlen=size)
+        self.n = 0
+
+    def add(self, tokens: int, rel_error: float) -> None:
+        self.errors.append((tokens, rel_error))
+        self.n += 1
+
+    def margin(self, prior: float, quantile: float, min_tokens: int, prior_weight: float) -> float:
+        big = sorted(e for t, e in self.errors if t >= min_tokens)
+        sel = big if len(big) >= 32 else sorted(e for t, e in self.errors if t >= 64)
+        if len(sel) < 5:
+            return prior
+        emp = max(0.0, _quantile(sel, quantile))
+        n = len(sel)
+        return (prior_weight * prior + n * emp) / (prior_weight + n)
+
+
+class _KalmanState:
+    __slots__ = ("theta", "P", "window", "margin")
+
+    def __init__(self, theta: list[float], P: list[list[float]], window: ErrorWindow, margin: float):
+        self.theta = theta
+        self.P = P
+        self.window = window
+        self.margin = margin
+
+
+@dataclass(frozen=True, slots=True)
+class KalmanSettings:
+    process_noise: float = 1e-3      # per observation, as a fraction of the prior variance
+    observation_noise: float = 0.03  # relative misfit of one request's total
+    content_sd: float = 0.15         # prior spread of a content group's scale
+    margin_quantile: float = 0.995
+    margin_window: int = 512
+    margin_min_tokens: int = 1024
+    margin_prior_weight: float = 30.0
+    margin_floor: float = 0.005
+    calibrated_after: int = 20       # samples before a key's estimates count as "calibrated"
+    max_keys: int = 64
+
+
+def group_vector(prompt: Prompt, coef: tuple[float, ...]) -> list[float]:
+    g = [0.0] * _N_GROUPS
+    if prompt.text is not None:
+        for i, x in enumerate(prompt.text):
+            if x:
+                g[_FEATURE_GROUP_INDEX[i]] += coef[i] * x
+    if prompt.json is not None:
+        g[_G["json"]] = sum(c * x for c, x in zip(coef, prompt.json))
+    if prompt.schema is not None:
+        g[_G["schema"]] = sum(c * x for c, x in zip(coef, prompt.schema))
+    g[_G["turns"]] = prompt.messages
+    g[_G["chat"]] = prompt.chat
+    g[_G["prompt"]] = 1 - prompt.chat
+    return g
+
+
+class FeatureKalman:
+    """The default estimator: per-group scales over prior feature coefficients (see module doc)."""
+
+    name = "feature-kalman"
+
+    def __init__(self, settings: KalmanSettings | None = None) -> None:
+        self.s = settings or KalmanSettings()
+        self.table = KeyTable(self.s.max_keys)
+
+    def _prior(self, family: Family) -> tuple[list[float], list[float]]:
+        theta = [1.0] * len(CONTENT_GROUPS) + [1.0, 0.0, family.turn, family.chat, family.prompt]
+        sd = [self.s.content_sd] * len(CONTENT_GROUPS) + [self.s.content_sd, 0.5, 2.0, 3.0, 2.0]
+        return theta, [v * v for v in sd]
+
+    def _new_state(self, family: Family) -> _KalmanState:
+        theta, var = self._prior(family)
+        P = [[var[i] if i == j else 0.0 for j in range(_N_GROUPS)] for i in range(_N_GROUPS)]
+        return _KalmanState(theta, P, ErrorWindow(self.s.margin_window), family.margin)
+
+    def estimate(self, key: str, family: Family, prompt: Prompt, media_tokens: int) -> Estimate:
+        extra = prompt.media * media_tokens
+        if prompt.exact_tokens is not None:
+            return Estimate(prompt.exact_tokens + extra, prompt.exact_tokens + extra, "exact")
+        st = self.table.get(key)
+        g = group_vector(prompt, family.coef)
+        if st is None:
+            theta, _ = self._prior(family)
+            margin, source = family.margin, "prior"
+        else:
+            theta, margin = st.theta, st.margin
+            source = "calibrated" if st.window.n >= self.s.calibrated_after else "prior"
+        point = max(0.0, sum(t * x for t, x in zip(theta, g)))
+        return Estimate(point + extra, math.ceil(point * (1.0 + margin)) + extra, source)
+
+    def observe(self, key: str, family: Family, prompts: list[Prompt], prompt_tokens: int,
+                media_tokens: int) -> float | None:
+        """Learn from one true count; returns the out-of-sample relative error, if learnable."""
+        y = float(prompt_tokens)
+        g = [0.0] * _N_GROUPS
+        for p in prompts:
+            y -= p.media * media_tokens
+            if p.exact_tokens is not None:
+                y -= p.exact_tokens
+                continue
+            for i, v in enumerate(group_vector(p, family.coef)):
+                g[i] += v
+        if y < 1.0 or not any(g):
+            return None
+        slot = self.table.slot(key, family.name)
+        st = self.table.states.get(slot)
+        if st is None:
+            st = self.table.states[slot] = self._new_state(family)
+        est = sum(t * x for t, x in zip(st.theta, g))
+        rel_error = (y / est - 1.0) if est > 0 else 1.0
+        st.window.add(int(y), rel_error)
+        self._kalman_update(st, family, [v / y for v in g])
+        st.margin = max(self.s.margin_floor, st.window.margin(
+            family.margin, self.s.margin_quantile, self.s.margin_min_tokens, self.s.margin_prior_weight))
+        return rel_error
+
+    def _kalman_update(self, st: _KalmanState, family: Family, x: list[float]) -> None:
+        n = _N_GROUPS
+        P = st.P
+        _, var0 = self._prior(family)
+        q = self.s.process_noise
+        for i in range(n):  # random-walk drift: the forgetting
+            P[i][i] += q * var0[i]
+        Px = [sum(P[i][j] * x[j] for j in range(n) if x[j]) for i in range(n)]
+        S = sum(x[i] * Px[i] for i in range(n)) + self.s.observation_noise ** 2
+        err = 1.0 - sum(t * v for t, v in zip(st.theta, x))
+        for i in range(n):
+            k = Px[i] / S
+            st.theta[i] += k * err
+            row = P[i]
+            for j in range(n):
+                row[j] -= k * Px[j]
+        for i in range(n):  # no wind-up: a direction never excited stays at its prior spread
+            if P[i][i] > var0[i]:
+                f = math.sqrt(var0[i] / P[i][i])
+                for j in range(n):
+                    P[i][j] *= f
+                    P[j][i] *= f
+
+    def samples(self, key: str) -> int:
+        st = self.table.get(key)
+        return st.window.n if st else 0
+
+    def describe(self, key: str) -> dict | None:
+        st = self.table.get(key)
+        if st is None:
+            return None
+        return {"samples": st.window.n, "margin": round(st.margin, 4),
+                "scales": {g: round(t, 4) for g, t in zip(GROUPS, st.theta)}}
+
+    def snapshot(self) -> dict:
+        keys = {}
+        for key, st in self.table.states.items():
+            keys[key] = {"theta": st.theta, "P": st.P, "margin": st.margin, "n": st.window.n,
+                         "errors": list(st.window.errors)}
+        return {"version": SNAPSHOT_VERSION, "estimator": self.name, "groups": list(GROUPS), "keys": keys}
+
+    def restore(self, doc: dict) -> None:
+        _check_snapshot(doc, self.name)
+        if doc.get("groups") != list(GROUPS):
+            raise ValueError("snapshot groups differ from this version's")
+        states = {}
+        for key, v in list(doc["keys"].items())[: self.s.max_keys]:
+            theta = [float(t) for t in v["theta"]]
+            P = [[float(a) for a in row] for row in v["P"]]
+            if len(theta) != _N_GROUPS or len(P) != _N_GROUPS or any(len(r) != _N_GROUPS for r in P):
+                raise ValueError(f"snapshot key {key!r} has the wrong dimensions")
+            w = ErrorWindow(self.s.margin_window)
+            for t, e in v.get("errors", [])[-self.s.margin_window:]:
+                w.errors.append((int(t), float(e)))
+            w.n = int(v.get("n", len(w.errors)))
+            states[str(key)] = _KalmanState(theta, P, w, float(v["margin"]))
+        self.table.states = states
+
+
+def _check_snapshot(doc: dict, name: str) -> None:
+    if not isinstance(doc, dict) or doc.get("version") != SNAPSHOT_VERSION:
+        raise ValueError("not a calibration snapshot of a supported version")
+    if doc.get("estimator") != name:
+        raise ValueError(f"snapshot is of estimator {doc.get('estimator')!r}, not {name!r}")
+    if not isinstance(doc.get("keys"), dict):
+        raise ValueError("snapshot has no keys table")
+
+
+# --- the paper's estimator and the fixed-ratio baseline -------------------------------------
+
+PAPER_PRIOR_RATIO = {"prose": 4.48, "code": 3.52, "cjk": 2.01}  # 2604.08075 calibration table
+_CJK = tuple(i for i, g in enumerate(FEATURE_GROUP) if g == "cjk")
+_LETTERS = (0, 1)   # F:l, F:U
+_PUNCT = (6, 7)     # F:p, F:q
+_INDENT = 17        # C:"    "
+
+
+def paper_category(prompt: Prompt) -> str:
+    """The paper's three categories from the text features (CJK share, code-like punctuation)."""
+    f = prompt.text or prompt.json
+    if f is None:
+        return "prose"
+    cjk = sum(f[i] for i in _CJK)
+    letters = f[0] + f[1]
+    if cjk and cjk * 3 >= max(1.0, prompt.text_bytes) * 0.3:
+        return "cjk"
+    punct = f[6] + f[7]
+    if prompt.json is not None or punct > 0.25 * max(1.0, letters) or f[_INDENT] > 0.02 * max(1.0, letters):
+        return "code"
+    return "prose"
+
+
+@dataclass(frozen=True, slots=True)
+class PaperSettings:
+    beta: float = 0.9
+    gamma: float = 2.0
+    prior_sigma: float = 0.1   # relative; σ̂ starts at this fraction of the prior ratio
+    calibrated_after: int = 20
+    max_keys: int = 64
+
+
+class PaperEMA:
+    name = "paper-ema"
+
+    def __init__(self, settings: PaperSettings | None = None) -> None:
+        self.s = settings or PaperSettings()
+        self.table = KeyTable(self.s.max_keys)
+
+    def _ratio(self, key: str, cat: str) -> tuple[float, float, int]:
+        st = self.table.get(key)
+        if st is None or cat not in st:
+            c = PAPER_PRIOR_RATIO[cat]
+            return c, c * self.s.prior_sigma, 0
+        return st[cat]
+
+    def estimate(self, key: str, family: Family, prompt: Prompt, media_tokens: int) -> Estimate:
+        extra = prompt.media * media_tokens
+        if prompt.exact_tokens is not None:
+            return Estimate(prompt.exact_tokens + extra, prompt.exact_tokens + extra, "exact")
+        c, sigma, n = self._ratio(key, paper_category(prompt))
+        c_star = max(0.5, c - self.s.gamma * sigma)
+        return Estimate(prompt.text_bytes / c + extra, math.ceil(prompt.text_bytes / c_star) + extra,
+                        "calibrated" if n >= self.s.calibrated_after else "prior")
+
+    def observe(self, key, family, prompts, prompt_tokens, media_tokens):
+        text = [p for p in prompts if p.exact_tokens is None]
+        y = prompt_tokens - sum(p.exact_tokens or 0 for p in prompts) - sum(p.media for p in prompts) * media_tokens
+        nbytes = sum(p.text_bytes for p in text)
+        if y < 1 or not text or nbytes <= 0:
+            return None
+        cat = paper_category(text[0])
+        c, sigma, n = self._ratio(key, cat)
+        obs = nbytes / y
+        rel_error = c / obs - 1.0  # true tokens / estimated tokens − 1
+        b = self.s.beta
+        new_c = b * c + (1 - b) * obs
+        new_sigma = b * sigma + (1 - b) * abs(obs - new_c)
+        slot = self.table.slot(key, family.name)
+        self.table.states.setdefault(slot, {})[cat] = (new_c, new_sigma, n + 1)
+        return rel_error
+
+    def samples(self, key: str) -> int:
+        st = self.table.get(key)
+        return sum(v[2] for v in st.values()) if st else 0
+
+    def describe(self, key: str) -> dict | None:
+        st = self.table.get(key)
+        return None if st is None else {cat: {"ratio": round(c, 3), "sigma": round(s, 3), "samples": n}
+                                        for cat, (c, s, n) in st.items()}
+
+    def snapshot(self) -> dict:
+        return {"version": SNAPSHOT_VERSION, "estimator": self.name,
+                "keys": {k: {cat: list(v) for cat, v in st.items()} for k, st in self.table.states.items()}}
+
+    def restore(self, doc: dict) -> None:
+        _check_snapshot(doc, self.name)
+        states = {}
+        for key, cats in list(doc["keys"].items())[: self.s.max_keys]:
+            states[str(key)] = {cat: (float(v[0]), float(v[1]), int(v[2]))
+                                for cat, v in cats.items() if cat in PAPER_PRIOR_RATIO}
+        self.table.states = states
+
+
+class FixedRatio:
+    """One bytes-per-token constant, never learned (the paper's uncalibrated baseline)."""
+
+    name = "fixed-ratio"
+
+    def __init__(self, ratio: float = 4.0) -> None:
+        self.ratio = ratio
+
+    def estimate(self, key, family, prompt, media_tokens):
+        extra = prompt.media * media_tokens
+        if prompt.exact_tokens is not None:
+            return Estimate(prompt.exact_tokens + extra, prompt.exact_tokens + extra, "exact")
+        t = prompt.text_bytes / self.ratio
+        return Estimate(t + extra, math.ceil(t) + extra, "fixed")
+
+    def observe(self, key, family, prompts, prompt_tokens, media_tokens):
+        return None
+
+    def samples(self, key: str) -> int:
+        return 0
+
+    def describe(self, key: str) -> dict | None:
+        return None
+
+    def snapshot(self) -> dict:
+        return {"version": SNAPSHOT_VERSION, "estimator": self.name, "keys": {}}
+
+    def restore(self, doc: dict) -> None:
+        _check_snapshot(doc, self.name)
+
+
+def make_estimator(name: str, **settings) -> Estimator:
+    if name == FeatureKalman.name:
+        return FeatureKalman(KalmanSettings(**settings))
+    if name == PaperEMA.name:
+        return PaperEMA(PaperSettings(**settings))
+    if name == FixedRatio.name:
+        return FixedRatio(**settings)
+    raise ValueError(f"unknown estimator {name!r}")
+
+
+ESTIMATORS: Iterable[str] = (FeatureKalman.name, PaperEMA.name, FixedRatio.name)

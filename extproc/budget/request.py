@@ -1,0 +1,322 @@
+"""Reading an OpenAI-compatible request body into the shape the estimator needs.
+
+One parse per body (orjson: C speed, and its ``str`` values are already decoded, so a body
+written with ``\\uXXXX`` escapes is measured on its real text, not on its escape bytes). The
+walk collects text by kind (prose/code/etc. text, JSON such as tool schemas and call arguments,
+output schemas), counts turns and media parts, and reads the output reserve fields. Features
+are then measured once per kind per prompt.
+
+Nothing here raises on a bad body: :func:`read_request` returns a shape whose ``error`` says
+why it could not be read, and the policy sends such a request to the largest pool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import orjson
+
+from .features import measure, utf8_len
+
+MAX_OUTPUT_TOKENS = 1 << 31  # larger requested outputs are clamped (they fit no pool anyway)
+_MODEL_NAME_MAX = 200
+
+_TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "refusal", "summary_text",
+                              "reasoning_text"})
+_MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "image", "input_audio", "audio",
+                               "input_file", "file", "video_url", "input_video"})
+_RESERVE_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+@dataclass(slots=True)
+class Prompt:
+    """One sequence the engine will hold in its KV cache (a batched completion has several)."""
+
+    text: list[float] | None = None      # features of free text (all messages joined)
+    json: list[float] | None = None      # features of JSON the template renders (tools, arguments)
+    schema: list[float] | None = None    # features of output schemas (response_format)
+    text_bytes: int = 0                  # UTF-8 bytes of everything measured
+    messages: int = 0                    # chat turns (the template adds tokens per turn)
+    chat: int = 0                        # 1 when a chat template wraps the prompt
+    media: int = 0                       # image/audio/file parts
+    exact_tokens: int | None = None      # token-id prompts carry their exact length
+
+
+@dataclass(slots=True)
+class RequestShape:
+    api: str                             # "chat", "completions", "responses" or "unknown"
+    model: str = ""
+    prompts: list[Prompt] = field(default_factory=list)
+    output_tokens: int | None = None     # requested output reserve, when the body gives one
+    output_field: str | None = None      # which field gave it
+    notes: list[str] = field(default_factory=list)  # non-fatal oddities, e.g. an invalid max_tokens
+    error: str | None = None             # why the body could not be read
+
+
+class _Collector:
+    """Text of one prompt, gathered by kind before measuring each kind once."""
+
+    __slots__ = ("text", "json", "schema", "messages", "media", "chat")
+
+    def __init__(self, chat: int) -> None:
+        self.text: list[str] = []
+        self.json: list[str] = []
+        self.schema: list[str] = []
+        self.messages = 0
+        self.media = 0
+        self.chat = chat
+
+    def add_json(self, value: object) -> None:
+        if isinstance(value, str):
+            self.json.append(value)
+        elif value is not None:
+            self.json.append(_dumps(value))
+
+    def add_content(self, content: object) -> None:
+        if content is None:
+            return
+        if isinstance(content, str):
+            self.text.append(content)
+        elif isinstance(content, list):
+            for part in content:
+                self.add_part(part)
+        else:
+            self.add_json(content)
+
+    def add_part(self, part: object) -> None:
+        if isinstance(part, str):
+            self.text.append(part)
+            return
+        if not isinstance(part, dict):
+            self.add_json(part)
+            return
+        kind = part.get("type")
+        if kind in _MEDIA_PART_TYPES:
+            self.media += 1
+            return
+        for key in ("text", "refusal"):
+            value = part.get(key)
+            if isinstance(value, str):
+                self.text.append(value)
+                return
+        if kind in _TEXT_PART_TYPES:
+            return  # a text part with no text: nothing to count
+        self.add_json(part)  # unknown part: count its JSON rather than silently nothing
+
+    def add_tool_calls(self, calls: object) -> None:
+        if not isinstance(calls, list):
+            self.add_json(calls)
+            return
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                name = fn.get("name")
+                if isinstance(name, str):
+                    self.text.append(name)
+                self.add_json(fn.get("arguments"))
+            else:
+                self.add_json(call)
+
+    def finish(self) -> Prompt:
+        p = Prompt(messages=self.messages, chat=self.chat, media=self.media)
+        nbytes = 0
+        if self.text:
+            s = "\n".join(self.text)
+            p.text = measure(s)
+            nbytes += utf8_len(s)
+        if self.json:
+            s = "\n".join(self.json)
+            p.json = measure(s)
+            nbytes += utf8_len(s)
+        if self.schema:
+            s = "\n".join(self.schema)
+            p.schema = measure(s)
+            nbytes += utf8_len(s)
+        p.text_bytes = nbytes
+        return p
+
+
+def _dumps(value: object) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return str(value)
+
+
+def _read_chat(body: dict, shape: RequestShape) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        shape.error = "messages missing or not a list"
+        return
+    c = _Collector(chat=1)
+    for m in messages:
+        if not isinstance(m, dict):
+            shape.error = "a message is not an object"
+            return
+        c.messages += 1
+        c.add_content(m.get("content"))
+        for key in ("name", "reasoning_content", "reasoning"):
+            value = m.get(key)
+            if isinstance(value, str):
+                c.text.append(value)
+        if "tool_calls" in m:
+            c.add_tool_calls(m["tool_calls"])
+        if "function_call" in m:
+            c.add_tool_calls([{"function": m["function_call"]}])
+    _read_tools(body, c)
+    rf = body.get("response_format")
+    if isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object"):
+        c.schema.append(_dumps(rf.get("json_schema") or rf))
+    for key in ("guided_json", "guided_grammar", "guided_regex", "structured_outputs"):
+        if key in body:
+            c.schema.append(_dumps(body[key]))
+    shape.prompts.append(c.finish())
+
+
+def _read_tools(body: dict, c: _Collector) -> None:
+    for key in ("tools", "functions"):
+        tools = body.get(key)
+        if isinstance(tools, list):
+            for tool in tools:
+                c.add_json(tool)
+        elif tools is not None:
+            c.add_json(tools)
+
+
+def _read_responses(body: dict, shape: RequestShape) -> None:
+    c = _Collector(chat=1)
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        c.messages += 1
+        c.text.append(instructions)
+    inp = body.get("input")
+    if isinstance(inp, str):
+        c.messages += 1
+        c.text.append(inp)
+    elif isinstance(inp, list):
+        for item in inp:
+            c.messages += 1
+            if isinstance(item, str):
+                c.text.append(item)
+            elif not isinstance(item, dict):
+                c.add_json(item)
+            elif "content" in item:
+                c.add_content(item["content"])
+            elif item.get("type") == "function_call":
+                c.add_tool_calls([{"function": item}])
+            elif "output" in item:
+                c.add_content(item["output"])
+            elif "summary" in item:
+                c.add_content(item["summary"])
+            else:
+                c.add_json(item)
+    elif inp is not None:
+        shape.error = "input is neither a string nor a list"
+        return
+    if not c.messages:
+        shape.error = "no input or instructions"
+        return
+    _read_tools(body, c)
+    text_cfg = body.get("text")
+    if isinstance(text_cfg, dict) and isinstance(text_cfg.get("format"), dict):
+        if text_cfg["format"].get("type") == "json_schema":
+            c.schema.append(_dumps(text_cfg["format"]))
+    shape.prompts.append(c.finish())
+
+
+def _is_token_ids(value: list) -> bool:
+    return all(type(t) is int for t in value)
+
+
+def _read_completions(body: dict, shape: RequestShape) -> None:
+    prompt = body.get("prompt")
+    suffix = body.get("suffix") if isinstance(body.get("suffix"), str) else None
+    if isinstance(prompt, str):
+        items: list = [prompt]
+    elif isinstance(prompt, list) and prompt:
+        items = [prompt] if _is_token_ids(prompt) else prompt
+    else:
+        shape.error = "prompt missing, empty or of the wrong type"
+        return
+    for item in items:
+        if isinstance(item, str):
+            c = _Collector(chat=0)
+            c.text.append(item)
+            if suffix:
+                c.text.append(suffix)
+            p = c.finish()
+        elif isinstance(item, list) and _is_token_ids(item):
+            p = Prompt(exact_tokens=len(item))
+        else:
+            shape.error = "prompt list holds something other than strings or token ids"
+            return
+        shape.prompts.append(p)
+
+
+def _read_output_reserve(body: dict, shape: RequestShape) -> None:
+    for key in _RESERVE_FIELDS:
+        if key not in body or body[key] is None:
+            continue
+        value = body[key]
+        if type(value) is float and value.is_integer():
+            value = int(value)
+        if type(value) is not int or value < 0:
+            shape.notes.append(f"invalid {key}")
+            continue
+        shape.output_tokens = min(value, MAX_OUTPUT_TOKENS)
+        shape.output_field = key
+        return
+
+
+def api_for_path(path: str) -> str:
+    p = path.split("?", 1)[0].rstrip("/")
+    if p.endswith("/chat/completions"):
+        return "chat"
+    if p.endswith("/completions"):
+        return "completions"
+    if p.endswith("/responses"):
+        return "responses"
+    return "unknown"
+
+
+def read_request(body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> RequestShape:
+    """Parse a request body once and collect everything the budget estimate needs."""
+    api = api_for_path(path or "")
+    shape = RequestShape(api=api)
+    if not body:
+        shape.error = "empty body"
+        return shape
+    try:
+        doc = orjson.loads(body)
+    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
+        shape.error = "body is not valid JSON" if not isinstance(exc, TypeError) else "body of an unreadable type"
+        return shape
+    except RecursionError:
+        shape.error = "body nested too deeply"
+        return shape
+    if not isinstance(doc, dict):
+        shape.error = "body is not a JSON object"
+        return shape
+    model = doc.get("model")
+    if isinstance(model, str):
+        shape.model = model[:_MODEL_NAME_MAX]
+    if api == "unknown":  # infer from the body's keys
+        api = "chat" if "messages" in doc else "completions" if "prompt" in doc else \
+            "responses" if "input" in doc else "unknown"
+        shape.api = api
+    try:
+        if api == "chat":
+            _read_chat(doc, shape)
+        elif api == "completions":
+            _read_completions(doc, shape)
+        elif api == "responses":
+            _read_responses(doc, shape)
+        else:
+            shape.error = "not an OpenAI chat, completions or responses body"
+    except RecursionError:
+        shape.error = "body nested too deeply"
+    if shape.error:
+        shape.prompts.clear()
+        return shape
+    _read_output_reserve(doc, shape)
+    return shape

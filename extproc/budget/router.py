@@ -1,0 +1,115 @@
+"""The facade other parts use: body bytes in, a pool decision out; usage counts back in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .calibrate import Estimator, Family, load_priors, make_estimator
+from .policy import DEFAULT_POOLS, Pool, choose_pool, order_pools
+from .request import Prompt, read_request
+
+REASON_FITS = "fits"            # the smallest pool that holds the conservative budget
+REASON_TOO_LARGE = "too_large"  # holds in no pool: sent to the largest
+REASON_UNREADABLE = "unreadable"  # body could not be read: sent to the largest
+REASONS = (REASON_FITS, REASON_TOO_LARGE, REASON_UNREADABLE)
+SOURCES = ("calibrated", "prior", "exact", "fixed", "fallback")
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSettings:
+    pools: tuple[Pool, ...] = DEFAULT_POOLS
+    estimator: str = "feature-kalman"
+    estimator_settings: dict = field(default_factory=dict)
+    default_output_tokens: int = 1024   # reserve when the body names none (vLLM would run to the limit)
+    media_tokens: int = 1024            # per image/audio/file part
+    families: tuple[tuple[str, str], ...] = (("qwen", "qwen3"), ("llama", "llama3"))
+    default_family: str = "llama3"
+    priors_path: str | None = None
+
+
+@dataclass(slots=True)
+class Decision:
+    pool: str
+    prompt_tokens: int          # point estimate of the prompt (exact for token-id prompts)
+    budget_tokens: int          # conservative prompt estimate + output reserve: what routing used
+    reason: str                 # one of REASONS
+    source: str                 # one of SOURCES
+    output_tokens: int = 0      # the output reserve in the budget
+    model: str = ""
+    api: str = "unknown"
+    detail: str = ""            # free text for logs: why unreadable, which reserve field…
+    fits: tuple[str, ...] = ()  # every pool that can hold the budget, smallest first
+    _prompts: list[Prompt] | None = None
+    _family: Family | None = None
+
+
+class BudgetRouter:
+    def __init__(self, settings: BudgetSettings | None = None, estimator: Estimator | None = None) -> None:
+        self.settings = s = settings or BudgetSettings()
+        self.pools = order_pools(s.pools)
+        self.families = load_priors(s.priors_path)
+        if s.default_family not in self.families:
+            raise ValueError(f"default_family {s.default_family!r} has no priors")
+        self.estimator = estimator or make_estimator(s.estimator, **s.estimator_settings)
+
+    @classmethod
+    def from_config(cls, path: str | None) -> "BudgetRouter":
+        """Built-in defaults with None; else the budget part of a YAML config file."""
+        if path is None:
+            return cls()
+        from ..config import load_config  # the shell reads files; the core stays pure
+
+        return cls(load_config(path).budget)
+
+    def family_for(self, model: str) -> Family:
+        m = model.lower()
+        for needle, family in self.settings.families:
+            if needle in m and family in self.families:
+                return self.families[family]
+        return self.families[self.settings.default_family]
+
+    def route(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> Decision:
+        """Choose a pool for one request. Never raises on any body."""
+        shape = read_request(body, path)
+        largest = self.pools[-1]
+        if shape.error or not shape.prompts:
+            return Decision(largest.name, 0, 0, REASON_UNREADABLE, "fallback", model=shape.model,
+                            api=shape.api, detail=shape.error or "no prompt")
+        family = self.family_for(shape.model)
+        media = self.settings.media_tokens
+        best_point, best_cons, source = 0.0, 0, "exact"
+        for p in shape.prompts:  # a batched completion needs room for its longest prompt
+            est = self.estimator.estimate(shape.model, family, p, media)
+            if est.conservative >= best_cons:
+                best_point, best_cons = max(best_point, est.tokens), est.conservative
+                if est.source != "exact" or source == "exact":
+                    source = est.source
+        out = shape.output_tokens if shape.output_tokens is not None else self.settings.default_output_tokens
+        budget = best_cons + out
+        pool, fits = choose_pool(self.pools, budget)
+        detail = shape.output_field or "default output reserve"
+        if shape.notes:
+            detail += "; " + ", ".join(shape.notes)
+        return Decision(pool.name, int(round(best_point)), budget, REASON_FITS if fits else REASON_TOO_LARGE,
+                        source, output_tokens=out, model=shape.model, api=shape.api, detail=detail,
+                        fits=tuple(p.name for p in self.pools if budget <= p.max_context),
+                        _prompts=shape.prompts, _family=family)
+
+    def observe(self, decision: Decision, prompt_tokens: int) -> float | None:
+        """Learn from the prompt count a response reported; returns the estimate's relative
+        error (true/estimate − 1) when the sample was learnable."""
+        if decision._prompts is None or decision._family is None:
+            return None
+        if type(prompt_tokens) is not int or prompt_tokens <= 0 or prompt_tokens > 1 << 31:
+            return None
+        return self.estimator.observe(decision.model, decision._family, decision._prompts, prompt_tokens,
+                                      self.settings.media_tokens)
+
+    def calibration(self, model: str) -> dict | None:
+        return self.estimator.describe(model)
+
+    def snapshot(self) -> dict:
+        return self.estimator.snapshot()
+
+    def restore(self, doc: dict) -> None:
+        self.estimator.restore(doc)
