@@ -1,0 +1,274 @@
+"""The simulated engine's OpenAI API over real HTTP: counts, limits, errors, streams, metrics."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from engine_harness import metric, metric_values, read_sse
+
+from extproc import chat_tokens
+
+LLAMA = "meta-llama/Meta-Llama-3-8B-Instruct"
+QWEN = "Qwen/Qwen3-8B"
+
+
+# --- prompt counts -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model,family", [(LLAMA, "llama3"), (QWEN, "qwen3")])
+def test_chat_prompt_tokens_equal_recorded_vllm_counts(serve, shared_requests, model, family):
+    async def scenario(session, engine):
+        mismatches = []
+        for row in shared_requests:
+            body = copy.deepcopy(row["body"])
+            body["model"] = model
+            body["max_tokens"] = 1  # the count is of the prompt; one output token keeps this fast
+            async with session.post("/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+                usage = (await resp.json())["usage"]
+            if usage["prompt_tokens"] != row["prompt_tokens"][family]:
+                mismatches.append((row["prompt_tokens"][family], usage["prompt_tokens"]))
+        return mismatches
+
+    assert serve(scenario, model=model) == []
+
+
+def test_unmodified_shared_body_reports_recorded_usage(serve, shared_requests):
+    row = min(shared_requests, key=lambda r: r["body"]["max_tokens"] + r["prompt_tokens"]["llama3"])
+
+    async def scenario(session, engine):
+        async with session.post("/v1/chat/completions", json=row["body"]) as resp:
+            assert resp.status == 200, await resp.text()
+            return await resp.json()
+
+    body = serve(scenario, model=row["body"]["model"])
+    assert body["usage"]["prompt_tokens"] == row["prompt_tokens"]["llama3"]
+    assert body["usage"]["completion_tokens"] == row["body"]["max_tokens"]
+    assert body["usage"]["total_tokens"] == row["prompt_tokens"]["llama3"] + row["body"]["max_tokens"]
+
+
+def test_completions_count_token_ids_strings_and_batches(serve):
+    text = "The quick brown fox jumps over the lazy dog."
+
+    async def scenario(session, engine):
+        out = {}
+        for name, prompt in {"ids": list(range(50)), "id_lists": [[1, 2, 3], [4, 5, 6, 7, 8]],
+                             "string": text, "strings": [text, text + text]}.items():
+            async with session.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3}) as resp:
+                assert resp.status == 200, await resp.text()
+                out[name] = await resp.json()
+        return out
+
+    out = serve(scenario, model=LLAMA)
+    one = chat_tokens.count_completion(text, "llama3")
+    assert one == 1 + chat_tokens.count_text(text, "llama3")  # Llama-3 completions get a BOS token
+    assert out["ids"]["usage"]["prompt_tokens"] == 50
+    assert out["id_lists"]["usage"] == {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14,
+                                        "prompt_tokens_details": None}
+    assert [c["index"] for c in out["id_lists"]["choices"]] == [0, 1]
+    assert out["string"]["usage"]["prompt_tokens"] == one
+    assert out["strings"]["usage"]["prompt_tokens"] == one + chat_tokens.count_completion(text + text, "llama3")
+    assert out["ids"]["object"] == "text_completion"
+    assert out["ids"]["choices"][0]["finish_reason"] == "length"
+    assert len(out["ids"]["choices"][0]["text"].split()) == 3
+
+
+# --- context window ----------------------------------------------------------------------------------
+
+
+def _context_message(max_len: int, output: int, prompt: int) -> str:
+    return (f"This model's maximum context length is {max_len} tokens. However, you requested {output} "
+            f"output tokens and your prompt contains {prompt} input tokens, for a total of {prompt + output} "
+            "tokens. Please reduce the length of the input prompt or the number of requested output tokens.")
+
+
+def test_context_length_400_has_vllm_text_and_real_numbers(serve, shared_requests):
+    row = shared_requests[0]
+    count = row["prompt_tokens"]["llama3"]
+
+    async def scenario(session, engine):
+        out = {}
+        cases = {
+            "ids": ("/v1/completions", {"prompt": [7] * 10_000, "max_tokens": 64}),
+            "chat_over_by_one": ("/v1/chat/completions", dict(row["body"], max_tokens=8192 - count + 1)),
+            "chat_exact_fit": ("/v1/chat/completions", dict(row["body"], max_tokens=8192 - count)),
+            "max_completion_tokens_wins": ("/v1/chat/completions",
+                                           dict(row["body"], max_tokens=1, max_completion_tokens=8192)),
+            "prompt_alone_fills_window": ("/v1/completions", {"prompt": [7] * 8192}),
+        }
+        for name, (path, body) in cases.items():
+            async with session.post(path, json=body) as resp:
+                out[name] = (resp.status, await resp.json())
+        out["metrics"] = await metric_values(session)
+        return out
+
+    out = serve(scenario, model=LLAMA)
+    status, body = out["ids"]
+    assert status == 400
+    assert body == {"object": "error", "message": _context_message(8192, 64, 10_000), "type": "BadRequestError",
+                    "param": "input_tokens", "code": 400}
+    assert out["chat_over_by_one"][0] == 400
+    assert out["chat_over_by_one"][1]["message"] == _context_message(8192, 8192 - count + 1, count)
+    assert out["chat_exact_fit"][0] == 200
+    assert out["chat_exact_fit"][1]["usage"]["completion_tokens"] == 8192 - count
+    assert out["max_completion_tokens_wins"][0] == 400
+    assert out["max_completion_tokens_wins"][1]["message"] == _context_message(8192, 8192, count)
+    assert out["prompt_alone_fills_window"][0] == 400
+    assert out["prompt_alone_fills_window"][1]["message"] == _context_message(8192, 0, 8192)
+    rejected = {k: v for k, v in out["metrics"].items() if k.startswith("vllm_sim:requests_rejected_total")}
+    assert sum(v for k, v in rejected.items() if 'reason="context_length"' in k) == 4
+
+
+def test_without_max_tokens_output_follows_policy_capped_by_window(serve):
+    async def scenario(session, engine):
+        out = []
+        for prompt in ([1] * 100, [1] * 8000):
+            async with session.post("/v1/completions", json={"prompt": prompt}) as resp:
+                assert resp.status == 200, await resp.text()
+                out.append(await resp.json())
+        return out
+
+    short, long = serve(scenario, output_tokens=256)
+    assert short["usage"]["completion_tokens"] == 256
+    assert short["choices"][0]["finish_reason"] == "stop"
+    assert long["usage"]["completion_tokens"] == 8192 - 8000
+    assert long["choices"][0]["finish_reason"] == "length"
+
+
+# --- streaming ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_chat_stream_usage_only_when_asked(serve, include_usage):
+    body = {"model": LLAMA, "messages": [{"role": "user", "content": "Count to five."}], "max_tokens": 7,
+            "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+
+    async def scenario(session, engine):
+        async with session.post("/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/event-stream")
+            return await read_sse(resp)
+
+    events = serve(scenario, model=LLAMA)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == LLAMA for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    token_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(token_chunks) == 7
+    assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None] * 6 + ["length"]
+    prompt = chat_tokens.count_chat(body["messages"], "llama3")
+    if include_usage:
+        assert chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"] == {"prompt_tokens": prompt, "completion_tokens": 7,
+                                       "total_tokens": prompt + 7, "prompt_tokens_details": None}
+        assert all("usage" not in c for c in chunks[:-1])
+    else:
+        assert all("usage" not in c for c in chunks)
+        assert all(c["choices"] for c in chunks)
+
+
+def test_completions_stream_with_usage_counts_emitted_tokens(serve):
+    async def scenario(session, engine):
+        body = {"prompt": [[1, 2], [3, 4, 5]], "max_tokens": 4, "stream": True,
+                "stream_options": {"include_usage": True}}
+        async with session.post("/v1/completions", json=body) as resp:
+            assert resp.status == 200
+            return await read_sse(resp)
+
+    events = serve(scenario)
+    assert events[-1] == "[DONE]"
+    *tokens, usage = events[:-1]
+    assert all(c["object"] == "text_completion" for c in events[:-1])
+    per_choice = {0: 0, 1: 0}
+    for c in tokens:
+        per_choice[c["choices"][0]["index"]] += 1
+    assert per_choice == {0: 4, 1: 4}
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(tokens) == 8
+    assert usage["usage"]["prompt_tokens"] == 5
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+
+def test_malformed_bodies_get_400_error_json(serve):
+    cases = [
+        ("/v1/chat/completions", b"{not json"),
+        ("/v1/chat/completions", b"[1, 2]"),
+        ("/v1/chat/completions", b'{"model": "m"}'.replace(b'"m"', b'"meta-llama/Meta-Llama-3-70B-Instruct"')),
+        ("/v1/chat/completions", b'{"messages": "hello"}'),
+        ("/v1/chat/completions", b'{"messages": []}'),
+        ("/v1/chat/completions", b'{"messages": [{"content": "no role"}]}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}'),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {}}'),
+        ("/v1/completions", b'{"prompt": []}'),
+        ("/v1/completions", b'{"prompt": [1, "a"]}'),
+        ("/v1/completions", b'{}'),
+        ("/v1/completions", b''),
+    ]
+
+    async def scenario(session, engine):
+        out = []
+        for path, raw in cases:
+            async with session.post(path, data=raw, headers={"Content-Type": "application/json"}) as resp:
+                out.append((path, raw, resp.status, await resp.json()))
+        async with session.get("/health") as resp:  # still serving
+            out.append(("/health", b"", resp.status, None))
+        return out
+
+    results = serve(scenario)
+    for path, raw, status, body in results[:-1]:
+        assert status == 400, (path, raw, status, body)
+        assert body["object"] == "error" and body["code"] == 400 and body["type"] == "BadRequestError", body
+        assert body["message"]
+    assert results[-1][2] == 200
+
+
+def test_unknown_model_is_404_like_vllm(serve):
+    async def scenario(session, engine):
+        body = {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}
+        async with session.post("/v1/chat/completions", json=body) as resp:
+            return resp.status, await resp.json()
+
+    status, body = serve(scenario)
+    assert status == 404
+    assert body["message"] == "The model `gpt-4` does not exist." and body["type"] == "NotFoundError"
+
+
+# --- models, health, metrics -------------------------------------------------------------------------
+
+
+def test_models_health_and_metrics(serve):
+    async def scenario(session, engine):
+        async with session.get("/v1/models") as resp:
+            models = (resp.status, await resp.json())
+        async with session.get("/health") as resp:
+            health = resp.status
+        before = await metric_values(session)
+        body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5}
+        async with session.post("/v1/chat/completions", json=body) as resp:
+            usage = (await resp.json())["usage"]
+        async with session.get("/metrics") as resp:
+            content_type = resp.headers["Content-Type"]
+        return models, health, before, usage, await metric_values(session), content_type
+
+    models, health, before, usage, after, content_type = serve(scenario, model=LLAMA, max_model_len=4096)
+    assert models[0] == 200
+    assert [m["id"] for m in models[1]["data"]] == [LLAMA]
+    assert models[1]["data"][0]["max_model_len"] == 4096 and models[1]["object"] == "list"
+    assert health == 200
+    assert content_type.startswith("text/plain")
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+        assert metric(before, name) == 0.0
+        assert f'{name}{{model_name="{LLAMA}"}}' in after
+    assert metric(after, "vllm:prompt_tokens_total") == usage["prompt_tokens"]
+    assert metric(after, "vllm:generation_tokens_total") == usage["completion_tokens"] == 5
+    assert after[f'vllm:request_success_total{{finished_reason="length",model_name="{LLAMA}"}}'] == 1.0
+    assert metric(after, "vllm:num_requests_running") == 0.0
+    assert metric(after, "vllm:kv_cache_usage_perc") == 0.0
