@@ -27,13 +27,13 @@ from extproc.budget.features import FEATURE_NAMES, measure  # noqa: E402
 DEFAULT_TEXTS = ROOT.parent / "shared" / "data" / "texts" / "dev_texts.jsonl"
 FAMILIES = ("llama3", "qwen3")
 RIDGE = 10.0
-_ASCII_SINGLES = {"F:l", "F:U", "F:d", "F:s", "F:n", "F:t", "F:p", "F:q"}
+_ASCII_TOTALS = {"n:l", "n:U", "n:d", "n:s", "n:n", "n:t", "n:p", "n:q"}
 # What the fit shrinks towards, in tokens per counted item: ~4 ASCII characters a token, one
 # token per non-ASCII character, nothing for pair/run corrections. In raw (unscaled) units a
 # feature seen in few texts stays near this, instead of taking a wild value that fits one
 # sentence (standardised ridge did that: 85% cross-validated under-estimates on rare scripts).
-SHRINK_TO = np.array([0.25 if n in _ASCII_SINGLES else 1.0 if n.startswith("F:") and n not in ("F:lU", "F:Ul")
-                      else 0.0 for n in FEATURE_NAMES])
+SHRINK_TO = np.array([0.25 if n in _ASCII_TOTALS else 1.0 if n.startswith("n:") else 0.0
+                      for n in FEATURE_NAMES])
 
 
 def ridge_fit(X: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -12,18 +12,17 @@ the filter minimises relative error. One response gives one total for a request 
 kinds of text; because each group enters separately, a stream of mixed requests separates
 their rates.
 
-The routing margin comes from the observed errors: a window of out-of-sample relative errors
-(each request's error *before* its own count was learned) per key; the margin is a high
-quantile of those errors, blended with the prior's cross-validated margin while the key has
-few samples. Requests far below the smallest pool tell little about errors near it, so the
-quantile prefers samples above ``margin_min_tokens`` once there are enough.
+The routing margin comes from the observed errors (``ErrorModel``): each request's error
+*before* its own count was learned, per key and per kind of content, so that a kind that
+estimates badly (rare scripts) widens the margin of requests made of it and not of the others.
+Requests far below the smallest pool tell little about errors near it and are left out of it.
 
 ``PaperEMA`` — the paper's estimator, kept as a selectable baseline: per (model, category)
 bytes-per-token EMA ĉ ← βĉ + (1−β)·obs, σ̂ an EMA of |obs − ĉ|, routing on c* = ĉ − γσ̂.
 ``FixedRatio`` — one bytes-per-token constant (4.0 in the paper's baseline).
 
 All state is bounded: at most ``max_keys`` model keys (new names beyond that share one overflow
-key per family), and a fixed-size error window per key. State saves to and restores from a
+key), and a fixed-size error window per key. State saves to and restores from a
 JSON-able snapshot.
 """
 
@@ -37,14 +36,19 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Iterable, Protocol
 
-from .features import FEATURE_GROUP, N_FEATURES
+import numpy as np
+
+from .features import FEATURE_GROUP, FEATURE_NAMES, N_FEATURES
 from .request import Prompt
 
 CONTENT_GROUPS = ("latin", "digits", "space", "punct", "cjk", "script")
 GROUPS = CONTENT_GROUPS + ("json", "schema", "turns", "chat", "prompt")
 _G = {name: i for i, name in enumerate(GROUPS)}
 _N_GROUPS = len(GROUPS)
-_FEATURE_GROUP_INDEX = tuple(_G[g] for g in FEATURE_GROUP)
+# feature -> content group one-hot (features x content groups)
+_ONE_HOT = np.zeros((N_FEATURES, len(CONTENT_GROUPS)))
+for _i, _g in enumerate(FEATURE_GROUP):
+    _ONE_HOT[_i, CONTENT_GROUPS.index(_g)] = 1.0
 SNAPSHOT_VERSION = 1
 OVERFLOW_KEY = "__other__"
 
@@ -54,11 +58,12 @@ class Family:
     """Cold-start knowledge of one tokenizer family."""
 
     name: str
-    coef: tuple[float, ...]
+    coef: np.ndarray   # prior tokens per unit of each feature
     turn: float        # tokens the chat template adds per message
     chat: float        # tokens it adds once per request (BOS, generation prompt)
     prompt: float      # tokens added to a raw /v1/completions prompt (BOS)
     margin: float      # cross-validated cold-start margin (relative)
+    by_group: np.ndarray  # features x content groups: the prior coefficients split by group
 
 
 def load_priors(path: str | None = None) -> dict[str, Family]:
@@ -68,13 +73,15 @@ def load_priors(path: str | None = None) -> dict[str, Family]:
         with open(path) as f:
             text = f.read()
     doc = json.loads(text)
-    if len(doc["features"]) != N_FEATURES:
-        raise ValueError(f"priors have {len(doc['features'])} features, the code measures {N_FEATURES}")
+    if tuple(doc["features"]) != FEATURE_NAMES:
+        raise ValueError("priors were fitted on other features than the code measures: refit them "
+                         "(benchmarks/fit_priors.py)")
     out = {}
     for name, fam in doc["families"].items():
         o = fam["overhead"]
-        out[name] = Family(name, tuple(fam["coef"]), float(o["message"]), float(o["chat"]),
-                           float(o["prompt"]), float(fam["margin"]))
+        coef = np.array(fam["coef"], float)
+        out[name] = Family(name, coef, float(o["message"]), float(o["chat"]), float(o["prompt"]),
+                           float(fam["margin"]), coef[:, None] * _ONE_HOT)
     return out
 
 
@@ -123,69 +130,96 @@ class KeyTable:
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return 0.0
     i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
     return sorted_values[i]
 
 
-class ErrorWindow:
-    """Recent out-of-sample relative errors (true/estimate − 1) of one key, with sizes."""
+_Z_PRIOR = 2.576  # two-sided 99% normal quantile: how the cold-start margin is split into σ·z
+BUCKETS = ("prose", "code", "cjk", "script", "json")
 
-    __slots__ = ("errors", "n")
 
-    def __init__(self, size: int) -> None:
-        self.errors: deque[tuple[int, float]] = deque(maxlen=size)
+def error_bucket(g: list[float]) -> str:
+    """Which kind of content dominates a request's estimate: errors are tracked per kind, so a
+    kind that estimates badly (rare scripts) widens its own margin and not everyone's."""
+    content = [abs(v) for v in g[: len(CONTENT_GROUPS) + 2]]
+    total = sum(content) or 1.0
+    if (content[_G["json"]] + content[_G["schema"]]) > 0.5 * total:
+        return "json"
+    if content[_G["cjk"]] > 0.2 * total:
+        return "cjk"
+    if content[_G["script"]] > 0.03 * total:
+        return "script"
+    if content[_G["punct"]] + content[_G["space"]] > 0.35 * total:
+        return "code"
+    return "prose"
+
+
+class ErrorModel:
+    """Out-of-sample relative errors per content bucket; the margin is a high quantile of the
+    bucket's errors, blended with the prior margin (and then with all buckets' errors) while
+    the bucket has few samples."""
+
+    __slots__ = ("windows", "margins", "n")
+
+    def __init__(self, prior: float, window: int) -> None:
+        self.windows: dict[str, deque[float]] = {b: deque(maxlen=window) for b in BUCKETS}
+        self.margins: dict[str, float] = {b: prior for b in BUCKETS}
         self.n = 0
 
-    def add(self, tokens: int, rel_error: float) -> None:
-        self.errors.append((tokens, rel_error))
-        self.n += 1
+    def margin(self, bucket: str) -> float:
+        return self.margins[bucket]
 
-    def margin(self, prior: float, quantile: float, min_tokens: int, prior_weight: float) -> float:
-        big = sorted(e for t, e in self.errors if t >= min_tokens)
-        sel = big if len(big) >= 32 else sorted(e for t, e in self.errors if t >= 64)
-        if len(sel) < 5:
-            return prior
-        emp = max(0.0, _quantile(sel, quantile))
-        n = len(sel)
-        return (prior_weight * prior + n * emp) / (prior_weight + n)
+    def add(self, bucket: str, rel_error: float, prior: float, quantile: float, prior_weight: float) -> None:
+        self.windows[bucket].append(rel_error)
+        self.n += 1
+        pooled = sorted(e for w in self.windows.values() for e in w)
+        pooled_q = _blend(prior, pooled, quantile, prior_weight)
+        for b, w in self.windows.items():
+            self.margins[b] = _blend(pooled_q, sorted(w), quantile, prior_weight)
+
+
+def _blend(prior: float, sorted_errors: list[float], quantile: float, prior_weight: float) -> float:
+    n = len(sorted_errors)
+    if n < 5:
+        return prior
+    emp = max(0.0, _quantile(sorted_errors, quantile))
+    return (prior_weight * prior + n * emp) / (prior_weight + n)
 
 
 class _KalmanState:
-    __slots__ = ("theta", "P", "window", "margin")
+    __slots__ = ("theta", "P", "errors", "n")
 
-    def __init__(self, theta: list[float], P: list[list[float]], window: ErrorWindow, margin: float):
+    def __init__(self, theta: list[float], P: list[list[float]], errors: ErrorModel, n: int = 0):
         self.theta = theta
         self.P = P
-        self.window = window
-        self.margin = margin
+        self.errors = errors
+        self.n = n      # observations learned
 
 
 @dataclass(frozen=True, slots=True)
 class KalmanSettings:
     process_noise: float = 1e-3      # per observation, as a fraction of the prior variance
-    observation_noise: float = 0.03  # relative misfit of one request's total
+    observation_noise: float = 0.05  # relative misfit of one request's total
     content_sd: float = 0.15         # prior spread of a content group's scale
-    margin_quantile: float = 0.995
+    margin_quantile: float = 0.99    # of out-of-sample relative errors
     margin_window: int = 512
-    margin_min_tokens: int = 1024
-    margin_prior_weight: float = 30.0
+    margin_min_tokens: int = 1024    # smaller requests teach the scales, not the margin
+    margin_prior_weight: float = 10.0
     margin_floor: float = 0.005
     calibrated_after: int = 20       # samples before a key's estimates count as "calibrated"
     max_keys: int = 64
 
 
-def group_vector(prompt: Prompt, coef: tuple[float, ...]) -> list[float]:
-    g = [0.0] * _N_GROUPS
+def group_vector(prompt: Prompt, family: Family) -> list[float]:
+    """The prompt's prior token estimate per group, plus its template overhead counts."""
     if prompt.text is not None:
-        for i, x in enumerate(prompt.text):
-            if x:
-                g[_FEATURE_GROUP_INDEX[i]] += coef[i] * x
+        g = (prompt.text @ family.by_group).tolist() + [0.0] * (_N_GROUPS - len(CONTENT_GROUPS))
+    else:
+        g = [0.0] * _N_GROUPS
     if prompt.json is not None:
-        g[_G["json"]] = sum(c * x for c, x in zip(coef, prompt.json))
+        g[_G["json"]] = float(prompt.json @ family.coef)
     if prompt.schema is not None:
-        g[_G["schema"]] = sum(c * x for c, x in zip(coef, prompt.schema))
+        g[_G["schema"]] = float(prompt.schema @ family.coef)
     g[_G["turns"]] = prompt.messages
     g[_G["chat"]] = prompt.chat
     g[_G["prompt"]] = 1 - prompt.chat
@@ -209,20 +243,21 @@ class FeatureKalman:
     def _new_state(self, family: Family) -> _KalmanState:
         theta, var = self._prior(family)
         P = [[var[i] if i == j else 0.0 for j in range(_N_GROUPS)] for i in range(_N_GROUPS)]
-        return _KalmanState(theta, P, ErrorWindow(self.s.margin_window), family.margin)
+        return _KalmanState(theta, P, ErrorModel(family.margin, self.s.margin_window))
 
     def estimate(self, key: str, family: Family, prompt: Prompt, media_tokens: int) -> Estimate:
         extra = prompt.media * media_tokens
         if prompt.exact_tokens is not None:
             return Estimate(prompt.exact_tokens + extra, prompt.exact_tokens + extra, "exact")
         st = self.table.get(key)
-        g = group_vector(prompt, family.coef)
+        g = group_vector(prompt, family)
         if st is None:
             theta, _ = self._prior(family)
             margin, source = family.margin, "prior"
         else:
-            theta, margin = st.theta, st.margin
-            source = "calibrated" if st.window.n >= self.s.calibrated_after else "prior"
+            theta = st.theta
+            margin = max(self.s.margin_floor, st.errors.margin(error_bucket(g)))
+            source = "calibrated" if st.n >= self.s.calibrated_after else "prior"
         point = max(0.0, sum(t * x for t, x in zip(theta, g)))
         return Estimate(point + extra, math.ceil(point * (1.0 + margin)) + extra, source)
 
@@ -236,7 +271,7 @@ class FeatureKalman:
             if p.exact_tokens is not None:
                 y -= p.exact_tokens
                 continue
-            for i, v in enumerate(group_vector(p, family.coef)):
+            for i, v in enumerate(group_vector(p, family)):
                 g[i] += v
         if y < 1.0 or not any(g):
             return None
@@ -246,10 +281,11 @@ class FeatureKalman:
             st = self.table.states[slot] = self._new_state(family)
         est = sum(t * x for t, x in zip(st.theta, g))
         rel_error = (y / est - 1.0) if est > 0 else 1.0
-        st.window.add(int(y), rel_error)
+        if y >= self.s.margin_min_tokens:
+            st.errors.add(error_bucket(g), rel_error, family.margin, self.s.margin_quantile,
+                          self.s.margin_prior_weight)
         self._kalman_update(st, family, [v / y for v in g])
-        st.margin = max(self.s.margin_floor, st.window.margin(
-            family.margin, self.s.margin_quantile, self.s.margin_min_tokens, self.s.margin_prior_weight))
+        st.n += 1
         return rel_error
 
     def _kalman_update(self, st: _KalmanState, family: Family, x: list[float]) -> None:
@@ -277,20 +313,20 @@ class FeatureKalman:
 
     def samples(self, key: str) -> int:
         st = self.table.get(key)
-        return st.window.n if st else 0
+        return st.n if st else 0
 
     def describe(self, key: str) -> dict | None:
         st = self.table.get(key)
         if st is None:
             return None
-        return {"samples": st.window.n, "margin": round(st.margin, 4),
+        return {"samples": st.n, "margins": {b: round(m, 4) for b, m in st.errors.margins.items()},
                 "scales": {g: round(t, 4) for g, t in zip(GROUPS, st.theta)}}
 
     def snapshot(self) -> dict:
         keys = {}
         for key, st in self.table.states.items():
-            keys[key] = {"theta": st.theta, "P": st.P, "margin": st.margin, "n": st.window.n,
-                         "errors": list(st.window.errors)}
+            keys[key] = {"theta": st.theta, "P": st.P, "n": st.n, "margins": st.errors.margins,
+                         "errors": {b: list(w) for b, w in st.errors.windows.items()}, "margin_n": st.errors.n}
         return {"version": SNAPSHOT_VERSION, "estimator": self.name, "groups": list(GROUPS), "keys": keys}
 
     def restore(self, doc: dict) -> None:
@@ -303,11 +339,12 @@ class FeatureKalman:
             P = [[float(a) for a in row] for row in v["P"]]
             if len(theta) != _N_GROUPS or len(P) != _N_GROUPS or any(len(r) != _N_GROUPS for r in P):
                 raise ValueError(f"snapshot key {key!r} has the wrong dimensions")
-            w = ErrorWindow(self.s.margin_window)
-            for t, e in v.get("errors", [])[-self.s.margin_window:]:
-                w.errors.append((int(t), float(e)))
-            w.n = int(v.get("n", len(w.errors)))
-            states[str(key)] = _KalmanState(theta, P, w, float(v["margin"]))
+            errors = ErrorModel(0.0, self.s.margin_window)
+            for b in BUCKETS:
+                errors.margins[b] = float(v["margins"][b])
+                errors.windows[b].extend(float(e) for e in v["errors"].get(b, []))
+            errors.n = int(v.get("margin_n", 0))
+            states[str(key)] = _KalmanState(theta, P, errors, int(v["n"]))
         self.table.states = states
 
 
@@ -323,23 +360,22 @@ def _check_snapshot(doc: dict, name: str) -> None:
 # --- the paper's estimator and the fixed-ratio baseline -------------------------------------
 
 PAPER_PRIOR_RATIO = {"prose": 4.48, "code": 3.52, "cjk": 2.01}  # 2604.08075 calibration table
-_CJK = tuple(i for i, g in enumerate(FEATURE_GROUP) if g == "cjk")
-_LETTERS = (0, 1)   # F:l, F:U
-_PUNCT = (6, 7)     # F:p, F:q
-_INDENT = 17        # C:"    "
+_F = {name: i for i, name in enumerate(FEATURE_NAMES)}
+_CJK = tuple(_F[f"n:{c}"] for c in "hkf")
 
 
 def paper_category(prompt: Prompt) -> str:
     """The paper's three categories from the text features (CJK share, code-like punctuation)."""
-    f = prompt.text or prompt.json
+    f = prompt.text if prompt.text is not None else prompt.json
     if f is None:
         return "prose"
     cjk = sum(f[i] for i in _CJK)
-    letters = f[0] + f[1]
+    letters = f[_F["n:l"]] + f[_F["n:U"]]
     if cjk and cjk * 3 >= max(1.0, prompt.text_bytes) * 0.3:
         return "cjk"
-    punct = f[6] + f[7]
-    if prompt.json is not None or punct > 0.25 * max(1.0, letters) or f[_INDENT] > 0.02 * max(1.0, letters):
+    punct = f[_F["n:p"]] + f[_F["n:q"]]
+    indent = f[_F["r:s/4"]]
+    if prompt.json is not None or punct > 0.25 * max(1.0, letters) or indent > 0.02 * max(1.0, letters):
         return "code"
     return "prose"
 

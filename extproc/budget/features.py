@@ -1,152 +1,174 @@
 """Content features of text that drive BPE token counts, measured without a tokenizer.
 
-A text's UTF-8 bytes are mapped to character classes with ``bytes.translate`` (one C-speed
-pass per alphabet) and the classes, class pairs and class runs are counted with ``bytes.count``
-(memchr-speed, no Python loop over characters). Two alphabets:
+The text's UTF-8 bytes are mapped to character classes with one ``bytes.translate`` (C speed)
+and viewed as a numpy array without a copy. The array is cut into *runs* of one class; all
+features come from the runs, so the work after the translate is a handful of vector ops:
 
-* FINE keeps letter case, quotes, and the UTF-8 lead byte of each non-ASCII character, which
-  tells the script block (Latin accents, Greek, Cyrillic, Hebrew/Arabic, Indic/Thai,
-  general punctuation, CJK/kana, Hangul, full-width forms, emoji).
-* COARSE folds each kind to one letter so that pairs and runs are cheap to count: ``"sa"`` is a
-  word after a space, ``"aaaa"`` counts every 4 letters of a long word (a run of k letters
-  contributes floor(k/4) non-overlapping matches), ``"    "`` an indentation step, ``"ddd"`` a
-  3-digit group (Llama-3 splits numbers in 3s, Qwen per digit) and so on. Non-overlapping
-  counts of runs form a piecewise-linear basis of run length, which is what BPE merges follow.
+* class totals — lower/upper-case ASCII letters, digits, spaces, newlines, punctuation, quotes,
+  and, from the UTF-8 lead byte of each non-ASCII character, its script block (Latin accents,
+  Greek, Cyrillic, Hebrew/Arabic, other 2-byte scripts, Indic/SE-Asian, general punctuation and
+  math symbols, CJK/kana, Hangul, full-width forms, 4-byte emoji);
+* transitions between classes — a word after a space (``s>l``), a camelCase boundary
+  (``l>U``), a digit after a letter… BPE pre-tokenisers cut text at exactly such boundaries;
+* run lengths — Σ⌊L/k⌋ over runs of a class (``l/4`` grows by one every 4 letters of a long
+  word, ``s/4`` every indentation step, ``d/3`` every 3-digit group, which Llama-3 keeps as one
+  token while Qwen splits digits): a piecewise-linear basis of run length, which is what BPE
+  merges follow;
+* for text that is not ASCII, the second UTF-8 byte after an 0xE0/0xE1 lead, which separates
+  Devanagari, Bengali, Thai, Myanmar and Ethiopic (their token rates differ by 2×).
 
-Every feature is a count, so the features of a concatenation are (up to the few pairs across
-the join) the sum of the parts' features: a request that mixes prose, code, CJK and JSON is
-measured per character class, and the token model is linear in these counts.
+Every feature is a count, so the features of a concatenation are (up to the class boundary at
+the join) the sum of the parts': a request that mixes prose, code, CJK and JSON is measured per
+character class, and the token model is linear in these counts.
 
 Texts longer than ``SAMPLE_CHARS`` are measured on evenly spaced blocks and scaled up; such texts
-are far above any short-pool threshold, and this keeps ``route()`` on a 1 MB body within its
-latency budget.
+are far above the short pool's threshold, and this bounds ``route()`` on a 1 MB body.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
-
-def _table(classes: dict[bytes, str]) -> bytes:
-    t = bytearray(b"x" * 256)
-    for byte_values, cls in classes.items():
-        for b in byte_values:
-            t[b] = ord(cls)
-    return bytes(t)
-
-
-def _range(a: int, b: int) -> bytes:
-    return bytes(range(a, b))
-
+import numpy as np
 
 _PUNCT = b"!#$%&()*+,-./:;<=>?@[\\]^_`{|}~'"
-FINE = _table({
-    _range(97, 123): "l", _range(65, 91): "U", _range(48, 58): "d",
-    b" ": "s", b"\n": "n", b"\t\r": "t", _PUNCT: "p", b'"': "q",
-    _range(0x80, 0xC0): "c",                       # UTF-8 continuation bytes (not counted)
-    _range(0xC2, 0xCB): "e",                       # Latin-1 supplement, Latin extended
-    _range(0xCB, 0xCE): "r", _range(0xD5, 0xE0): "r",  # modifiers, Armenian, Hebrew, Arabic…
-    _range(0xCE, 0xD0): "g",                       # Greek
-    _range(0xD0, 0xD5): "y",                       # Cyrillic
-    _range(0xE0, 0xE2): "i",                       # Indic, Thai, Myanmar, Ethiopic, Georgian…
-    b"\xe2": "G",                                  # general punctuation, symbols, math operators
-    _range(0xE3, 0xEA): "h",                       # CJK ideographs, kana, CJK punctuation
-    _range(0xEA, 0xEE): "k",                       # Hangul syllables
-    _range(0xEE, 0xF0): "f",                       # private use, full-width forms
-    _range(0xF0, 0x100): "4",                      # 4-byte: emoji, rare CJK
-})
-COARSE = _table({
-    _range(97, 123) + _range(65, 91): "a", _range(48, 58): "d", b" ": "s", b"\n": "n",
-    b"\t\r": "t", _PUNCT + b'"': "p", _range(0x80, 0x100): "u",
-})
 
-# (alphabet, pattern) for features present in any text.
-_ASCII_FEATURES: tuple[tuple[str, bytes], ...] = (
-    ("F", b"l"), ("F", b"U"), ("F", b"d"), ("F", b"s"), ("F", b"n"), ("F", b"t"),
-    ("F", b"p"), ("F", b"q"), ("F", b"lU"), ("F", b"Ul"),
-    ("C", b"sa"), ("C", b"na"), ("C", b"pa"), ("C", b"da"),
-    ("C", b"aaaa"), ("C", b"aaaaaaaa"),
-    ("C", b"ss"), ("C", b"    "), ("C", b"nn"),
-    ("C", b"pp"), ("C", b"ppp"), ("C", b"sp"), ("C", b"ps"), ("C", b"ap"),
-    ("C", b"dd"), ("C", b"ddd"), ("C", b"pd"),
-)
-# Features that are zero for ASCII text; measured only when the text is not ASCII.
-_NON_ASCII_FEATURES: tuple[tuple[str, bytes], ...] = (
-    ("F", b"e"), ("F", b"r"), ("F", b"g"), ("F", b"y"), ("F", b"i"), ("F", b"G"),
-    ("F", b"h"), ("F", b"k"), ("F", b"f"), ("F", b"4"),
-    ("C", b"su"), ("C", b"pu"), ("C", b"ua"),
-    # second UTF-8 byte separates scripts that share a lead byte
-    ("B", b"\xe0\xa4"), ("B", b"\xe0\xa5"),        # Devanagari
-    ("B", b"\xe0\xa6"), ("B", b"\xe0\xa7"),        # Bengali
-    ("B", b"\xe0\xb8"), ("B", b"\xe0\xb9"),        # Thai
-    ("B", b"\xe1\x80"), ("B", b"\xe1\x81"),        # Myanmar
-    ("B", b"\xe1\x88"), ("B", b"\xe1\x89"),        # Ethiopic
-    ("B", b"\xd7"), ("B", b"\xd8"), ("B", b"\xd9"),  # Hebrew, Arabic
-)
-
-
-def _name(alpha: str, pat: bytes) -> str:
-    return f"{alpha}:{pat.hex() if alpha == 'B' else pat.decode()}"
-
-
-FEATURE_NAMES: tuple[str, ...] = tuple(_name(a, p) for a, p in _ASCII_FEATURES + _NON_ASCII_FEATURES)
-N_FEATURES = len(FEATURE_NAMES)
-_N_ASCII = len(_ASCII_FEATURES)
-_ASCII_F = tuple(p for a, p in _ASCII_FEATURES if a == "F")
-_ASCII_C = tuple(p for a, p in _ASCII_FEATURES if a == "C")
-_NA_F = tuple(p for a, p in _NON_ASCII_FEATURES if a == "F")
-_NA_C = tuple(p for a, p in _NON_ASCII_FEATURES if a == "C")
-_NA_B = tuple(p for a, p in _NON_ASCII_FEATURES if a == "B")
-_ZEROS_NA = (0,) * len(_NON_ASCII_FEATURES)
-
-# Which token-model group each feature belongs to (see calibrate.GROUPS).
-_GROUP_OF_PREFIX = {
-    "F:l": "latin", "F:U": "latin", "F:lU": "latin", "F:Ul": "latin",
-    "C:sa": "latin", "C:na": "latin", "C:pa": "latin", "C:da": "latin",
-    "C:aaaa": "latin", "C:aaaaaaaa": "latin",
-    "F:d": "digits", "C:dd": "digits", "C:ddd": "digits", "C:pd": "digits",
-    "F:s": "space", "F:n": "space", "F:t": "space", "C:ss": "space", "C:    ": "space",
-    "C:nn": "space",
-    "F:p": "punct", "F:q": "punct", "C:pp": "punct", "C:ppp": "punct", "C:sp": "punct",
-    "C:ps": "punct", "C:ap": "punct", "F:G": "punct",
-    "F:h": "cjk", "F:k": "cjk", "F:f": "cjk",
+# class letter -> the bytes in it (continuation bytes 0x80-0xBF are class "c": not counted)
+_CLASSES: dict[str, bytes] = {
+    "l": bytes(range(97, 123)), "U": bytes(range(65, 91)), "d": bytes(range(48, 58)),
+    "s": b" ", "n": b"\n", "t": b"\t\r\x0b\x0c", "p": _PUNCT, "q": b'"',
+    "c": bytes(range(0x80, 0xC0)),
+    "e": bytes(range(0xC2, 0xCB)),                               # Latin-1 supplement, Latin extended
+    "r": bytes(range(0xCB, 0xCE)) + bytes(range(0xD5, 0xD7)) + bytes(range(0xDA, 0xE0)),  # modifiers, Armenian, Syriac…
+    "g": bytes(range(0xCE, 0xD0)),                               # Greek
+    "y": bytes(range(0xD0, 0xD5)),                               # Cyrillic
+    "A": bytes(range(0xD7, 0xDA)),                               # Hebrew, Arabic
+    "i": bytes(range(0xE0, 0xE2)),                               # Indic, Thai, Myanmar, Ethiopic, Georgian…
+    "G": b"\xe2",                                                # general punctuation, symbols, math
+    "h": bytes(range(0xE3, 0xEA)),                               # CJK ideographs, kana, CJK punctuation
+    "k": bytes(range(0xEA, 0xEE)),                               # Hangul syllables
+    "f": bytes(range(0xEE, 0xF0)),                               # private use, full-width forms
+    "4": bytes(range(0xF0, 0x100)),                              # 4-byte: emoji, rare CJK
+    "x": bytes(range(0, 9)) + bytes(range(14, 32)) + b"\x7f\xc0\xc1",  # control, invalid
 }
-FEATURE_GROUP: tuple[str, ...] = tuple(_GROUP_OF_PREFIX.get(n, "script") for n in FEATURE_NAMES)
+CLASS_LETTERS = tuple(_CLASSES)
+_K = len(CLASS_LETTERS)
+_CODE = {c: i for i, c in enumerate(CLASS_LETTERS)}
+_table = bytearray(256)
+for _cls, _bytes in _CLASSES.items():
+    for _b in _bytes:
+        _table[_b] = _CODE[_cls]
+assert len({b for v in _CLASSES.values() for b in v}) == 256, "every byte needs exactly one class"
+CLASS_TABLE = bytes(_table)
 
-SAMPLE_CHARS = 65_536
-_SAMPLE_BLOCKS = 16
+_NON_ASCII = "ergyAiGhkf4"
+_LETTERS = "lU"
+TOTALS = tuple(c for c in CLASS_LETTERS if c not in "cx")
+# transitions: (name, from-classes, to-classes)
+TRANSITIONS: tuple[tuple[str, str, str], ...] = (
+    ("s>l", "s", "l"), ("s>U", "s", "U"), ("n>a", "nt", _LETTERS), ("p>a", "p", _LETTERS),
+    ("q>a", "q", _LETTERS), ("d>a", "d", _LETTERS), ("l>U", "l", "U"), ("U>l", "U", "l"),
+    ("a>p", _LETTERS, "p"), ("a>q", _LETTERS, "q"), ("a>d", _LETTERS, "d"), ("p>s", "pq", "s"),
+    ("s>p", "s", "pq"), ("p>d", "pq", "d"), ("d>p", "d", "pq"), ("s>d", "s", "d"),
+    ("p>n", "pq", "n"), ("n>s", "n", "st"), ("p>q", "p", "q"), ("q>p", "q", "p"),
+    ("s>u", "s", _NON_ASCII), ("p>u", "pqn", _NON_ASCII), ("u>a", _NON_ASCII + "c", _LETTERS),
+    ("a>u", _LETTERS, _NON_ASCII), ("u>s", "c", "s"), ("u>p", "c", "pq"),
+)
+# run-length steps: (class, k) -> Σ floor(L/k) over runs of that class
+RUN_STEPS: tuple[tuple[str, int], ...] = (
+    ("l", 4), ("l", 8), ("U", 2), ("U", 4), ("s", 2), ("s", 4), ("s", 8), ("n", 2), ("t", 2),
+    ("p", 2), ("p", 3), ("d", 2), ("d", 3), ("q", 2),
+)
+# second byte after an 0xE0/0xE1 lead: (name, second-byte values)
+SCRIPTS: tuple[tuple[str, bytes], ...] = (
+    ("deva", b"\xa4\xa5"), ("beng", b"\xa6\xa7"), ("thai", b"\xb8\xb9"), ("mymr", b"\x80\x81"),
+    ("ethi", b"\x88\x89\x8a\x8b"),
+)
+
+FEATURE_NAMES: tuple[str, ...] = (
+    tuple(f"n:{c}" for c in TOTALS) + tuple(f"t:{n}" for n, _, _ in TRANSITIONS)
+    + tuple(f"r:{c}/{k}" for c, k in RUN_STEPS) + tuple(f"z:{n}" for n, _ in SCRIPTS)
+)
+N_FEATURES = len(FEATURE_NAMES)
+
+# Matrices that turn run statistics into features with one matmul each.
+_TOTALS_W = np.zeros((_K, len(TOTALS)))
+for _j, _c in enumerate(TOTALS):
+    _TOTALS_W[_CODE[_c], _j] = 1.0
+_TRANS_W = np.zeros((_K * _K, len(TRANSITIONS)))
+for _j, (_n, _src, _dst) in enumerate(TRANSITIONS):
+    for _a in _src:
+        for _b in _dst:
+            _TRANS_W[_CODE[_a] * _K + _CODE[_b], _j] = 1.0
+_RUN_KS = sorted({k for _, k in RUN_STEPS})
+_RUN_INDEX = [(_RUN_KS.index(k), _CODE[c]) for c, k in RUN_STEPS]
+_RUN_ROWS = np.array([i for i, _ in _RUN_INDEX])
+_RUN_COLS = np.array([c for _, c in _RUN_INDEX])
+_SCRIPT_W = np.zeros((256, len(SCRIPTS)))
+for _j, (_n, _vals) in enumerate(SCRIPTS):
+    for _v in _vals:
+        _SCRIPT_W[_v, _j] = 1.0
+_LEAD_E = _CODE["i"]
+
+# Group of each feature, for the calibrator (content groups in calibrate.CONTENT_GROUPS).
+def _group(name: str) -> str:
+    kind, what = name.split(":", 1)
+    if kind == "z":
+        return "script"
+    if kind == "n":
+        return {"l": "latin", "U": "latin", "d": "digits", "s": "space", "n": "space", "t": "space",
+                "p": "punct", "q": "punct", "G": "punct", "h": "cjk", "k": "cjk", "f": "cjk"}.get(what, "script")
+    if kind == "r":
+        return {"l": "latin", "U": "latin", "d": "digits", "s": "space", "n": "space", "t": "space",
+                "p": "punct", "q": "punct"}[what[0]]
+    if "u" in what:
+        return "script"
+    if "d" in what:
+        return "digits"
+    if what in ("p>s", "s>p", "p>n", "n>s", "p>q", "q>p"):
+        return "punct"
+    return "latin"
 
 
-def _measure_exact(text: str) -> list[float]:
+FEATURE_GROUP: tuple[str, ...] = tuple(_group(n) for n in FEATURE_NAMES)
+
+SAMPLE_CHARS = 131_072
+_SAMPLE_BLOCKS = 32
+_EMPTY = np.zeros(N_FEATURES)
+
+
+def _measure_exact(text: str) -> np.ndarray:
     raw = text.encode("utf-8", "surrogatepass")
-    fine = raw.translate(FINE)
-    coarse = raw.translate(COARSE)
-    counts = [fine.count(p) for p in _ASCII_F]
-    counts += [coarse.count(p) for p in _ASCII_C]
+    n = len(raw)
+    if n == 0:
+        return _EMPTY.copy()
+    codes = np.frombuffer(raw.translate(CLASS_TABLE), np.uint8)
+    starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
+    starts = np.concatenate(([0], starts))
+    lens = np.diff(np.append(starts, n))
+    cls = codes[starts].astype(np.intp)
+    totals = np.bincount(cls, weights=lens, minlength=_K) @ _TOTALS_W
+    trans = np.bincount(cls[:-1] * _K + cls[1:], minlength=_K * _K) @ _TRANS_W
+    long_runs = lens >= 2
+    lr, lc = lens[long_runs], cls[long_runs]
+    steps = np.array([np.bincount(lc, weights=lr // k, minlength=_K) for k in _RUN_KS])
+    runs = steps[_RUN_ROWS, _RUN_COLS]
     if text.isascii():
-        counts += _ZEROS_NA
+        scripts = np.zeros(len(SCRIPTS))
     else:
-        counts += [fine.count(p) for p in _NA_F]
-        counts += [coarse.count(p) for p in _NA_C]
-        counts += [raw.count(p) for p in _NA_B]
-    return counts
+        raw_a = np.frombuffer(raw, np.uint8)
+        lead = np.flatnonzero(codes[:-1] == _LEAD_E)
+        scripts = np.bincount(raw_a[lead + 1], minlength=256) @ _SCRIPT_W
+    return np.concatenate((totals, trans, runs, scripts))
 
 
-def measure(text: str) -> list[float]:
-    """Feature counts of one text (a list aligned with FEATURE_NAMES)."""
+def measure(text: str) -> np.ndarray:
+    """Feature counts of one text (aligned with FEATURE_NAMES)."""
     n = len(text)
     if n <= SAMPLE_CHARS:
         return _measure_exact(text)
     block = SAMPLE_CHARS // _SAMPLE_BLOCKS
     stride = n // _SAMPLE_BLOCKS
-    sample = "\n".join(text[i * stride: i * stride + block] for i in range(_SAMPLE_BLOCKS))
-    scale = n / (block * _SAMPLE_BLOCKS)
-    return [c * scale for c in _measure_exact(sample)]
-
-
-def add_into(total: list[float], part: Sequence[float]) -> None:
-    for i, v in enumerate(part):
-        total[i] += v
+    sample = "".join(text[i * stride: i * stride + block] for i in range(_SAMPLE_BLOCKS))
+    return _measure_exact(sample) * (n / len(sample))
 
 
 def utf8_len(text: str) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import orjson
 
 from .features import measure, utf8_len
@@ -32,9 +33,9 @@ _RESERVE_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 class Prompt:
     """One sequence the engine will hold in its KV cache (a batched completion has several)."""
 
-    text: list[float] | None = None      # features of free text (all messages joined)
-    json: list[float] | None = None      # features of JSON the template renders (tools, arguments)
-    schema: list[float] | None = None    # features of output schemas (response_format)
+    text: np.ndarray | None = None       # features of free text (all messages joined)
+    json: np.ndarray | None = None       # features of JSON the template renders (tools, arguments)
+    schema: np.ndarray | None = None     # features of output schemas (response_format)
     text_bytes: int = 0                  # UTF-8 bytes of everything measured
     messages: int = 0                    # chat turns (the template adds tokens per turn)
     chat: int = 0                        # 1 when a chat template wraps the prompt
