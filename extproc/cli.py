@@ -1,0 +1,138 @@
+"""``extproc`` command line: explain routing decisions, check a config, run the simulated engine."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from importlib import resources
+
+from .config import ConfigError, load_config
+
+SHARED_REQUESTS = pathlib.Path("../shared/data/requests/dev_requests.jsonl")
+
+
+def _request_rows(paths: list[str]) -> tuple[list[dict], str]:
+    """Rows of {path, body, prompt_tokens?} from JSONL files; shared samples, else bundled ones."""
+    if paths:
+        files = [pathlib.Path(p) for p in paths]
+        label = ", ".join(paths)
+    elif SHARED_REQUESTS.exists():
+        files, label = [SHARED_REQUESTS], str(SHARED_REQUESTS)
+    else:
+        files, label = [], "bundled sample (../shared/data absent)"
+    rows = []
+    texts = [f.read_text() for f in files] if files else \
+        [resources.files("extproc.samples").joinpath("requests.jsonl").read_text()]
+    for text in texts:
+        for line in text.splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows.append(row if "body" in row else {"body": row})
+    return rows, label
+
+
+def _long_requests(rows: list[dict], count: int = 4) -> list[dict]:
+    """Long conversations built by stacking the sample prompts, so both pools show up."""
+    texts = [m["content"] for r in rows for m in r["body"].get("messages", [])
+             if isinstance(m.get("content"), str)]
+    if not texts:
+        return []
+    out = []
+    for i in range(count):
+        target = 30_000 * (i + 1)  # ~7K, 15K, 22K, 30K tokens of English text
+        content, k = [], i
+        while sum(map(len, content)) < target:
+            content.append(texts[k % len(texts)])
+            k += 1
+        body = {"model": rows[0]["body"].get("model", "meta-llama/Meta-Llama-3-8B-Instruct"),
+                "messages": [{"role": "user", "content": "\n\n".join(content)}], "max_tokens": 1024}
+        out.append({"body": body})
+    return out
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from . import chat_tokens
+    from .budget import BudgetRouter
+
+    try:
+        router = BudgetRouter(load_config(args.config).budget)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
+    rows, label = _request_rows(args.files)
+    rows = rows[: args.limit] + _long_requests(rows)
+    print(f"{len(rows)} requests from {label} (+ long ones stacked from them); pools: "
+          + ", ".join(f"{p.name}={p.max_context}" for p in router.pools))
+    print(f"{'#':>4} {'pool':<8} {'reason':<10} {'source':<10} {'estimate':>8} {'true':>7} {'budget':>7}  detail")
+    per_pool: dict[str, int] = {}
+    errors = []
+    for i, row in enumerate(rows):
+        body = row["body"]
+        raw = json.dumps(body, ensure_ascii=False).encode() if not isinstance(body, str) else body.encode()
+        path = row.get("path") or ("/v1/completions" if isinstance(body, dict) and "prompt" in body
+                                   else "/v1/chat/completions")
+        d = router.route(raw, path)
+        true = None
+        if isinstance(body, dict) and isinstance(body.get("messages"), list):
+            fam = chat_tokens.family_for_model(d.model)
+            true = chat_tokens.count_chat(body["messages"], fam, body.get("tools"))
+        per_pool[d.pool] = per_pool.get(d.pool, 0) + 1
+        if true:
+            err = router.observe(d, true)
+            if err is not None:
+                errors.append(abs(d.prompt_tokens - true) / true)
+        print(f"{i:>4} {d.pool:<8} {d.reason:<10} {d.source:<10} {d.prompt_tokens:>8} "
+              f"{true if true is not None else '-':>7} {d.budget_tokens:>7}  {d.detail}")
+    print("\nrequests per pool: " + ", ".join(f"{k}={v}" for k, v in sorted(per_pool.items())))
+    if errors:
+        print(f"prompt estimate MAPE over {len(errors)} requests with a true count: "
+              f"{100 * sum(errors) / len(errors):.2f}%")
+    models = sorted({r["body"].get("model", "") for r in rows if isinstance(r["body"], dict)})
+    for model in models:
+        cal = router.calibration(model)
+        if cal:
+            print(f"calibration {model}: {json.dumps(cal)}")
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
+    b = cfg.budget
+    print(f"config OK ({cfg.source})")
+    print("pools: " + ", ".join(f"{p.name}={p.max_context}" for p in b.pools))
+    print(f"estimator: {b.estimator} {b.estimator_settings or ''}".rstrip())
+    print(f"default output reserve: {b.default_output_tokens}; media tokens: {b.media_tokens}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="extproc", description="Token-budget pool router for LLM inference.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("explain", help="route request bodies and show each decision and how calibration moves")
+    p.add_argument("files", nargs="*", help="JSONL files of request bodies or {body: …} rows "
+                   "(default: ../shared/data/requests, else a bundled sample)")
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--limit", type=int, default=40, help="at most this many requests from the files")
+    p.set_defaults(func=cmd_explain)
+    p = sub.add_parser("check-config", help="validate a config file (and EXTPROC_* overrides)")
+    p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    p.set_defaults(func=cmd_check_config)
+    from .engine.cli import register as register_engine
+
+    register_engine(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The one YAML config file: loading, environment overrides and validation.
+
+Every field has a built-in default, so no file at all is a valid config. An invalid value fails
+at start with the field's dotted path and the reason (``ConfigError``), never later on a request.
+
+Environment overrides: ``EXTPROC_<FIELD>`` with ``__`` between nesting levels, values read as
+YAML scalars, e.g. ``EXTPROC_OUTPUT_RESERVE__DEFAULT_TOKENS=2048`` or
+``EXTPROC_ESTIMATOR__KIND=paper-ema``. Pools are a list and are set in the file only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from .budget.calibrate import ESTIMATORS, KalmanSettings, PaperSettings
+from .budget.policy import Pool, order_pools
+from .budget.router import BudgetSettings
+
+ENV_PREFIX = "EXTPROC_"
+
+
+class ConfigError(ValueError):
+    """An invalid config: ``field`` is the dotted path, ``reason`` what is wrong with it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Config:
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    source: str = "built-in defaults"
+
+
+def _int(doc: Mapping, key: str, path: str, default: int, lo: int = 0, hi: int = 1 << 31) -> int:
+    value = doc.get(key, default)
+    if type(value) is not int:
+        raise ConfigError(f"{path}{key}", f"must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{path}{key}", f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _mapping(doc: Mapping, key: str, path: str) -> Mapping:
+    value = doc.get(key, {})
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}{key}", f"must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _check_keys(doc: Mapping, allowed: set[str], path: str) -> None:
+    for key in doc:
+        if key not in allowed:
+            raise ConfigError(f"{path}{key}", f"unknown field (known: {', '.join(sorted(allowed))})")
+
+
+def _pools(doc: Mapping) -> tuple[Pool, ...]:
+    raw = doc.get("pools")
+    if raw is None:
+        return BudgetSettings().pools
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("pools", "must be a non-empty list of {name, max_context}")
+    pools = []
+    for i, item in enumerate(raw):
+        path = f"pools[{i}]."
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"pools[{i}]", "must be a mapping with name and max_context")
+        _check_keys(item, {"name", "max_context"}, path)
+        name = item.get("name")
+        if not isinstance(name, str) or not name or not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{path}name", f"must be a non-empty name of letters, digits, - or _, got {name!r}")
+        pools.append(Pool(name, _int(item, "max_context", path, 0, lo=1)))
+    try:
+        return order_pools(pools)
+    except ValueError as exc:
+        raise ConfigError("pools", str(exc)) from None
+
+
+def _estimator(doc: Mapping) -> tuple[str, dict]:
+    est = _mapping(doc, "estimator", "")
+    _check_keys(est, {"kind", "settings"}, "estimator.")
+    kind = est.get("kind", BudgetSettings().estimator)
+    if kind not in ESTIMATORS:
+        raise ConfigError("estimator.kind", f"must be one of {', '.join(ESTIMATORS)}, got {kind!r}")
+    settings = dict(_mapping(est, "settings", "estimator."))
+    known = {"feature-kalman": KalmanSettings, "paper-ema": PaperSettings}.get(kind)
+    fields = {f.name: f for f in dataclasses.fields(known)} if known else {"ratio": None}
+    for key, value in settings.items():
+        path = f"estimator.settings.{key}"
+        if key not in fields:
+            raise ConfigError(path, f"unknown setting for {kind} (known: {', '.join(sorted(fields))})")
+        expected = float if key == "ratio" else type(fields[key].default)
+        if expected is float and type(value) is int:
+            value = settings[key] = float(value)
+        if type(value) is not expected:
+            raise ConfigError(path, f"must be {expected.__name__}, got {value!r}")
+        if value <= 0 and key not in ("margin_floor",):
+            raise ConfigError(path, f"must be positive, got {value!r}")
+        if key in ("margin_quantile", "beta") and not value < 1:
+            raise ConfigError(path, f"must be below 1, got {value!r}")
+    return kind, settings
+
+
+def _families(doc: Mapping) -> tuple[tuple[tuple[str, str], ...], str]:
+    from .budget.calibrate import load_priors
+
+    known = set(load_priors())
+    raw = doc.get("families")
+    families = BudgetSettings().families
+    if raw is not None:
+        if not isinstance(raw, Mapping):
+            raise ConfigError("families", "must map a model-name substring to a tokenizer family")
+        families = []
+        for needle, fam in raw.items():
+            if fam not in known:
+                raise ConfigError(f"families.{needle}", f"unknown tokenizer family {fam!r} (known: {', '.join(sorted(known))})")
+            families.append((str(needle).lower(), fam))
+        families = tuple(families)
+    default = doc.get("default_family", BudgetSettings().default_family)
+    if default not in known:
+        raise ConfigError("default_family", f"unknown tokenizer family {default!r} (known: {', '.join(sorted(known))})")
+    return families, default
+
+
+BUDGET_FIELDS = {"pools", "estimator", "output_reserve", "media_tokens", "families", "default_family"}
+TOP_FIELDS = BUDGET_FIELDS | {"service"}
+
+
+def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Config:
+    doc = doc or {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError("(top level)", "must be a mapping")
+    _check_keys(doc, TOP_FIELDS, "")
+    reserve = _mapping(doc, "output_reserve", "")
+    _check_keys(reserve, {"default_tokens"}, "output_reserve.")
+    kind, est_settings = _estimator(doc)
+    families, default_family = _families(doc)
+    budget = BudgetSettings(
+        pools=_pools(doc),
+        estimator=kind,
+        estimator_settings=est_settings,
+        default_output_tokens=_int(reserve, "default_tokens", "output_reserve.", BudgetSettings().default_output_tokens),
+        media_tokens=_int(doc, "media_tokens", "", BudgetSettings().media_tokens),
+        families=families,
+        default_family=default_family,
+    )
+    return Config(budget=budget, source=source)
+
+
+def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
+    """Overlay ``EXTPROC_A__B=value`` variables onto the document (values parsed as YAML scalars)."""
+    doc = dict(doc)
+    for name, text in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
+        if not path:
+            continue
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError:
+            value = text
+        node = doc
+        for part in path[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, Mapping) else {}
+            node[part] = child
+            node = child
+        node[path[-1]] = value
+    return doc
+
+
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, overlay the environment, validate. Raises ConfigError naming the field."""
+    doc: Any = {}
+    source = "built-in defaults"
+    if path is not None:
+        try:
+            with open(path) as f:
+                doc = yaml.safe_load(f) or {}
+        except OSError as exc:
+            raise ConfigError("(file)", f"cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError("(file)", f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(doc, Mapping):
+            raise ConfigError("(top level)", f"{path} must hold a mapping")
+        source = path
+    doc = apply_env(dict(doc), os.environ if environ is None else environ)
+    return parse_config(doc, source)
