@@ -15,6 +15,7 @@ import argparse
 import json
 import pathlib
 import sys
+import zlib
 
 import numpy as np
 
@@ -59,6 +60,11 @@ def cv_margin(X: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> float:
     return float(np.quantile(errs, 0.995))
 
 
+def text_half(text_id: str) -> int:
+    """Stable half (0 or 1) of a text, for held-out checks."""
+    return zlib.crc32(text_id.encode()) & 1
+
+
 def template_overheads(family: str) -> dict:
     base = chat_tokens.count_chat([], family)
     one = chat_tokens.count_chat([{"role": "user", "content": "hello"}], family)
@@ -71,10 +77,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=pathlib.Path, default=DEFAULT_TEXTS)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "extproc" / "budget" / "priors.json")
+    ap.add_argument("--half", type=int, choices=(0, 1), help="fit on one half of the texts only "
+                    "(split by id; routing_quality.py --half on the other half is a held-out check)")
     args = ap.parse_args()
     if not args.texts.exists():
         sys.exit(f"texts not found: {args.texts} (the shared data set is needed to fit priors)")
     rows = [json.loads(line) for line in args.texts.open()]
+    if args.half is not None:
+        rows = [r for r in rows if text_half(r["id"]) == args.half]
     X = np.array([measure(r["text"]) for r in rows], float)
     rng = np.random.default_rng(20261127)
     out: dict = {"source": str(args.texts.name), "texts": len(rows), "features": list(FEATURE_NAMES),

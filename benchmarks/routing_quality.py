@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from extproc import chat_tokens  # noqa: E402
 from extproc.budget import BudgetRouter, BudgetSettings  # noqa: E402
 from extproc.budget.calibrate import make_estimator  # noqa: E402
+from fit_priors import text_half  # noqa: E402
 
 DEFAULT_TEXTS = ROOT.parent / "shared" / "data" / "texts" / "dev_texts.jsonl"
 SHORT = 8192
@@ -42,12 +43,13 @@ MODELS = {"llama3": "meta-llama/Llama-3.1-8B-Instruct", "qwen3": "Qwen/Qwen3-8B"
 DEFAULT_RESERVE = BudgetSettings().default_output_tokens
 
 
-def load_texts(path: pathlib.Path) -> dict[str, list[dict]]:
+def load_texts(path: pathlib.Path, half: int | None = None) -> dict[str, list[dict]]:
     by_cat: dict[str, list[dict]] = defaultdict(list)
     with path.open() as f:
         for line in f:
             row = json.loads(line)
-            by_cat[row["category"]].append(row)
+            if half is None or text_half(row["id"]) == half:
+                by_cat[row["category"]].append(row)
     return by_cat
 
 
@@ -132,11 +134,9 @@ class _Row:
         self.ape: list[float] = []
 
 
-def replay(requests: list[dict], estimator_name: str | None) -> dict[str, _Row]:
+def replay(requests: list[dict], estimator_name: str | None, priors: str | None = None) -> dict[str, _Row]:
     """Route then observe every request; estimator None routes on the true count (the limit)."""
-    router = BudgetRouter(BudgetSettings()) if estimator_name is None else \
-        BudgetRouter(BudgetSettings(estimator=estimator_name),
-                     estimator=make_estimator(estimator_name) if estimator_name != "feature-kalman" else None)
+    router = BudgetRouter(BudgetSettings(estimator=estimator_name or "fixed-ratio", priors_path=priors))
     rows: dict[str, _Row] = defaultdict(_Row)
     seen: dict[str, int] = defaultdict(int)
     for r in requests:
@@ -195,16 +195,20 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--priors", help="priors.json to use (default: the packaged one)")
+    ap.add_argument("--half", type=int, choices=(0, 1),
+                    help="build requests from one half of the texts (fit priors on the other: held-out check)")
     args = ap.parse_args()
     if not args.texts.exists():
         sys.exit(f"SKIP: texts not found at {args.texts} (the shared data set is needed)")
     t0 = time.time()
-    requests = build_requests(load_texts(args.texts), args.requests, args.seed)
+    requests = build_requests(load_texts(args.texts, args.half), args.requests, args.seed)
     near = sum(1 for r in requests if 0.75 * SHORT <= r["budget"] <= 1.25 * SHORT)
     print(f"{len(requests)} requests from {args.texts.name} ({near} within ±25% of {SHORT}), "
           f"built and tokenised in {time.time() - t0:.1f}s; seed {args.seed}\n")
     rows = {"fixed 4.0 B/tok": replay(requests, "fixed-ratio"), "paper EMA": replay(requests, "paper-ema"),
-            "feature-kalman (default)": replay(requests, "feature-kalman"), "tokenizer (limit)": replay(requests, None)}
+            "feature-kalman (default)": replay(requests, "feature-kalman", args.priors),
+            "tokenizer (limit)": replay(requests, None)}
     kinds = sorted(k for k in rows["tokenizer (limit)"] if k != "ALL") + ["ALL"]
     print(f"{'estimator':<26} {'kind':<13} {'n':>5} {'overflow%':>10} {'waste%':>8} {'MAPE%':>7}")
     for name, res in rows.items():
