@@ -1,0 +1,193 @@
+"""Byte-class features: additivity, ASCII purity, sampling of long texts, prior sanity on real text."""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+
+import numpy as np
+import orjson
+import pytest
+
+from extproc.budget import BudgetRouter
+from extproc.budget import features as F
+from extproc.budget.calibrate import load_priors
+from extproc.budget.features import FEATURE_NAMES, N_FEATURES, SAMPLE_CHARS, measure, utf8_len
+
+IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
+NON_ASCII_TOTALS = [IDX[f"n:{c}"] for c in "ergyAiGhkf4"]
+NON_ASCII = NON_ASCII_TOTALS + [IDX[n] for n in FEATURE_NAMES if n.startswith("z:")] + \
+    [IDX[n] for n in ("t:s>u", "t:p>u", "t:u>a", "t:a>u", "t:u>s", "t:u>p")]
+TOTALS = [i for i, n in enumerate(FEATURE_NAMES) if n.startswith("n:")]
+
+SAMPLES = [
+    "The quick brown fox jumps over the lazy dog. It was 12:30 on 2024-06-01.",
+    "def parse(self, raw: bytes) -> dict:\n    if not raw:\n        return {}\n    return json.loads(raw)\n",
+    '{"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}',
+    "大型语言模型的推理服务需要管理显存，上下文长度决定了KV缓存的大小。",
+    "Привет, мир! Ελληνικά κείμενα. שלום עולם. مرحبا بالعالم. नमस्ते दुनिया। สวัสดีชาวโลก 😀🚀 한국어 텍스트",
+    "Größenänderung für Übergänge — «citations» et ligatures: ﬁ, ½, №, ™, ∑∫√ ≤ ≥.",
+    "",
+    "\t\r\n  \n\n    x",
+]
+
+
+def test_feature_vector_shape():
+    v = measure("hello")
+    assert v.shape == (N_FEATURES,) == (len(FEATURE_NAMES),)
+    assert measure("").sum() == 0
+    assert v[IDX["n:l"]] == 5 and v[TOTALS].sum() == 5
+
+
+def test_known_counts():
+    v = measure("Hello World 123\n  camelCase")
+    assert v[IDX["n:l"]] == 4 + 4 + 8
+    assert v[IDX["n:U"]] == 3
+    assert v[IDX["n:d"]] == 3
+    assert v[IDX["n:s"]] == 4
+    assert v[IDX["n:n"]] == 1
+    assert v[IDX["t:s>U"]] == 1   # " W"
+    assert v[IDX["t:l>U"]] == 1   # "lC"
+    assert v[IDX["t:s>d"]] == 1   # " 1"
+    assert v[IDX["r:d/3"]] == 1 and v[IDX["r:d/2"]] == 1
+    assert v[IDX["r:s/2"]] == 1   # the two-space indentation
+    assert v[IDX["r:l/4"]] == 1 + 1 + 1  # "ello", "orld", "amel": runs of 4 lower-case letters
+    cjk = measure("中文。")
+    assert cjk[IDX["n:h"]] == 3 and cjk[TOTALS].sum() == 3  # one count per character, not per byte
+    assert measure("😀")[IDX["n:4"]] == 1
+
+
+@pytest.mark.parametrize("a", SAMPLES)
+@pytest.mark.parametrize("b", SAMPLES)
+def test_features_are_additive_over_concatenation(a, b):
+    whole, parts = measure(a + b), measure(a) + measure(b)
+    # class totals and script counts are exact; transitions and run steps change only at the join
+    np.testing.assert_array_equal(whole[TOTALS], parts[TOTALS])
+    diff = np.abs(whole - parts)
+    assert diff.max() <= 1, {FEATURE_NAMES[i]: d for i, d in enumerate(diff) if d > 1}
+    assert diff.sum() <= 8
+
+
+def test_additivity_on_real_texts(dev_texts):
+    rng = random.Random(5)
+    texts = [r["text"] for r in dev_texts]
+    for _ in range(100):
+        a, b = rng.choice(texts), rng.choice(texts)
+        whole, parts = measure(a + b), measure(a) + measure(b)
+        np.testing.assert_array_equal(whole[TOTALS], parts[TOTALS])
+        assert np.abs(whole - parts).max() <= 1
+
+
+@pytest.mark.parametrize("text", SAMPLES[:3] + [SAMPLES[7], "".join(chr(c) for c in range(128))])
+def test_ascii_text_has_no_non_ascii_features(text):
+    assert text.isascii()
+    v = measure(text)
+    assert np.all(v[NON_ASCII] == 0)
+    assert v[TOTALS].sum() == sum(1 for ch in text if 32 <= ord(ch) < 127 or ch in "\t\n\r\x0b\x0c")
+    assert utf8_len(text) == len(text)
+
+
+def test_non_ascii_text_has_non_ascii_features():
+    assert measure(SAMPLES[3])[IDX["n:h"]] > 20
+    v = measure(SAMPLES[4])
+    for name in ("n:y", "n:g", "n:A", "n:i", "n:k", "n:4", "z:deva", "z:thai"):
+        assert v[IDX[name]] > 0, name
+    assert utf8_len(SAMPLES[3]) == len(SAMPLES[3].encode())
+
+
+def test_lone_surrogate_in_text_is_measured():
+    v = measure("ab\ud800cd")
+    assert v[IDX["n:l"]] == 4
+    assert utf8_len("ab\ud800cd") == 7
+
+
+def test_measure_at_the_sample_threshold_is_exact():
+    text = ("abc def " * (SAMPLE_CHARS // 8 + 1))[:SAMPLE_CHARS]
+    np.testing.assert_array_equal(measure(text), F._measure_exact(text))
+
+
+def test_long_text_is_sampled(monkeypatch):
+    seen = []
+    real = F._measure_exact
+
+    def spy(text):
+        seen.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(F, "_measure_exact", spy)
+    text = "x" * (SAMPLE_CHARS * 8 + 123)
+    v = measure(text)
+    assert seen == [SAMPLE_CHARS]  # only the sample is measured
+    assert v[IDX["n:l"]] == pytest.approx(len(text), rel=1e-9)  # and scaled to the whole
+
+
+@pytest.mark.parametrize("category", ["en_prose", "code", "zh", "multilingual", "json"])
+@pytest.mark.parametrize("n", [SAMPLE_CHARS + 1, 400_000, 1_000_003])
+def test_sampled_features_match_the_exact_measure(dev_texts, category, n):
+    """A homogeneous long text (one real text repeated): sampled and scaled totals ≈ exact."""
+    text = max((r["text"] for r in dev_texts if r["category"] == category), key=len)
+    big = (text * (n // len(text) + 1))[:n]
+    sampled, exact = measure(big), F._measure_exact(big)
+    assert sampled[TOTALS].sum() == pytest.approx(exact[TOTALS].sum(), rel=0.01)
+    for i in TOTALS:
+        if exact[i] > 0.05 * exact[TOTALS].sum():  # every major class
+            assert sampled[i] == pytest.approx(exact[i], rel=0.05), FEATURE_NAMES[i]
+    coef = load_priors()["llama3"].coef
+    assert sampled @ coef == pytest.approx(exact @ coef, rel=0.02)
+
+
+def test_sampling_bounds_the_time():
+    text = "Some prose, some code(); 12345 — and a little 中文. " * 100_000  # ~5 MB
+    measure(text[:1000])
+    t0 = time.perf_counter()
+    measure(text)
+    assert time.perf_counter() - t0 < 0.25
+
+
+# --- prior sanity on real text ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def count_chat():
+    pytest.importorskip("quicktok", reason="quicktok-v1 (exact Llama-3/Qwen3 BPE) is not installed")
+    from extproc.chat_tokens import count_chat
+
+    return count_chat
+
+
+@pytest.mark.parametrize("category", ["en_prose", "code"])
+def test_prior_estimate_within_15_percent_on_completions(dev_texts, category):
+    """/v1/completions: the truth is the text's llama3 count plus the BOS token."""
+    r = BudgetRouter()
+    rows = [x for x in dev_texts if x["category"] == category and x["tokens"]["llama3"] >= 50]
+    assert len(rows) >= 80
+    errs = []
+    for x in rows:
+        d = r.route(orjson.dumps({"model": "llama-3", "prompt": x["text"]}), "/v1/completions")
+        assert d.source == "prior"
+        errs.append(d.prompt_tokens / (x["tokens"]["llama3"] + 1) - 1)
+    within = sum(abs(e) <= 0.15 for e in errs) / len(errs)
+    assert within >= 0.95, f"{category}: only {within:.0%} within 15%"
+    assert statistics.median(abs(e) for e in errs) <= 0.05
+    assert abs(statistics.mean(errs)) <= 0.05  # no large systematic bias (prose runs ≈ +3.5%)
+
+
+@pytest.mark.parametrize("category", ["en_prose", "code"])
+def test_prior_estimate_within_15_percent_on_chat(dev_texts, count_chat, category):
+    r = BudgetRouter()
+    rows = [x for x in dev_texts if x["category"] == category and x["tokens"]["llama3"] >= 50]
+    errs = []
+    for x in rows:
+        msgs = [{"role": "user", "content": x["text"]}]
+        d = r.route(orjson.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": msgs}))
+        errs.append(d.prompt_tokens / count_chat(msgs, "llama3") - 1)
+    within = sum(abs(e) <= 0.15 for e in errs) / len(errs)
+    assert within >= 0.95, f"{category}: only {within:.0%} within 15%"
+    assert statistics.median(abs(e) for e in errs) <= 0.05
+    # the conservative budget covers the truth for almost every request
+    covered = 0
+    for x in rows:
+        msgs = [{"role": "user", "content": x["text"]}]
+        d = r.route(orjson.dumps({"model": "llama", "messages": msgs, "max_tokens": 0}))
+        covered += d.budget_tokens >= count_chat(msgs, "llama3")
+    assert covered / len(rows) >= 0.97

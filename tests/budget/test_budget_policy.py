@@ -1,0 +1,126 @@
+"""Pool choice: smallest pool that holds the budget; too large → largest; pool validation."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from extproc.budget import DEFAULT_POOLS, BudgetRouter, BudgetSettings, Pool, choose_pool
+from extproc.budget.policy import order_pools, pools_that_fit
+
+UNSORTED = (Pool("xl", 131072), Pool("s", 4096), Pool("m", 16384), Pool("l", 65536))
+
+
+@pytest.fixture(scope="module")
+def router() -> BudgetRouter:
+    return BudgetRouter(BudgetSettings(pools=UNSORTED))
+
+
+def exact(router: BudgetRouter, prompt_tokens: int, output_tokens: int):
+    """Route a token-id prompt: its budget is exactly prompt_tokens + output_tokens."""
+    body = orjson.dumps({"prompt": [1] * prompt_tokens, "max_tokens": output_tokens})
+    d = router.route(body, "/v1/completions")
+    assert (d.source, d.budget_tokens) == ("exact", prompt_tokens + output_tokens)
+    return d
+
+
+def test_pools_are_ordered_by_capacity(router):
+    assert [p.name for p in router.pools] == ["s", "m", "l", "xl"]
+    assert [p.max_context for p in router.pools] == [4096, 16384, 65536, 131072]
+    assert order_pools(list(reversed(DEFAULT_POOLS))) == DEFAULT_POOLS
+
+
+@pytest.mark.parametrize("budget,pool,fits", [
+    (2, "s", ("s", "m", "l", "xl")),
+    (4095, "s", ("s", "m", "l", "xl")),
+    (4096, "s", ("s", "m", "l", "xl")),          # exactly the capacity fits
+    (4097, "m", ("m", "l", "xl")),
+    (16384, "m", ("m", "l", "xl")),
+    (16385, "l", ("l", "xl")),
+    (65536, "l", ("l", "xl")),
+    (65537, "xl", ("xl",)),
+    (131072, "xl", ("xl",)),
+])
+def test_smallest_pool_that_holds_the_budget(router, budget, pool, fits):
+    d = exact(router, budget - 1, 1)
+    assert (d.pool, d.reason, d.fits) == (pool, "fits", fits)
+
+
+@pytest.mark.parametrize("prompt,out", [(131072, 1), (1, 131072), (200_000, 0)])
+def test_too_large_goes_to_the_largest(router, prompt, out):
+    d = exact(router, prompt, out)
+    assert (d.pool, d.reason, d.fits) == ("xl", "too_large", ())
+
+
+def test_zero_output_reserve_is_respected(router):
+    d = exact(router, 4096, 0)
+    assert (d.pool, d.output_tokens, d.detail) == ("s", 0, "max_tokens")
+
+
+def test_max_tokens_alone_pushes_a_short_prompt_to_long():
+    r = BudgetRouter.from_config(None)
+    body = {"model": "m", "messages": [{"role": "user", "content": "Write a long story."}]}
+    small = r.route(orjson.dumps(body))
+    assert (small.pool, small.fits) == ("short", ("short", "long"))
+    headroom = 8192 - (small.budget_tokens - small.output_tokens)
+    at_edge = r.route(orjson.dumps({**body, "max_tokens": headroom}))
+    assert (at_edge.pool, at_edge.budget_tokens, at_edge.reason) == ("short", 8192, "fits")
+    over = r.route(orjson.dumps({**body, "max_tokens": headroom + 1}))
+    assert (over.pool, over.budget_tokens, over.fits, over.reason) == ("long", 8193, ("long",), "fits")
+    assert over.prompt_tokens == small.prompt_tokens < 30
+    huge = r.route(orjson.dumps({**body, "max_completion_tokens": 65536}))
+    assert (huge.pool, huge.reason) == ("long", "too_large")
+
+
+def test_default_output_reserve_counts(router):
+    body = orjson.dumps({"prompt": [1] * 3072})
+    d = router.route(body, "/v1/completions")
+    assert (d.budget_tokens, d.output_tokens, d.pool) == (4096, 1024, "s")
+    r = BudgetRouter(BudgetSettings(pools=UNSORTED, default_output_tokens=1025))
+    assert r.route(body, "/v1/completions").pool == "m"
+
+
+def test_estimated_prompt_budget_includes_the_margin():
+    r = BudgetRouter.from_config(None)
+    d = r.route(orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "word " * 3000}],
+                              "max_tokens": 0}))
+    assert d.source == "prior"
+    assert d.budget_tokens > d.prompt_tokens  # conservative: point estimate plus the safety margin
+    assert d.budget_tokens < d.prompt_tokens * 1.5
+
+
+def test_single_pool():
+    r = BudgetRouter(BudgetSettings(pools=(Pool("only", 1000),)))
+    assert exact(r, 500, 500).pool == "only"
+    d = exact(r, 500, 501)
+    assert (d.pool, d.reason, d.fits) == ("only", "too_large", ())
+    assert r.route(b"garbage").pool == "only"
+
+
+@pytest.mark.parametrize("pools,match", [
+    ((Pool("a", 100), Pool("a", 200)), "names"),
+    ((Pool("a", 100), Pool("b", 100)), "capacities"),
+    ((Pool("a", 0), Pool("b", 100)), "positive"),
+    ((Pool("a", -5),), "positive"),
+    ((), "at least one"),
+])
+def test_invalid_pools_raise_at_construction(pools, match):
+    with pytest.raises(ValueError, match=match):
+        BudgetRouter(BudgetSettings(pools=pools))
+    if pools:
+        with pytest.raises(ValueError, match=match):
+            order_pools(pools)
+
+
+def test_choose_pool_and_pools_that_fit_units():
+    pools = order_pools(UNSORTED)
+    assert choose_pool(pools, 0) == (pools[0], True)
+    assert choose_pool(pools, 16384) == (pools[1], True)
+    assert choose_pool(pools, 10 ** 9) == (pools[-1], False)
+    assert [p.name for p in pools_that_fit(pools, 20000)] == ["l", "xl"]
+    assert pools_that_fit(pools, 10 ** 9) == ()
+
+
+def test_unreadable_goes_to_the_largest_of_unsorted_pools(router):
+    d = router.route(b"{not json")
+    assert (d.pool, d.reason) == ("xl", "unreadable")

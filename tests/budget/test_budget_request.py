@@ -1,0 +1,336 @@
+"""read_request / route on every OpenAI body shape: what is measured as text, JSON, schema, media."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orjson
+import pytest
+
+from extproc.budget import BudgetRouter, read_request
+from extproc.budget.features import FEATURE_NAMES, measure, utf8_len
+from extproc.budget.request import MAX_OUTPUT_TOKENS
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+RESPONSES = "/v1/responses"
+
+
+def body(doc: dict, ensure_ascii: bool = False) -> bytes:
+    return json.dumps(doc, ensure_ascii=ensure_ascii).encode("utf-8")
+
+
+def one_prompt(doc: dict, path: str = CHAT):
+    shape = read_request(body(doc), path)
+    assert shape.error is None, shape.error
+    assert len(shape.prompts) == 1
+    return shape, shape.prompts[0]
+
+
+def assert_features(actual, text: str) -> None:
+    assert actual is not None
+    np.testing.assert_array_equal(actual, measure(text))
+
+
+def jdump(value) -> str:
+    return orjson.dumps(value).decode()
+
+
+@pytest.fixture(scope="module")
+def router() -> BudgetRouter:
+    return BudgetRouter.from_config(None)
+
+
+# --- chat -------------------------------------------------------------------------------------
+
+def test_chat_string_content():
+    shape, p = one_prompt({"model": "meta-llama/Llama-3.1-8B-Instruct",
+                           "messages": [{"role": "user", "content": "Hello, world!"}]})
+    assert shape.api == "chat"
+    assert shape.model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert (p.messages, p.chat, p.media, p.exact_tokens) == (1, 1, 0, None)
+    assert_features(p.text, "Hello, world!")
+    assert p.json is None and p.schema is None
+    assert p.text_bytes == 13
+    assert shape.output_tokens is None and shape.output_field is None and shape.notes == []
+
+
+def test_chat_all_roles_are_turns_and_their_text_is_joined():
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Use metric units."},
+            {"role": "user", "content": "How far is it?"},
+            {"role": "assistant", "content": "Twelve kilometres."},
+            {"role": "tool", "content": "distance=12km", "tool_call_id": "c1"}]
+    _, p = one_prompt({"messages": msgs})
+    assert p.messages == 5
+    joined = "\n".join(m["content"] for m in msgs)
+    assert_features(p.text, joined)
+    assert p.text_bytes == len(joined)
+
+
+def test_content_parts_text_joined_like_string_content():
+    parts = [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second part."}]
+    _, p = one_prompt({"messages": [{"role": "user", "content": parts}]})
+    _, q = one_prompt({"messages": [{"role": "user", "content": "First part.\nSecond part."}]})
+    np.testing.assert_array_equal(p.text, q.text)
+    assert p.text_bytes == q.text_bytes == len("First part.\nSecond part.")
+    assert p.media == 0 and p.json is None
+
+
+def test_media_parts_are_counted_not_measured(router):
+    data_url = "data:image/png;base64," + "A" * 50_000
+    parts = [{"type": "text", "text": "Describe these."},
+             {"type": "image_url", "image_url": {"url": data_url}},
+             {"type": "input_audio", "input_audio": {"data": "B" * 20_000, "format": "wav"}},
+             {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]
+    shape, p = one_prompt({"messages": [{"role": "user", "content": parts}]})
+    assert p.media == 3
+    assert_features(p.text, "Describe these.")
+    assert p.text_bytes == len("Describe these.")  # base64 payloads are not text
+    assert p.json is None
+    # each media part adds media_tokens (1024) to the estimate and the budget
+    d = router.route(body({"messages": [{"role": "user", "content": parts}]}))
+    d0 = router.route(body({"messages": [{"role": "user", "content": [parts[0]]}]}))
+    assert d.prompt_tokens - d0.prompt_tokens == 3 * router.settings.media_tokens
+    assert d.budget_tokens - d0.budget_tokens == 3 * router.settings.media_tokens
+
+
+def test_unknown_part_type_is_counted_as_json_not_dropped():
+    part = {"type": "custom_widget", "payload": {"rows": [1, 2, 3], "title": "quarterly numbers"}}
+    _, p = one_prompt({"messages": [{"role": "user", "content": [{"type": "text", "text": "See:"}, part]}]})
+    assert_features(p.text, "See:")
+    assert_features(p.json, jdump(part))
+    assert p.text_bytes == len("See:") + len(jdump(part))
+    assert p.media == 0
+
+
+def test_message_name_and_reasoning_are_text():
+    _, p = one_prompt({"messages": [{"role": "user", "name": "alice", "content": "hi"},
+                                    {"role": "assistant", "content": "ok", "reasoning_content": "think"}]})
+    assert_features(p.text, "hi\nalice\nok\nthink")
+
+
+@pytest.mark.parametrize("arguments", ['{"city": "Paris", "days": 3}', {"city": "Paris", "days": 3}],
+                         ids=["string-json", "dict"])
+def test_assistant_tool_call_arguments_are_json(arguments):
+    msgs = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c1", "type": "function",
+                             "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    _, p = one_prompt({"messages": msgs})
+    assert p.messages == 3
+    assert_features(p.text, "Weather?\nget_weather\nsunny")
+    expected_json = arguments if isinstance(arguments, str) else jdump(arguments)
+    assert_features(p.json, expected_json)
+    assert p.text_bytes == len("Weather?\nget_weather\nsunny") + len(expected_json)
+
+
+def test_legacy_function_call_is_json():
+    msgs = [{"role": "assistant", "function_call": {"name": "lookup", "arguments": '{"q": "x"}'}}]
+    _, p = one_prompt({"messages": msgs})
+    assert_features(p.text, "lookup")
+    assert_features(p.json, '{"q": "x"}')
+
+
+TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TOOL2 = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize("key,tools", [("tools", [TOOL, TOOL2]),
+                                       ("functions", [TOOL["function"], TOOL2["function"]])])
+def test_tool_schemas_are_json(key, tools, router):
+    doc = {"messages": [{"role": "user", "content": "hi"}], key: tools}
+    _, p = one_prompt(doc)
+    assert_features(p.text, "hi")
+    assert_features(p.json, "\n".join(jdump(t) for t in tools))
+    assert p.schema is None
+    # tools make the prompt estimate larger than the same chat without them
+    bare = router.route(body({"messages": [{"role": "user", "content": "hi"}]}))
+    assert router.route(body(doc)).prompt_tokens > bare.prompt_tokens + 20
+
+
+def test_response_format_json_schema_is_schema():
+    schema = {"name": "answer", "schema": {"type": "object", "properties": {"answer": {"type": "string"}}}}
+    _, p = one_prompt({"messages": [{"role": "user", "content": "hi"}],
+                       "response_format": {"type": "json_schema", "json_schema": schema}})
+    assert_features(p.schema, jdump(schema))
+    assert p.json is None
+    assert p.text_bytes == 2 + len(jdump(schema))
+
+
+def test_response_format_text_is_not_a_schema():
+    _, p = one_prompt({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"}})
+    assert p.schema is None
+
+
+# --- completions ------------------------------------------------------------------------------
+
+def test_completions_string_prompt():
+    shape, p = one_prompt({"model": "m", "prompt": "Once upon a time"}, COMPLETIONS)
+    assert shape.api == "completions"
+    assert (p.chat, p.messages, p.exact_tokens) == (0, 0, None)
+    assert_features(p.text, "Once upon a time")
+    assert p.text_bytes == 16
+
+
+def test_completions_list_of_strings_gives_one_prompt_each(router):
+    prompts = ["short", "a much longer prompt " * 50, "medium prompt here"]
+    shape = read_request(body({"prompt": prompts}), COMPLETIONS)
+    assert shape.error is None
+    assert len(shape.prompts) == 3
+    for p, text in zip(shape.prompts, prompts):
+        assert_features(p.text, text)
+        assert p.text_bytes == len(text)
+    # the batch needs room for its longest prompt, not the sum
+    d_all = router.route(body({"prompt": prompts}), COMPLETIONS)
+    d_long = router.route(body({"prompt": prompts[1]}), COMPLETIONS)
+    assert d_all.prompt_tokens == d_long.prompt_tokens
+    assert d_all.budget_tokens == d_long.budget_tokens
+
+
+def test_completions_token_ids_are_exact(router):
+    shape, p = one_prompt({"prompt": list(range(1000, 1777))}, COMPLETIONS)
+    assert p.exact_tokens == 777
+    assert p.text is None and p.text_bytes == 0
+    d = router.route(body({"prompt": list(range(1000, 1777)), "max_tokens": 23}), COMPLETIONS)
+    assert (d.prompt_tokens, d.budget_tokens, d.source, d.output_tokens) == (777, 800, "exact", 23)
+
+
+def test_completions_list_of_token_id_lists(router):
+    shape = read_request(body({"prompt": [[1, 2, 3], list(range(500)), [7]]}), COMPLETIONS)
+    assert shape.error is None
+    assert [p.exact_tokens for p in shape.prompts] == [3, 500, 1]
+    d = router.route(body({"prompt": [[1, 2, 3], list(range(500)), [7]], "max_tokens": 10}), COMPLETIONS)
+    assert (d.prompt_tokens, d.budget_tokens, d.source) == (500, 510, "exact")
+
+
+def test_completions_suffix_is_measured():
+    _, p = one_prompt({"prompt": "def f(", "suffix": "    return x\n"}, COMPLETIONS)
+    assert_features(p.text, "def f(\n    return x\n")
+
+
+# --- responses --------------------------------------------------------------------------------
+
+def test_responses_input_string_and_instructions():
+    shape, p = one_prompt({"model": "m", "input": "Tell me a joke.", "instructions": "You are funny."}, RESPONSES)
+    assert shape.api == "responses"
+    assert p.messages == 2 and p.chat == 1
+    assert_features(p.text, "You are funny.\nTell me a joke.")
+
+
+def test_responses_input_item_list():
+    items = [{"role": "user", "content": [{"type": "input_text", "text": "Look at this"},
+                                          {"type": "input_image", "image_url": "https://e.com/a.png"}]},
+             {"type": "function_call", "name": "search", "arguments": '{"q": "cats"}', "call_id": "c1"},
+             {"type": "function_call_output", "call_id": "c1", "output": "3 results"},
+             {"role": "assistant", "content": "Done."}]
+    _, p = one_prompt({"input": items, "tools": [{"type": "function", "name": "search"}]}, RESPONSES)
+    assert p.messages == 4
+    assert p.media == 1
+    assert_features(p.text, "Look at this\nsearch\n3 results\nDone.")
+    assert_features(p.json, '{"q": "cats"}\n' + jdump({"type": "function", "name": "search"}))
+
+
+def test_responses_text_format_json_schema_is_schema():
+    fmt = {"type": "json_schema", "name": "x", "schema": {"type": "object"}}
+    _, p = one_prompt({"input": "hi", "text": {"format": fmt}}, RESPONSES)
+    assert_features(p.schema, jdump(fmt))
+
+
+# --- output reserve ---------------------------------------------------------------------------
+
+BASE = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("fields,expected,field", [
+    ({"max_completion_tokens": 11, "max_tokens": 22, "max_output_tokens": 33}, 11, "max_completion_tokens"),
+    ({"max_tokens": 22, "max_output_tokens": 33}, 22, "max_tokens"),
+    ({"max_output_tokens": 33}, 33, "max_output_tokens"),
+    ({"max_completion_tokens": None, "max_tokens": 22}, 22, "max_tokens"),
+    ({}, None, None),
+])
+def test_output_reserve_precedence(fields, expected, field, router):
+    shape = read_request(body({**BASE, **fields}))
+    assert (shape.output_tokens, shape.output_field) == (expected, field)
+    d = router.route(body({**BASE, **fields}))
+    out = expected if expected is not None else router.settings.default_output_tokens
+    assert d.output_tokens == out
+    assert d.budget_tokens - out == router.route(body(BASE)).budget_tokens - 1024
+    assert d.detail.startswith(field or "default output reserve")
+
+
+def test_n_does_not_change_the_budget(router):
+    one = router.route(body({**BASE, "max_tokens": 500}))
+    many = router.route(body({**BASE, "max_tokens": 500, "n": 8, "best_of": 8}))
+    assert (many.budget_tokens, many.prompt_tokens, many.pool) == (one.budget_tokens, one.prompt_tokens, one.pool)
+    assert many.output_tokens == 500 and many.fits == one.fits
+
+
+@pytest.mark.parametrize("bad", [-1, -5, "100", True, False, 1.5, [10], {"n": 1}])
+def test_invalid_max_tokens_is_noted_and_default_used(bad, router):
+    shape = read_request(body({**BASE, "max_tokens": bad}))
+    assert shape.error is None
+    assert shape.output_tokens is None
+    assert shape.notes == ["invalid max_tokens"]
+    d = router.route(body({**BASE, "max_tokens": bad}))
+    assert d.reason == "fits"
+    assert d.output_tokens == router.settings.default_output_tokens == 1024
+    assert d.detail == "default output reserve; invalid max_tokens"
+
+
+def test_invalid_field_falls_through_to_the_next_one():
+    shape = read_request(body({**BASE, "max_completion_tokens": -3, "max_tokens": 40}))
+    assert (shape.output_tokens, shape.output_field, shape.notes) == (40, "max_tokens", ["invalid max_completion_tokens"])
+
+
+def test_integral_float_max_tokens_is_accepted_and_huge_is_clamped():
+    assert read_request(body({**BASE, "max_tokens": 256.0})).output_tokens == 256
+    assert read_request(body({**BASE, "max_tokens": 10 ** 30})).output_tokens == MAX_OUTPUT_TOKENS
+
+
+# --- decoded text, not escape bytes ---------------------------------------------------------------
+
+CJK = "中文分词与大型语言模型的推理服务：上下文长度、批处理以及显存管理。" * 20
+
+
+@pytest.mark.parametrize("path,doc", [
+    (CHAT, {"messages": [{"role": "user", "content": CJK}], "tools": [{"description": CJK}]}),
+    (COMPLETIONS, {"prompt": CJK}),
+    (RESPONSES, {"input": CJK}),
+])
+def test_ascii_escaped_cjk_measures_like_utf8(path, doc, router):
+    escaped, raw = body(doc, ensure_ascii=True), body(doc, ensure_ascii=False)
+    assert len(escaped) > 1.8 * len(raw)  # \uXXXX is 6 bytes against UTF-8's 3
+    a, b = read_request(escaped, path), read_request(raw, path)
+    assert a.prompts[0].text_bytes == b.prompts[0].text_bytes
+    assert a.prompts[0].text_bytes >= utf8_len(CJK) == 3 * len(CJK)
+    for kind in ("text", "json", "schema"):
+        fa, fb = getattr(a.prompts[0], kind), getattr(b.prompts[0], kind)
+        assert (fa is None) == (fb is None)
+        if fa is not None:
+            np.testing.assert_array_equal(fa, fb)
+    cjk = FEATURE_NAMES.index("n:h")
+    assert a.prompts[0].text[cjk] >= len(CJK) - 20 * 2  # ideographs (not the full-width ，。 forms)
+    da, db = router.route(escaped, path), router.route(raw, path)
+    assert (da.prompt_tokens, da.budget_tokens, da.pool) == (db.prompt_tokens, db.budget_tokens, db.pool)
+
+
+def test_api_inferred_from_body_when_path_unknown():
+    assert read_request(body({"messages": [{"role": "user", "content": "x"}]}), "/other").api == "chat"
+    assert read_request(body({"prompt": "x"}), "").api == "completions"
+    assert read_request(body({"input": "x"}), "/x").api == "responses"
+    s = read_request(body({"foo": 1}), "/x")
+    assert (s.api, s.error) == ("unknown", "not an OpenAI chat, completions or responses body")
+
+
+def test_path_query_and_trailing_slash():
+    assert read_request(body({"prompt": "x"}), "/v1/completions/?a=1").api == "completions"
+    assert read_request(body({"messages": []}), "/v1/chat/completions?x=/v1/completions").api == "chat"
+
+
+def test_model_name_truncated():
+    assert read_request(body({**BASE, "model": "m" * 1000})).model == "m" * 200
