@@ -111,6 +111,38 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .service.app import run, setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run(config))
+    return 0
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from .service.envoy_config import layout_from_config, render_yaml
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
+    text = render_yaml(layout_from_config(config, listen_port=args.listen_port, admin_port=args.admin_port,
+                                          upstreams=args.upstream))
+    if args.output:
+        pathlib.Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description="Token-budget pool router for LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -123,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a config file (and EXTPROC_* overrides)")
     p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("serve", help="run the ext_proc gRPC service Envoy consults")
+    p.add_argument("--config", help="YAML config (default: built-in defaults; EXTPROC_* overrides apply)")
+    p.add_argument("--log-level", default="INFO")
+    p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("envoy-config", help="render the Envoy bootstrap for this config")
+    p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--listen-port", type=int, default=10000)
+    p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--upstream", action="append", default=[], metavar="POOL=HOST:PORT",
+                   help="address of a pool's vLLM service (default: 127.0.0.1:8001, 8002, … in pool order)")
+    p.add_argument("-o", "--output", help="write here instead of stdout")
+    p.set_defaults(func=cmd_envoy_config)
     from .engine.cli import register as register_engine
 
     register_engine(sub)

@@ -34,8 +34,29 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class ServiceSettings:
+    grpc_address: str = "127.0.0.1:50051"
+    metrics_address: str = "127.0.0.1:9464"
+    pool_header: str = "x-token-pool"
+    header_prefix: str = "x-token-"       # provenance headers: <prefix>budget, estimate, source, reason…
+    shadow: bool = False                  # decide and export, but always route to the largest pool
+    spillover: tuple[tuple[str, int], ...] = ()  # (pool, in-flight limit): above it, a larger pool that fits
+    usage_sample_rate: float = 0.1        # share of responses read for usage once a model is calibrated
+    calibration_samples: int = 50         # read every response until a model has this many samples
+    snapshot_path: str | None = None      # calibration snapshot: restored at start, saved periodically
+    snapshot_interval_s: float = 60.0
+    grace_period_s: float = 30.0          # SIGTERM: in-flight streams get this long to finish
+    max_pending: int = 10_000             # sampled decisions awaiting their response
+    offload_bytes: int = 262_144          # bodies above this are routed in a worker thread
+
+    def spillover_limit(self, pool: str) -> int | None:
+        return dict(self.spillover).get(pool)
+
+
+@dataclass(frozen=True)
 class Config:
     budget: BudgetSettings = field(default_factory=BudgetSettings)
+    service: ServiceSettings = field(default_factory=ServiceSettings)
     source: str = "built-in defaults"
 
 
@@ -135,6 +156,68 @@ BUDGET_FIELDS = {"pools", "estimator", "output_reserve", "media_tokens", "famili
 TOP_FIELDS = BUDGET_FIELDS | {"service"}
 
 
+def _address(doc: Mapping, key: str, default: str) -> str:
+    value = doc.get(key, default)
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"service.{key}", f"must be host:port with a port in 1..65535, got {value!r}")
+    return str(value)
+
+
+def _header(doc: Mapping, key: str, default: str) -> str:
+    value = doc.get(key, default)
+    if not isinstance(value, str) or not value or value.lower() != value or \
+            not all(c.isalnum() or c in "-_" for c in value):
+        raise ConfigError(f"service.{key}", f"must be a lower-case header name, got {value!r}")
+    return value
+
+
+def _number(doc: Mapping, key: str, default: float, lo: float, hi: float) -> float:
+    value = doc.get(key, default)
+    if type(value) not in (int, float) or not lo <= value <= hi:
+        raise ConfigError(f"service.{key}", f"must be a number between {lo} and {hi}, got {value!r}")
+    return float(value)
+
+
+def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
+    svc = _mapping(doc, "service", "")
+    d = ServiceSettings()
+    _check_keys(svc, {f.name for f in dataclasses.fields(ServiceSettings)}, "service.")
+    shadow = svc.get("shadow", d.shadow)
+    if type(shadow) is not bool:
+        raise ConfigError("service.shadow", f"must be true or false, got {shadow!r}")
+    spill = _mapping(svc, "spillover", "service.")
+    names = {p.name for p in pools}
+    for name, limit in spill.items():
+        if name not in names:
+            raise ConfigError(f"service.spillover.{name}", f"no such pool (pools: {', '.join(sorted(names))})")
+        if type(limit) is not int or limit < 1:
+            raise ConfigError(f"service.spillover.{name}", f"must be a positive in-flight limit, got {limit!r}")
+    snapshot = svc.get("snapshot_path", d.snapshot_path)
+    if snapshot is not None and (not isinstance(snapshot, str) or not snapshot):
+        raise ConfigError("service.snapshot_path", f"must be a file path, got {snapshot!r}")
+    pool_header = _header(svc, "pool_header", d.pool_header)
+    prefix = _header(svc, "header_prefix", d.header_prefix)
+    if pool_header.startswith(prefix) and pool_header[len(prefix):] in ("budget", "estimate", "source", "reason",
+                                                                         "sample", "decision", "shadow"):
+        raise ConfigError("service.pool_header", f"collides with a provenance header under {prefix!r}")
+    return ServiceSettings(
+        grpc_address=_address(svc, "grpc_address", d.grpc_address),
+        metrics_address=_address(svc, "metrics_address", d.metrics_address),
+        pool_header=pool_header,
+        header_prefix=prefix,
+        shadow=shadow,
+        spillover=tuple((str(k), int(v)) for k, v in spill.items()),
+        usage_sample_rate=_number(svc, "usage_sample_rate", d.usage_sample_rate, 0.0, 1.0),
+        calibration_samples=_int(svc, "calibration_samples", "service.", d.calibration_samples),
+        snapshot_path=snapshot,
+        snapshot_interval_s=_number(svc, "snapshot_interval_s", d.snapshot_interval_s, 1.0, 86400.0),
+        grace_period_s=_number(svc, "grace_period_s", d.grace_period_s, 0.0, 3600.0),
+        max_pending=_int(svc, "max_pending", "service.", d.max_pending, lo=1, hi=10_000_000),
+        offload_bytes=_int(svc, "offload_bytes", "service.", d.offload_bytes, lo=1024),
+    )
+
+
 def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Config:
     doc = doc or {}
     if not isinstance(doc, Mapping):
@@ -153,7 +236,7 @@ def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Conf
         families=families,
         default_family=default_family,
     )
-    return Config(budget=budget, source=source)
+    return Config(budget=budget, service=_service(doc, budget.pools), source=source)
 
 
 def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:

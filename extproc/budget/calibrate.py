@@ -186,14 +186,19 @@ def _blend(prior: float, sorted_errors: list[float], quantile: float, prior_weig
     return (prior_weight * prior + n * emp) / (prior_weight + n)
 
 
+_PLAUSIBLE = (-0.5, 1.0)  # true/estimate within [0.5, 2]
+_MAX_STEP = 0.3           # largest relative innovation one observation may apply
+
+
 class _KalmanState:
-    __slots__ = ("theta", "P", "errors", "n")
+    __slots__ = ("theta", "P", "errors", "n", "implausible")
 
     def __init__(self, theta: list[float], P: list[list[float]], errors: ErrorModel, n: int = 0):
         self.theta = theta
         self.P = P
         self.errors = errors
         self.n = n      # observations learned
+        self.implausible = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +286,12 @@ class FeatureKalman:
             st = self.table.states[slot] = self._new_state(family)
         est = sum(t * x for t, x in zip(st.theta, g))
         rel_error = (y / est - 1.0) if est > 0 else 1.0
-        if y >= self.s.margin_min_tokens:
+        if not _PLAUSIBLE[0] <= rel_error <= _PLAUSIBLE[1]:
+            # A count off by more than 2x is far more likely a broken usage report than text: it
+            # neither moves the margin (one such sample would switch the short pool off) nor,
+            # beyond the clipped step below, the scales.
+            st.implausible += 1
+        elif y >= self.s.margin_min_tokens:
             st.errors.add(error_bucket(g), rel_error, family.margin, self.s.margin_quantile,
                           self.s.margin_prior_weight)
         self._kalman_update(st, family, [v / y for v in g])
@@ -298,6 +308,7 @@ class FeatureKalman:
         Px = [sum(P[i][j] * x[j] for j in range(n) if x[j]) for i in range(n)]
         S = sum(x[i] * Px[i] for i in range(n)) + self.s.observation_noise ** 2
         err = 1.0 - sum(t * v for t, v in zip(st.theta, x))
+        err = max(-_MAX_STEP, min(_MAX_STEP, err))  # one sample moves the estimate by at most this share
         for i in range(n):
             k = Px[i] / S
             st.theta[i] += k * err
@@ -319,7 +330,7 @@ class FeatureKalman:
         st = self.table.get(key)
         if st is None:
             return None
-        return {"samples": st.n, "margins": {b: round(m, 4) for b, m in st.errors.margins.items()},
+        return {"samples": st.n, "implausible": st.implausible, "margins": {b: round(m, 4) for b, m in st.errors.margins.items()},
                 "scales": {g: round(t, 4) for g, t in zip(GROUPS, st.theta)}}
 
     def snapshot(self) -> dict:
@@ -334,7 +345,7 @@ class FeatureKalman:
         if doc.get("groups") != list(GROUPS):
             raise ValueError("snapshot groups differ from this version's")
         states = {}
-        for key, v in list(doc["keys"].items())[: self.s.max_keys]:
+        for key, v in _bounded_keys(doc["keys"], self.s.max_keys):
             theta = [float(t) for t in v["theta"]]
             P = [[float(a) for a in row] for row in v["P"]]
             if len(theta) != _N_GROUPS or len(P) != _N_GROUPS or any(len(r) != _N_GROUPS for r in P):
@@ -346,6 +357,15 @@ class FeatureKalman:
             errors.n = int(v.get("margin_n", 0))
             states[str(key)] = _KalmanState(theta, P, errors, int(v["n"]))
         self.table.states = states
+
+
+def _bounded_keys(keys: dict, max_keys: int) -> list[tuple[str, object]]:
+    """At most ``max_keys`` entries, the shared overflow key kept when present (restoring into a
+    smaller table must not exceed its bound once the overflow key is needed)."""
+    items = [(str(k), v) for k, v in keys.items() if k != OVERFLOW_KEY][: max_keys - 1]
+    if OVERFLOW_KEY in keys:
+        items.append((OVERFLOW_KEY, keys[OVERFLOW_KEY]))
+    return items
 
 
 def _check_snapshot(doc: dict, name: str) -> None:
@@ -445,7 +465,7 @@ class PaperEMA:
     def restore(self, doc: dict) -> None:
         _check_snapshot(doc, self.name)
         states = {}
-        for key, cats in list(doc["keys"].items())[: self.s.max_keys]:
+        for key, cats in _bounded_keys(doc["keys"], self.s.max_keys):
             states[str(key)] = {cat: (float(v[0]), float(v[1]), int(v[2]))
                                 for cat, v in cats.items() if cat in PAPER_PRIOR_RATIO}
         self.table.states = states

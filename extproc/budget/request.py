@@ -269,6 +269,20 @@ def _read_output_reserve(body: dict, shape: RequestShape) -> None:
         return
 
 
+def _lenient_loads(body) -> object | None:
+    """The standard library's parser, for the bodies orjson refuses but vLLM's Python server
+    accepts (lone UTF-16 surrogates in escapes). Only reached on a body orjson rejected."""
+    import json
+
+    try:
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray, memoryview)) else body
+        if "\\ud" not in text and "\\uD" not in text:
+            return None  # not the surrogate case: genuinely invalid
+        return json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError, AttributeError):
+        return None
+
+
 def api_for_path(path: str) -> str:
     p = path.split("?", 1)[0].rstrip("/")
     if p.endswith("/chat/completions"):
@@ -289,9 +303,11 @@ def read_request(body: bytes | bytearray | memoryview | str, path: str = "/v1/ch
         return shape
     try:
         doc = orjson.loads(body)
-    except (orjson.JSONDecodeError, TypeError, ValueError) as exc:
-        shape.error = "body is not valid JSON" if not isinstance(exc, TypeError) else "body of an unreadable type"
-        return shape
+    except orjson.JSONDecodeError:
+        doc = _lenient_loads(body)
+        if doc is None:
+            shape.error = "body is not valid JSON"
+            return shape
     except RecursionError:
         shape.error = "body nested too deeply"
         return shape

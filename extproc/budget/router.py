@@ -108,6 +108,12 @@ class BudgetRouter:
     def calibration(self, model: str) -> dict | None:
         return self.estimator.describe(model)
 
+    def calibration_states(self) -> list[tuple[str, dict]]:
+        """(model key, state) for every key the estimator holds (bounded by its key table)."""
+        table = getattr(self.estimator, "table", None)
+        keys = list(table.states) if table is not None else []
+        return [(k, st) for k in keys if (st := self.estimator.describe(k)) is not None]
+
     def snapshot(self) -> dict:
         return self.estimator.snapshot()
 

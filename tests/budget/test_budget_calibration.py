@@ -316,9 +316,6 @@ def test_new_names_past_the_bound_share_the_overflow_state():
     assert r.estimator.samples("a") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: restore() keeps the first max_keys entries of a larger snapshot "
-                                        "without reserving the overflow slot, so the next new model name adds "
-                                        "'__other__' and the table holds max_keys + 1 keys")
 @pytest.mark.parametrize("estimator", ["feature-kalman", "paper-ema"])
 def test_restore_into_a_smaller_table_stays_bounded(estimator):
     a = BudgetRouter(BudgetSettings(estimator=estimator))

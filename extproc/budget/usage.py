@@ -1,0 +1,109 @@
+"""Reading what a vLLM response says about the prompt: ``usage.prompt_tokens`` from a JSON body
+or an SSE stream (the usage event may be split across body chunks), and the exact prompt count a
+context-length 400 states. Pure functions and a small incremental scanner: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import orjson
+
+MAX_JSON_BODY = 4 << 20     # a JSON response larger than this is not read for usage
+MAX_SSE_LINE = 1 << 20      # an SSE line longer than this is dropped, not buffered
+_USAGE_MARK = b'"prompt_tokens"'
+
+# vLLM >= ~0.25: "... maximum context length is 8192 tokens. However, you requested 64 output tokens
+# and your prompt contains (at least) 10000 input tokens, for a total of (at least) 10064 tokens."
+_NEW = re.compile(r"maximum context length is (\d+) tokens\. However, you requested (\d+) output tokens "
+                  r"and your prompt contains (at least )?(\d+) input tokens")
+# older: "... maximum context length is 4096 tokens. However, you requested 5000 tokens
+# (4000 in the messages, 1000 in the completion)."
+_OLD = re.compile(r"maximum context length is (\d+) tokens\. However, you requested (\d+) tokens "
+                  r"\((\d+) in the messages, (\d+) in the completion\)")
+
+
+@dataclass(frozen=True, slots=True)
+class ContextError:
+    max_context: int
+    prompt_tokens: int
+    output_tokens: int
+    exact: bool        # False when vLLM stopped counting early ("at least"): a lower bound only
+
+
+def parse_context_error(body: bytes | str) -> ContextError | None:
+    """The counts in a vLLM context-length 400 body (JSON error object or bare text)."""
+    if isinstance(body, bytes):
+        body = body[:65536].decode("utf-8", "replace")
+    m = _NEW.search(body)
+    if m:
+        return ContextError(int(m[1]), int(m[4]), int(m[2]), exact=m[3] is None)
+    m = _OLD.search(body)
+    if m:
+        return ContextError(int(m[1]), int(m[3]), int(m[4]), exact=True)
+    return None
+
+
+def _prompt_tokens(doc: object) -> int | None:
+    if not isinstance(doc, dict):
+        return None
+    usage = doc.get("usage")
+    if isinstance(usage, dict):
+        value = usage.get("prompt_tokens", usage.get("input_tokens"))
+        if type(value) is int and value > 0:
+            return value
+    response = doc.get("response")  # /v1/responses stream: {"type": "response.completed", "response": {...}}
+    return _prompt_tokens(response) if isinstance(response, dict) else None
+
+
+def usage_from_json(body: bytes) -> int | None:
+    """``usage.prompt_tokens`` of a complete JSON response body."""
+    if not body or len(body) > MAX_JSON_BODY or _USAGE_MARK not in body and b'"input_tokens"' not in body:
+        return None
+    try:
+        return _prompt_tokens(orjson.loads(body))
+    except orjson.JSONDecodeError:
+        return None
+
+
+class SSEUsageScanner:
+    """Finds ``usage.prompt_tokens`` in a server-sent-event stream fed chunk by chunk.
+
+    Only lines that contain the usage marker are parsed, and only the unfinished last line is
+    kept between chunks, so the cost per chunk is one substring search plus a split.
+    """
+
+    __slots__ = ("_tail", "prompt_tokens")
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.prompt_tokens: int | None = None
+
+    def feed(self, chunk: bytes) -> int | None:
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens
+        data = self._tail + chunk if self._tail else chunk
+        nl = data.rfind(b"\n")
+        if nl < 0:
+            self._tail = data if len(data) <= MAX_SSE_LINE else b""
+            return None
+        complete, self._tail = data[: nl + 1], data[nl + 1:]
+        if len(self._tail) > MAX_SSE_LINE:
+            self._tail = b""
+        if _USAGE_MARK in complete or b'"input_tokens"' in complete:
+            for line in complete.split(b"\n"):
+                if line.startswith(b"data:") and (_USAGE_MARK in line or b'"input_tokens"' in line):
+                    try:
+                        found = _prompt_tokens(orjson.loads(line[5:].strip()))
+                    except orjson.JSONDecodeError:
+                        continue
+                    if found is not None:
+                        self.prompt_tokens = found
+                        break
+        return self.prompt_tokens
+
+    def finish(self) -> int | None:
+        if self.prompt_tokens is None and self._tail:
+            self.feed(b"\n")
+        return self.prompt_tokens

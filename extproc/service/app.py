@@ -1,0 +1,144 @@
+"""``extproc serve``: the gRPC ext_proc service with health, metrics, snapshots and a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from ..budget import BudgetRouter
+from ..config import Config
+from .metrics import Metrics
+from .processor import ExtProcServicer, Router
+
+log = logging.getLogger("extproc.service")
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+MAX_MESSAGE = 64 << 20  # an 8 MiB prompt with JSON escapes, with room
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line. Messages carry counts and names, never prompt text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"t": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def save_snapshot(budget: BudgetRouter, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(budget.snapshot(), f)
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves half a snapshot
+
+
+def restore_snapshot(budget: BudgetRouter, path: str) -> bool:
+    try:
+        with open(path) as f:
+            budget.restore(json.load(f))
+        return True
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a bad snapshot costs calibration, not the start
+        log.warning("calibration snapshot %s not restored: %s", path, exc)
+        return False
+
+
+class Service:
+    """The running service; ``start``/``stop`` for tests and ``run`` for the CLI."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.budget = BudgetRouter(config.budget)
+        self.metrics = Metrics(self.budget.calibration_states)
+        self.router = Router(self.budget, config.service, self.metrics)
+        self.server: grpc.aio.Server | None = None
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._snapshot_task: asyncio.Task | None = None
+        self._metrics_server = None
+
+    async def start(self, grpc_address: str | None = None, metrics_address: str | None = "") -> None:
+        s = self.config.service
+        if s.snapshot_path and restore_snapshot(self.budget, s.snapshot_path):
+            log.info("calibration restored from %s", s.snapshot_path)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.router), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(grpc_address or s.grpc_address)
+        if not self.port:
+            raise OSError(f"cannot bind gRPC address {grpc_address or s.grpc_address}")
+        await self.server.start()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        maddr = s.metrics_address if metrics_address == "" else metrics_address
+        if maddr:
+            host, _, port = maddr.rpartition(":")
+            self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.metrics.registry)
+        if s.snapshot_path:
+            self._snapshot_task = asyncio.create_task(self._snapshot_loop())
+        log.info("serving ext_proc on %s (port %d), metrics on %s, pools %s%s", grpc_address or s.grpc_address,
+                 self.port, maddr or "-", ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools),
+                 " [shadow]" if s.shadow else "")
+
+    async def _snapshot_loop(self) -> None:
+        path = self.config.service.snapshot_path
+        while True:
+            await asyncio.sleep(self.config.service.snapshot_interval_s)
+            try:
+                await asyncio.to_thread(save_snapshot, self.budget, path)
+            except OSError as exc:
+                log.warning("calibration snapshot %s not saved: %s", path, exc)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new streams, let in-flight ones finish (up to the grace period), save."""
+        s = self.config.service
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self._snapshot_task:
+            self._snapshot_task.cancel()
+        if self.server:
+            t0 = time.monotonic()
+            await self.server.stop(s.grace_period_s if grace is None else grace)
+            log.info("stopped after %.1fs", time.monotonic() - t0)
+        if s.snapshot_path:
+            try:
+                save_snapshot(self.budget, s.snapshot_path)
+                log.info("calibration saved to %s", s.snapshot_path)
+            except OSError as exc:
+                log.warning("calibration snapshot %s not saved: %s", s.snapshot_path, exc)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+
+
+async def run(config: Config) -> None:
+    service = Service(config)
+    await service.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining")
+    await service.stop()

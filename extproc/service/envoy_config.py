@@ -1,0 +1,202 @@
+"""Envoy bootstrap for the router: rendered from the router's own config, so pools, header names
+and ports are said once. ``envoy/envoy.yaml`` is this rendering for the built-in defaults.
+
+Filter chain (decode order):
+
+1. ``header_mutation`` removes every client copy of the router's headers *before* routing, so a
+   client cannot pick its pool even while the router is down.
+2. ``ext_proc`` (routing): request headers held, body BUFFERED; the body response sets the pool
+   header and clears the route cache, so the route is chosen again on the header. Nothing on the
+   response path: no round trip is added to responses. ``failure_mode_allow``: if the router is
+   down or slow, the request continues on the default route — the largest pool, which holds
+   anything (an outage costs efficiency, never correctness).
+3. ``ext_proc`` (usage) in ``observability_mode``: Envoy sends the response headers and body
+   chunks without waiting for replies (no added latency). It is enabled only on the routes of
+   requests the router marked as sampled (``<prefix>sample: 1``), so router CPU on the response
+   path is bounded by the sample rate, not by every chunk of every stream.
+
+Routes: for each pool, a sampled and an unsampled route matching the pool header; LLM paths
+without a pool header (router down, or not yet decided) go to the largest pool; anything else
+goes to the largest pool with both ext_proc filters disabled (no buffering, no gRPC).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import yaml
+
+LLM_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+ROUTE_FILTER = "extproc.route"
+USAGE_FILTER = "extproc.usage"
+_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
+_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+_BUFFER_LIMIT = 50 * 1024 * 1024  # 8 MiB prompts and their JSON escapes pass with room
+
+
+@dataclass(frozen=True)
+class EnvoyLayout:
+    listen_port: int = 10000
+    admin_port: int = 9901
+    router_address: tuple[str, int] = ("127.0.0.1", 50051)
+    pools: tuple[tuple[str, str, int], ...] = (("short", "127.0.0.1", 8001), ("long", "127.0.0.1", 8002))
+    pool_header: str = "x-token-pool"
+    header_prefix: str = "x-token-"
+    message_timeout_ms: int = 1000
+    upstream_timeout_s: int = 600
+    access_log_path: str = "/dev/stdout"
+
+
+def _socket(host: str, port: int) -> dict:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict:
+    c: dict = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "0.25s",
+        "per_connection_buffer_limit_bytes": _BUFFER_LIMIT,
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+            {"endpoint": {"address": _socket(host, port)}}]}]},
+    }
+    if http2:
+        c["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {
+                    "max_concurrent_streams": 1024,
+                    "initial_stream_window_size": 16 * 1024 * 1024,
+                    "initial_connection_window_size": 64 * 1024 * 1024}}}}
+        c["health_checks"] = [{
+            "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
+            "unhealthy_threshold": 2, "healthy_threshold": 1,
+            "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
+        }]
+        # Fail-open must stay fast: a dead router is reported unhealthy, and the filter fails
+        # without waiting for a connection that cannot come.
+        c["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+    return c
+
+
+def _route(match: dict, cluster: str, timeout_s: int, per_filter: dict) -> dict:
+    return {"match": match, "route": {"cluster": cluster, "timeout": f"{timeout_s}s"},
+            "typed_per_filter_config": per_filter}
+
+
+def _disabled() -> dict:
+    return {"@type": _PER_ROUTE, "disabled": True}
+
+
+def render(layout: EnvoyLayout | None = None) -> dict:
+    """The Envoy bootstrap as a dict (``yaml.safe_dump`` it for a file)."""
+    lay = layout or EnvoyLayout()
+    largest = lay.pools[-1][0]
+    sample_header = f"{lay.header_prefix}sample"
+    llm_regex = "^(" + "|".join(LLM_PATHS) + ")/?(\\?.*)?$"
+    routes = []
+    for name, _, _ in lay.pools:
+        pool_match = {"name": lay.pool_header, "string_match": {"exact": name}}
+        routes.append(_route(
+            {"prefix": "/", "headers": [pool_match, {"name": sample_header, "string_match": {"exact": "1"}}]},
+            f"pool_{name}", lay.upstream_timeout_s, {}))
+        routes.append(_route({"prefix": "/", "headers": [pool_match]}, f"pool_{name}",
+                             lay.upstream_timeout_s, {USAGE_FILTER: _disabled()}))
+    routes.append(_route({"safe_regex": {"regex": llm_regex},
+                          "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
+                         f"pool_{largest}", lay.upstream_timeout_s, {USAGE_FILTER: _disabled()}))
+    routes.append(_route({"prefix": "/"}, f"pool_{largest}", lay.upstream_timeout_s,
+                         {ROUTE_FILTER: _disabled(), USAGE_FILTER: _disabled()}))
+
+    grpc_service = {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": f"{lay.message_timeout_ms / 1000:g}s"}
+    ours = [lay.pool_header] + [f"{lay.header_prefix}{h}" for h in
+                                ("budget", "estimate", "source", "reason", "sample", "decision")]
+    fmt = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% "
+           "%BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_CLUSTER% "
+           f"pool=%REQ({lay.pool_header})% budget=%REQ({lay.header_prefix}budget)% "
+           f"source=%REQ({lay.header_prefix}source)% reason=%REQ({lay.header_prefix}reason)% "
+           "ext_proc=%FILTER_STATE(envoy.filters.http.ext_proc:PLAIN)% "
+           "decision=%DYNAMIC_METADATA(extproc.route)%\n")
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "llm",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": "600s",
+        "request_timeout": "0s",
+        "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": lay.access_log_path, "log_format": {"text_format_source": {"inline_string": fmt}}}}],
+        "route_config": {"name": "pools", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.header_mutation", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+                "mutations": {"request_mutations": [{"remove": h} for h in ours]}}},
+            {"name": ROUTE_FILTER, "typed_config": {
+                "@type": _EXT_PROC,
+                "grpc_service": grpc_service,
+                "failure_mode_allow": True,
+                "message_timeout": f"{lay.message_timeout_ms / 1000:g}s",
+                "processing_mode": {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
+                                    "response_header_mode": "SKIP", "response_body_mode": "NONE",
+                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+                "allow_mode_override": True,
+                "mutation_rules": {"disallow_system": True},
+            }},
+            {"name": USAGE_FILTER, "typed_config": {
+                "@type": _EXT_PROC,
+                "grpc_service": grpc_service,
+                "failure_mode_allow": True,
+                "observability_mode": True,
+                "message_timeout": f"{lay.message_timeout_ms / 1000:g}s",
+                "processing_mode": {"request_header_mode": "SEND", "request_body_mode": "NONE",
+                                    "response_header_mode": "SEND", "response_body_mode": "STREAMED",
+                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+            }},
+            {"name": "envoy.filters.http.router", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
+        ],
+    }
+    clusters = [_cluster(f"pool_{name}", host, port) for name, host, port in lay.pools]
+    clusters.append(_cluster("extproc", *lay.router_address, http2=True))
+    return {
+        "admin": {"address": _socket("127.0.0.1", lay.admin_port)},
+        "static_resources": {
+            "listeners": [{
+                "name": "llm",
+                "address": _socket("127.0.0.1", lay.listen_port),
+                "per_connection_buffer_limit_bytes": _BUFFER_LIMIT,
+                "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                                "typed_config": hcm}]}],
+            }],
+            "clusters": clusters,
+        },
+    }
+
+
+def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
+                       upstreams: list[str] | tuple[str, ...] = (), message_timeout_ms: int = 1000) -> EnvoyLayout:
+    """The Envoy layout for a router config; ``upstreams`` are ``pool=host:port`` (default:
+    127.0.0.1:8001, 8002, … in pool order)."""
+    given = {}
+    for item in upstreams:
+        name, _, addr = item.partition("=")
+        host, _, port = addr.rpartition(":")
+        if not name or not host or not port.isdigit():
+            raise ValueError(f"upstream must be pool=host:port, got {item!r}")
+        given[name] = (host, int(port))
+    pools = []
+    for i, p in enumerate(config.budget.pools):
+        host, port = given.pop(p.name, ("127.0.0.1", 8001 + i))
+        pools.append((p.name, host, port))
+    if given:
+        raise ValueError(f"upstream for unknown pool(s): {', '.join(given)}")
+    rhost, _, rport = config.service.grpc_address.rpartition(":")
+    return EnvoyLayout(listen_port=listen_port, admin_port=admin_port, router_address=(rhost, int(rport)),
+                       pools=tuple(pools), pool_header=config.service.pool_header,
+                       header_prefix=config.service.header_prefix, message_timeout_ms=message_timeout_ms)
+
+
+def render_yaml(layout: EnvoyLayout | None = None) -> str:
+    head = ("# Generated by `extproc envoy-config` from the router's config (extproc/service/envoy_config.py).\n"
+            "# Edit the router config and re-render rather than editing this file by hand.\n")
+    return head + yaml.safe_dump(render(layout), sort_keys=False, width=120)

@@ -1,0 +1,68 @@
+"""Prometheus metrics of the router, on their own registry and port.
+
+Every label set is bounded: pools come from the config, reasons and sources are fixed sets,
+model labels only name keys the calibrator holds (at most ``max_keys``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+PHASES = ("request_headers", "request_body", "response")
+USAGE_OUTCOMES = ("json", "stream", "stream_missed", "json_missed", "context_error", "other_status")
+
+_TOKEN_BUCKETS = (256, 512, 1024, 2048, 4096, 6144, 8192, 12288, 16384, 32768, 65536, 131072, float("inf"))
+_ERROR_BUCKETS = (-0.2, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.2, float("inf"))
+_SECONDS_BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, float("inf"))
+
+
+class Metrics:
+    def __init__(self, calibration: Callable[[], Iterable[tuple[str, dict]]] | None = None) -> None:
+        self.registry = r = CollectorRegistry()
+        self.decisions = Counter("extproc_decisions", "Routing decisions by pool, reason and estimate source",
+                                 ["pool", "reason", "source"], registry=r)
+        self.budget = Histogram("extproc_budget_tokens", "Conservative token budget of routed requests",
+                                ["pool"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.estimate_error = Histogram(
+            "extproc_estimate_error_ratio", "Prompt estimate error, true/estimate - 1 (before learning)",
+            ["family"], buckets=_ERROR_BUCKETS, registry=r)
+        self.spillovers = Counter("extproc_spillovers", "Requests sent to a larger pool because the "
+                                  "preferred one was at its in-flight limit", ["from_pool", "to_pool"], registry=r)
+        self.misroutes = Counter("extproc_misroutes", "Context-length 400s from a pool the router chose",
+                                 ["pool"], registry=r)
+        self.usage = Counter("extproc_usage_reads", "Sampled responses by what their usage told",
+                             ["outcome"], registry=r)
+        self.inflight = Gauge("extproc_inflight_requests", "Requests routed and not yet finished", ["pool"],
+                              registry=r)
+        self.phase_seconds = Histogram("extproc_processing_seconds", "Router time per ext_proc phase",
+                                       ["phase"], buckets=_SECONDS_BUCKETS, registry=r)
+        self.stream_errors = Counter("extproc_stream_errors", "ext_proc streams that ended with an error",
+                                     registry=r)
+        if calibration is not None:
+            r.register(_CalibrationCollector(calibration))
+
+
+class _CalibrationCollector:
+    """Calibration state per model key, read at scrape time (bounded by the key table)."""
+
+    def __init__(self, source: Callable[[], Iterable[tuple[str, dict]]]) -> None:
+        self.source = source
+
+    def collect(self):
+        samples = GaugeMetricFamily("extproc_calibration_samples", "Usage samples learned per model", labels=["model"])
+        margin = GaugeMetricFamily("extproc_calibration_margin_ratio", "Routing safety margin per model and kind",
+                                   labels=["model", "kind"])
+        scale = GaugeMetricFamily("extproc_calibration_scale", "Learned scale of each feature group per model",
+                                  labels=["model", "group"])
+        for model, state in self.source():
+            samples.add_metric([model], state.get("samples", 0))
+            for kind, m in (state.get("margins") or {}).items():
+                margin.add_metric([model, kind], m)
+            for group, s in (state.get("scales") or {}).items():
+                scale.add_metric([model, group], s)
+        yield samples
+        yield margin
+        yield scale

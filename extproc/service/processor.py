@@ -1,0 +1,298 @@
+"""The ext_proc gRPC servicer: protobuf in, budget-core calls, protobuf out.
+
+One ``Process`` method serves both Envoy filters (see envoy_config.py):
+
+* the routing filter's stream — request headers, then the BUFFERED body; the body response sets
+  the pool header and provenance headers, clears the route cache and emits dynamic metadata.
+  The stream lives until Envoy finishes the HTTP request, so its end is the request's end:
+  that is where in-flight counts per pool go down (load-aware spillover needs them);
+* the usage filter's stream (``observability_mode``: Envoy does not wait for us) — only for
+  requests the routing side marked as sampled; it reads ``usage.prompt_tokens`` from the JSON
+  body or the SSE stream, or the exact count of a context-length 400, and feeds the calibrator.
+
+This module never parses JSON bodies itself: that is the core's (extproc.budget).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import struct_pb2
+
+from ..budget import BudgetRouter, Decision
+from ..budget.request import api_for_path
+from ..budget.usage import MAX_JSON_BODY, SSEUsageScanner, parse_context_error, usage_from_json
+from ..config import ServiceSettings
+from .metrics import Metrics
+
+log = logging.getLogger("extproc.service")
+
+METADATA_NAMESPACE = "extproc.route"
+PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow")
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_SKIP_BODY = processing_mode_pb2.ProcessingMode(request_body_mode=processing_mode_pb2.ProcessingMode.NONE)
+
+
+@dataclass(slots=True)
+class _Sampled:
+    decision: Decision
+    pool: str
+    t: float
+
+
+def _header(headers: pb.HttpHeaders, name: str) -> str | None:
+    for h in headers.headers.headers:
+        if h.key == name:
+            return h.raw_value.decode("latin-1") if h.raw_value else h.value
+    return None
+
+
+class Router:
+    """Decisions, in-flight counts and the sampled decisions awaiting their responses."""
+
+    def __init__(self, budget: BudgetRouter, settings: ServiceSettings, metrics: Metrics) -> None:
+        self.budget = budget
+        self.s = settings
+        self.metrics = metrics
+        self.pools = budget.pools
+        self.largest = budget.pools[-1].name
+        self.inflight = {p.name: 0 for p in budget.pools}
+        self.pending: OrderedDict[str, _Sampled] = OrderedDict()
+        self._ids = itertools.count(1)
+        self._id_prefix = f"{os.getpid():x}-"
+        self.pool_header = settings.pool_header
+        self.h = {name: f"{settings.header_prefix}{name}" for name in PROVENANCE}
+        self.removed = [self.pool_header] + list(self.h.values())
+        self._rng = random.Random()
+
+    # -- request side --------------------------------------------------------------------------
+    def choose(self, d: Decision) -> tuple[str, str | None]:
+        """The pool to send to (spillover applied) and the preferred pool when it spilled."""
+        if self.s.shadow:
+            return self.largest, None
+        pool = d.pool
+        limit = self.s.spillover_limit(pool)
+        if limit is None or self.inflight[pool] < limit or d.reason != "fits":
+            return pool, None
+        for name in d.fits:  # larger pools that also hold the request, smallest first
+            if name == pool:
+                continue
+            other = self.s.spillover_limit(name)
+            if other is None or self.inflight[name] < other:
+                return name, pool
+        return pool, None  # every pool that holds it is at its limit: stay (never to one too small)
+
+    def wants_sample(self, d: Decision, pool: str) -> bool:
+        if d.reason == "unreadable" or not d.model:
+            return False
+        if self.budget.estimator.samples(d.model) < self.s.calibration_samples:
+            return True
+        # Misroutes can only come from budgets near the pool's capacity: always watch those.
+        capacity = next(p.max_context for p in self.pools if p.name == pool)
+        if d.budget_tokens >= 0.85 * capacity:
+            return True
+        return self._rng.random() < self.s.usage_sample_rate
+
+    def decide(self, body: bytes, path: str) -> tuple[Decision, str, str | None, str | None]:
+        d = self.budget.route(body, path)
+        pool, spilled_from = self.choose(d)
+        sample_id = None
+        if self.wants_sample(d, pool):
+            sample_id = f"{self._id_prefix}{next(self._ids):x}"
+            self.pending[sample_id] = _Sampled(d, pool, time.monotonic())
+            while len(self.pending) > self.s.max_pending:
+                self.pending.popitem(last=False)
+        self.inflight[pool] += 1
+        m = self.metrics
+        m.decisions.labels(pool, d.reason, d.source).inc()
+        m.budget.labels(pool).observe(d.budget_tokens)
+        m.inflight.labels(pool).set(self.inflight[pool])
+        if spilled_from:
+            m.spillovers.labels(spilled_from, pool).inc()
+        return d, pool, spilled_from, sample_id
+
+    def finished(self, pool: str) -> None:
+        self.inflight[pool] -= 1
+        self.metrics.inflight.labels(pool).set(self.inflight[pool])
+
+    # -- response side -------------------------------------------------------------------------
+    def learn(self, sample_id: str | None, status: int | None, prompt_tokens: int | None,
+              error_body: bytes | None, streamed: bool) -> None:
+        sampled = self.pending.pop(sample_id, None) if sample_id else None
+        if sampled is None:
+            return
+        d, m = sampled.decision, self.metrics
+        if status == 200:
+            if prompt_tokens is None:
+                m.usage.labels("stream_missed" if streamed else "json_missed").inc()
+                return
+            m.usage.labels("stream" if streamed else "json").inc()
+            err = self.budget.observe(d, prompt_tokens)
+            if err is not None and d._family is not None:
+                m.estimate_error.labels(d._family.name).observe(err)
+            return
+        ctx = parse_context_error(error_body) if status == 400 and error_body else None
+        if ctx is None:
+            m.usage.labels("other_status").inc()
+            return
+        m.usage.labels("context_error").inc()
+        m.misroutes.labels(sampled.pool).inc()
+        log.warning("misroute: pool=%s model_key=%s budget=%d vllm_prompt=%d%s limit=%d", sampled.pool,
+                    d.model[:64], d.budget_tokens, ctx.prompt_tokens, "" if ctx.exact else "+", ctx.max_context)
+        if ctx.exact:
+            self.budget.observe(d, ctx.prompt_tokens)
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    async def Process(self, request_iterator, context):
+        try:
+            first = await anext(request_iterator)
+        except StopAsyncIteration:
+            return
+        try:
+            if first.observability_mode:
+                await self._observe(first, request_iterator)
+                return
+            async for response in self._route(first, request_iterator):
+                yield response
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not take the service down: Envoy fails open on this stream
+            self.r.metrics.stream_errors.inc()
+            log.exception("ext_proc stream failed")
+            raise
+
+    # -- routing filter ------------------------------------------------------------------------
+    async def _route(self, first: pb.ProcessingRequest, rest):
+        r = self.r
+        path = ""
+        pool = None
+        chunks: list[bytes] = []
+        try:
+            req = first
+            while True:
+                kind = req.WhichOneof("request")
+                if kind == "request_headers":
+                    t0 = time.perf_counter()
+                    hdrs = req.request_headers
+                    path = _header(hdrs, ":path") or ""
+                    method = _header(hdrs, ":method") or ""
+                    mutation = pb.HeaderMutation(remove_headers=r.removed)
+                    resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(
+                        response=pb.CommonResponse(header_mutation=mutation)))
+                    if method != "POST" or api_for_path(path) == "unknown" or hdrs.end_of_stream:
+                        resp.mode_override.CopyFrom(_SKIP_BODY)  # not an LLM call: no buffering
+                    r.metrics.phase_seconds.labels("request_headers").observe(time.perf_counter() - t0)
+                    yield resp
+                elif kind == "request_body":
+                    chunks.append(req.request_body.body)
+                    if not req.request_body.end_of_stream:
+                        yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                    else:
+                        t0 = time.perf_counter()
+                        body = b"".join(chunks)
+                        chunks.clear()
+                        if len(body) > r.s.offload_bytes:  # keep the loop responsive for other streams
+                            d, pool, spilled, sample_id = await asyncio.to_thread(r.decide, body, path)
+                        else:
+                            d, pool, spilled, sample_id = r.decide(body, path)
+                        yield self._body_response(d, pool, spilled, sample_id)
+                        r.metrics.phase_seconds.labels("request_body").observe(time.perf_counter() - t0)
+                elif kind == "request_trailers":
+                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+                elif kind == "response_headers":
+                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                elif kind == "response_body":
+                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+                elif kind == "response_trailers":
+                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                try:
+                    req = await anext(rest)
+                except StopAsyncIteration:
+                    break
+        finally:
+            if pool is not None:
+                r.finished(pool)
+
+    def _body_response(self, d: Decision, pool: str, spilled: str | None, sample_id: str | None) -> pb.ProcessingResponse:
+        r = self.r
+        values = [(r.pool_header, pool), (r.h["budget"], str(d.budget_tokens)),
+                  (r.h["estimate"], str(d.prompt_tokens)), (r.h["source"], d.source), (r.h["reason"], d.reason)]
+        if sample_id:
+            values += [(r.h["sample"], "1"), (r.h["decision"], sample_id)]
+        if r.s.shadow:
+            values.append((r.h["shadow"], d.pool))
+        mutation = pb.HeaderMutation(set_headers=[
+            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+            for k, v in values])
+        meta = struct_pb2.Struct()
+        fields = {"pool": pool, "decided_pool": d.pool, "budget": d.budget_tokens, "estimate": d.prompt_tokens,
+                  "output_reserve": d.output_tokens, "source": d.source, "reason": d.reason, "api": d.api}
+        if spilled:
+            fields["spilled_from"] = spilled
+        meta.update({METADATA_NAMESPACE: fields})
+        return pb.ProcessingResponse(
+            request_body=pb.BodyResponse(response=pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)),
+            dynamic_metadata=meta)
+
+    # -- usage filter (observability mode: replies are never read) ------------------------------
+    async def _observe(self, first: pb.ProcessingRequest, rest) -> None:
+        r = self.r
+        sample_id = None
+        status = None
+        streamed = False
+        scanner: SSEUsageScanner | None = None
+        body: list[bytes] = []
+        size = 0
+        done = False
+        req = first
+        while True:
+            kind = req.WhichOneof("request")
+            if kind == "request_headers":
+                sample_id = _header(req.request_headers, r.h["decision"])
+            elif kind == "response_headers" and sample_id:
+                hdrs = req.response_headers
+                status_text = _header(hdrs, ":status") or "0"
+                status = int(status_text) if status_text.isdigit() else 0
+                streamed = "text/event-stream" in (_header(hdrs, "content-type") or "")
+                scanner = SSEUsageScanner() if streamed and status == 200 else None
+                if hdrs.end_of_stream:
+                    done = True
+            elif kind == "response_body" and sample_id and not done:
+                t0 = time.perf_counter()
+                chunk = req.response_body.body
+                if scanner is not None:
+                    if scanner.feed(chunk) is not None:
+                        done = True  # found: the rest of the stream costs nothing but its receipt
+                elif size + len(chunk) <= MAX_JSON_BODY:
+                    body.append(chunk)
+                    size += len(chunk)
+                if req.response_body.end_of_stream:
+                    done = True
+                r.metrics.phase_seconds.labels("response").observe(time.perf_counter() - t0)
+            try:
+                req = await anext(rest)
+            except StopAsyncIteration:
+                break
+        if not sample_id:
+            return
+        raw = b"".join(body)
+        if scanner is not None:
+            prompt_tokens = scanner.finish()
+        else:
+            prompt_tokens = usage_from_json(raw) if status == 200 else None
+        r.learn(sample_id, status, prompt_tokens, raw if status == 400 else None, streamed)
