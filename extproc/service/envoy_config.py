@@ -28,6 +28,7 @@ import yaml
 
 LLM_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 ROUTE_FILTER = "extproc.route"
+METADATA_NAMESPACE = "extproc.route"  # dynamic metadata the router emits (access logs)
 USAGE_FILTER = "extproc.usage"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
@@ -115,8 +116,8 @@ def render(layout: EnvoyLayout | None = None) -> dict:
            "%BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_CLUSTER% "
            f"pool=%REQ({lay.pool_header})% budget=%REQ({lay.header_prefix}budget)% "
            f"source=%REQ({lay.header_prefix}source)% reason=%REQ({lay.header_prefix}reason)% "
-           "ext_proc=%FILTER_STATE(envoy.filters.http.ext_proc:PLAIN)% "
-           "decision=%DYNAMIC_METADATA(extproc.route)%\n")
+           f"ext_proc=%FILTER_STATE({ROUTE_FILTER}:PLAIN)% "
+           f"decision=%DYNAMIC_METADATA({METADATA_NAMESPACE})%\n")
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "llm",
@@ -141,6 +142,7 @@ def render(layout: EnvoyLayout | None = None) -> dict:
                                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
                 "allow_mode_override": True,
                 "mutation_rules": {"disallow_system": True},
+                "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
             }},
             {"name": USAGE_FILTER, "typed_config": {
                 "@type": _EXT_PROC,
