@@ -66,6 +66,7 @@ class Stack:
     time_scale: float = 0.02               # simulated GPU delays, scaled (tests want them short)
     engine_args: tuple[str, ...] = ()
     router_env: dict = field(default_factory=dict)
+    external_pools: dict = field(default_factory=dict)  # pool -> port of an upstream started elsewhere
     listen_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
@@ -76,7 +77,7 @@ class Stack:
         self.workdir = pathlib.Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         base = load_config(self.config_path)
-        self.pool_ports = {p.name: free_port() for p in base.budget.pools}
+        self.pool_ports = {p.name: self.external_pools.get(p.name) or free_port() for p in base.budget.pools}
         self.router_config = self.workdir / "router.yaml"
         self.procs: dict[str, subprocess.Popen] = {}
         self._write_router_config()
@@ -115,12 +116,13 @@ class Stack:
 
     def start_engines(self) -> None:
         profiles = {p.name: ("short" if i == 0 else "long") for i, p in enumerate(self.config.budget.pools)}
-        for pool in self.config.budget.pools:
+        ours = [p for p in self.config.budget.pools if p.name not in self.external_pools]
+        for pool in ours:
             self._spawn(f"engine-{pool.name}", [
                 sys.executable, "-m", "extproc.engine", "--host", "127.0.0.1", "--port", str(self.pool_ports[pool.name]),
                 "--profile", profiles[pool.name], "--max-model-len", str(pool.max_context), "--model", self.model,
                 "--time-scale", str(self.time_scale), *self.engine_args])
-        for pool in self.config.budget.pools:
+        for pool in ours:
             _wait(lambda p=pool.name: _http_ok(f"{self.pool_url(p)}/health"), f"engine {pool.name}", 60)
 
     def start_router(self, wait: bool = True) -> None:

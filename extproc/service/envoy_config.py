@@ -113,6 +113,7 @@ def render(layout: EnvoyLayout | None = None) -> dict:
     ours = [lay.pool_header] + [f"{lay.header_prefix}{h}" for h in
                                 ("budget", "estimate", "source", "reason", "sample", "decision")]
     fmt = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% "
+           "id=%REQ(X-REQUEST-ID)% "
            "%BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_CLUSTER% "
            f"pool=%REQ({lay.pool_header})% budget=%REQ({lay.header_prefix}budget)% "
            f"source=%REQ({lay.header_prefix}source)% reason=%REQ({lay.header_prefix}reason)% "
