@@ -143,6 +143,17 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from .demo import up
+
+    try:
+        load_config(args.config)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
+    return up(args.config, demo=args.demo, exit_after=args.exit, time_scale=args.time_scale, workdir=args.workdir)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="extproc", description="Token-budget pool router for LLM inference.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +170,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML config (default: built-in defaults; EXTPROC_* overrides apply)")
     p.add_argument("--log-level", default="INFO")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("up", help="start Envoy, the router and simulated pools on loopback; Ctrl-C stops")
+    p.add_argument("--config", help="router YAML config (default: built-in defaults)")
+    p.add_argument("--demo", action="store_true", help="replay sample requests through the stack and report")
+    p.add_argument("--exit", action="store_true", help="stop after the demo instead of serving")
+    p.add_argument("--time-scale", type=float, default=0.01,
+                   help="scale of simulated GPU delays (1.0 = the A100 profile's real speed)")
+    p.add_argument("--workdir", help="where configs and logs go (default: a new temp dir)")
+    p.set_defaults(func=cmd_up)
     p = sub.add_parser("envoy-config", help="render the Envoy bootstrap for this config")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--listen-port", type=int, default=10000)

@@ -24,6 +24,7 @@ class Sequence:
     prompt_tokens: int
     output_tokens: int
     generated: int = 0
+    lag_s: float = 0.0  # simulated time owed but not yet slept (see SequenceScheduler.decode)
 
     @property
     def tokens(self) -> int:
@@ -45,6 +46,9 @@ class _Waiter:
     sequence: Sequence
     reserve: int
     admitted: asyncio.Future
+
+
+_MIN_SLEEP_S = 0.002
 
 
 class SequenceScheduler:
@@ -106,8 +110,18 @@ class SequenceScheduler:
         self._advance(seq)
 
     async def decode(self, seq: Sequence) -> None:
-        """One decode step: one more token for this sequence."""
-        await self._sleep(self.profile.decode_step_s(self._running, self._kv_used))
+        """One decode step: one more token for this sequence.
+
+        Steps shorter than the event loop's timer resolution are not slept one by one (each sleep
+        would cost ~1 ms whatever its length, making scaled-down runs far slower than modelled):
+        the owed time accumulates and is slept once it reaches a couple of milliseconds, so the
+        pace over any few tokens matches the model."""
+        seq.lag_s += self.profile.decode_step_s(self._running, self._kv_used) * self.time_scale
+        if seq.lag_s >= _MIN_SLEEP_S:
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            await asyncio.sleep(seq.lag_s)
+            seq.lag_s -= loop.time() - t0
         self._advance(seq)
 
     def _advance(self, seq: Sequence) -> None:

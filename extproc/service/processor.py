@@ -251,6 +251,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
 
     # -- usage filter (observability mode: replies are never read) ------------------------------
     async def _observe(self, first: pb.ProcessingRequest, rest) -> None:
+        """Read usage as soon as the response has it, then drain the stream without work:
+        Envoy may hold an observability stream open after the response is complete."""
         r = self.r
         sample_id = None
         status = None
@@ -258,41 +260,53 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         scanner: SSEUsageScanner | None = None
         body: list[bytes] = []
         size = 0
-        done = False
+        learned = False
         req = first
         while True:
             kind = req.WhichOneof("request")
-            if kind == "request_headers":
+            if learned:
+                pass
+            elif kind == "request_headers":
                 sample_id = _header(req.request_headers, r.h["decision"])
-            elif kind == "response_headers" and sample_id:
+                learned = sample_id is None  # not sampled: nothing to read
+            elif kind == "response_headers":
                 hdrs = req.response_headers
                 status_text = _header(hdrs, ":status") or "0"
                 status = int(status_text) if status_text.isdigit() else 0
                 streamed = "text/event-stream" in (_header(hdrs, "content-type") or "")
                 scanner = SSEUsageScanner() if streamed and status == 200 else None
                 if hdrs.end_of_stream:
-                    done = True
-            elif kind == "response_body" and sample_id and not done:
+                    r.learn(sample_id, status, None, None, streamed)
+                    learned = True
+            elif kind == "response_body":
                 t0 = time.perf_counter()
                 chunk = req.response_body.body
+                eos = req.response_body.end_of_stream
                 if scanner is not None:
-                    if scanner.feed(chunk) is not None:
-                        done = True  # found: the rest of the stream costs nothing but its receipt
-                elif size + len(chunk) <= MAX_JSON_BODY:
-                    body.append(chunk)
-                    size += len(chunk)
-                if req.response_body.end_of_stream:
-                    done = True
+                    found = scanner.feed(chunk)
+                    if found is None and eos:
+                        found = scanner.finish()
+                    if found is not None or eos:
+                        r.learn(sample_id, status, found, None, streamed)
+                        learned = True
+                else:
+                    if size + len(chunk) <= MAX_JSON_BODY:
+                        body.append(chunk)
+                        size += len(chunk)
+                    if eos:
+                        raw = b"".join(body)
+                        tokens = usage_from_json(raw) if status == 200 else None
+                        r.learn(sample_id, status, tokens, raw if status == 400 else None, streamed)
+                        learned = True
                 r.metrics.phase_seconds.labels("response").observe(time.perf_counter() - t0)
             try:
                 req = await anext(rest)
             except StopAsyncIteration:
                 break
-        if not sample_id:
-            return
-        raw = b"".join(body)
-        if scanner is not None:
-            prompt_tokens = scanner.finish()
-        else:
-            prompt_tokens = usage_from_json(raw) if status == 200 else None
-        r.learn(sample_id, status, prompt_tokens, raw if status == 400 else None, streamed)
+        if not learned and sample_id:  # the stream ended before the response did (client gone)
+            if scanner is not None:
+                r.learn(sample_id, status, scanner.finish(), None, streamed)
+            else:
+                raw = b"".join(body)
+                r.learn(sample_id, status, usage_from_json(raw) if status == 200 else None,
+                        raw if status == 400 else None, streamed)

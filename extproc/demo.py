@@ -1,0 +1,157 @@
+"""``extproc up``: the local stack, a short demo through it, then serve until Ctrl-C.
+
+The demo replays real request bodies (../shared/data/requests when present, else the bundled
+sample) plus long conversations stacked from them, some streamed, through Envoy; then prints
+requests per pool, misroutes, and how calibration moved, read from the router's own metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pathlib
+import random
+import signal
+import socket
+import tempfile
+import time
+import urllib.request
+
+from .stack import Stack, free_port
+
+
+def _port_or_free(port: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            return free_port()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text → {'name{labels}': value} (our own metrics only)."""
+    with urllib.request.urlopen(url, timeout=2) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("extproc_") and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            try:
+                out[key] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+def _sum(metrics: dict[str, float], prefix: str, **labels: str) -> float:
+    total = 0.0
+    for key, value in metrics.items():
+        if key.startswith(prefix + "{") or key == prefix:
+            if all(f'{k}="{v}"' in key for k, v in labels.items()):
+                total += value
+    return total
+
+
+async def replay(stack: Stack, rows: list[dict], concurrency: int = 8, timeout_s: float = 120) -> dict:
+    import aiohttp
+
+    sem = asyncio.Semaphore(concurrency)
+    statuses: dict[int, int] = {}
+    latencies: list[float] = []
+    rng = random.Random(1)
+
+    async def one(session: aiohttp.ClientSession, row: dict) -> None:
+        body = dict(row["body"])
+        body["model"] = stack.model  # the simulated engines serve one model name
+        path = row.get("path") or ("/v1/completions" if "prompt" in body else "/v1/chat/completions")
+        if "messages" in body and rng.random() < 0.4:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        async with sem:
+            t0 = time.perf_counter()
+            try:
+                async with session.post(stack.url + path, json=body) as resp:
+                    await resp.read()
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                statuses[0] = statuses.get(0, 0) + 1
+            latencies.append(time.perf_counter() - t0)
+
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await asyncio.wait_for(asyncio.gather(*(one(session, r) for r in rows)), timeout_s)
+    latencies.sort()
+    return {"statuses": statuses, "p50_s": latencies[len(latencies) // 2] if latencies else 0.0}
+
+
+def run_demo(stack: Stack, rows: list[dict]) -> None:
+    before = scrape(stack.metrics_url)
+    t0 = time.time()
+    result = asyncio.run(replay(stack, rows))
+    time.sleep(0.5)  # the usage filter reports asynchronously
+    after = scrape(stack.metrics_url)
+    pools = [p.name for p in stack.config.budget.pools]
+    print(f"\ndemo: {len(rows)} requests in {time.time() - t0:.1f}s, HTTP statuses "
+          f"{dict(sorted(result['statuses'].items()))}, p50 latency {1000 * result['p50_s']:.0f} ms")
+    for pool in pools:
+        n = _sum(after, "extproc_decisions_total", pool=pool) - _sum(before, "extproc_decisions_total", pool=pool)
+        print(f"  routed to {pool:<6} {int(n):>4}")
+    for reason in ("fits", "too_large", "unreadable"):
+        n = _sum(after, "extproc_decisions_total", reason=reason) - _sum(before, "extproc_decisions_total", reason=reason)
+        if n:
+            print(f"  reason {reason:<10} {int(n):>4}")
+    mis = _sum(after, "extproc_misroutes_total") - _sum(before, "extproc_misroutes_total")
+    spill = _sum(after, "extproc_spillovers_total") - _sum(before, "extproc_spillovers_total")
+    reads = {o: int(_sum(after, "extproc_usage_reads_total", outcome=o) - _sum(before, "extproc_usage_reads_total", outcome=o))
+             for o in ("json", "stream", "stream_missed", "context_error")}
+    print(f"  misroutes (context-length 400 from a chosen pool): {int(mis)}; spillovers: {int(spill)}")
+    print(f"  usage read from responses: {reads}")
+    model = stack.model
+    n0 = _sum(before, "extproc_calibration_samples", model=model)
+    n1 = _sum(after, "extproc_calibration_samples", model=model)
+    print(f"  calibration of {model}: samples {int(n0)} -> {int(n1)}")
+    print("    learned group scales (prior = 1.0; turns = template tokens per message): " + ", ".join(
+        f"{g} {_sum(after, 'extproc_calibration_scale', model=model, group=g):.3f}"
+        for g in ("latin", "digits", "space", "punct", "turns")))
+    print("    routing margin by kind (the prior's until requests of >= 1024 tokens are seen): " + ", ".join(
+        f"{k} {100 * _sum(after, 'extproc_calibration_margin_ratio', model=model, kind=k):.1f}%"
+        for k in ("prose", "code", "cjk")))
+
+
+def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float, workdir: str | None) -> int:
+    from .cli import _long_requests, _request_rows
+
+    wd = pathlib.Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
+    stack = Stack(wd, config_path=config_path, time_scale=time_scale, listen_port=_port_or_free(10000),
+                  admin_port=_port_or_free(9901), grpc_port=_port_or_free(50051), metrics_port=_port_or_free(9464),
+                  quiet=True)
+    print(f"starting Envoy, router and {len(stack.pool_ports)} simulated pools (logs in {wd}) ...", flush=True)
+    stack.start()
+    try:
+        print(f"send OpenAI requests to  {stack.url}/v1/chat/completions  (model {stack.model})")
+        print(f"router metrics           {stack.metrics_url}")
+        print(f"Envoy admin              http://127.0.0.1:{stack.admin_port}/  (access log {wd / 'access.log'})")
+        for pool, port in stack.pool_ports.items():
+            print(f"pool {pool:<6}              http://127.0.0.1:{port}  (simulated vLLM, /metrics)")
+        if demo:
+            rows, label = _request_rows([])
+            rows = rows[:80] + _long_requests(rows, count=6)
+            print(f"\nreplaying {len(rows)} requests from {label} plus long conversations ...", flush=True)
+            run_demo(stack, rows)
+        if exit_after:
+            return 0
+        print("\nrunning; Ctrl-C stops everything", flush=True)
+        stop = False
+
+        def handler(*_):
+            nonlocal stop
+            stop = True
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        while not stop and all(p.poll() is None for p in stack.procs.values()):
+            time.sleep(0.2)
+        return 0
+    finally:
+        print("stopping ...", flush=True)
+        stack.stop()
