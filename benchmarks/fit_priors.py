@@ -73,6 +73,31 @@ def template_overheads(family: str) -> dict:
             "prompt": chat_tokens.count_completion("hello", family) - chat_tokens.count_text("hello", family)}
 
 
+def tools_fit(rows: list[dict], coef: np.ndarray, family: str) -> dict:
+    """How the chat template renders tool schemas, against their compact-JSON estimate:
+    tokens added by ``tools`` ≈ json_scale · estimate(compact JSON) + per_tool · n_tools."""
+    from extproc.budget.request import read_request
+
+    msgs = [{"role": "user", "content": "What can you do?"}]
+    base = chat_tokens.count_chat(msgs, family)
+    X, y = [], []
+    for row in rows:
+        if row["category"] != "json":
+            continue
+        try:
+            fns = json.loads(row["text"])
+        except ValueError:
+            continue
+        tools = [{"type": "function", "function": f} for f in (fns if isinstance(fns, list) else [fns])]
+        prompt = read_request(json.dumps({"messages": msgs, "tools": tools}).encode()).prompts[0]
+        X.append([float(prompt.json @ coef), len(tools)])
+        y.append(chat_tokens.count_chat(msgs, family, tools) - base)
+    if len(y) < 5:
+        return {"json_scale": 1.0, "per_tool": 0.0}
+    (scale, per_tool), *_ = np.linalg.lstsq(np.array(X), np.array(y, float), rcond=None)
+    return {"json_scale": round(float(scale), 4), "per_tool": round(float(per_tool), 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=pathlib.Path, default=DEFAULT_TEXTS)
@@ -94,15 +119,17 @@ def main() -> None:
         coef = ridge_fit(X, y)
         margin = cv_margin(X, y, rng)
         over = template_overheads(family)
+        tools = tools_fit(rows, coef, family)
         out["families"][family] = {
             "coef": [round(float(c), 5) for c in coef],
             "overhead": over,
+            "tools": tools,
             "margin": round(margin, 4),
         }
         pred = X @ coef
         mape = float(np.mean(np.abs(pred - y) / y))
         print(f"{family}: in-sample MAPE {100 * mape:.1f}%  cold-start margin {100 * margin:.1f}%  "
-              f"overheads {over}")
+              f"overheads {over} tools {tools}")
     args.out.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {args.out}")
 

@@ -42,7 +42,7 @@ from .features import FEATURE_GROUP, FEATURE_NAMES, N_FEATURES
 from .request import Prompt
 
 CONTENT_GROUPS = ("latin", "digits", "space", "punct", "cjk", "script")
-GROUPS = CONTENT_GROUPS + ("json", "schema", "turns", "chat", "prompt")
+GROUPS = CONTENT_GROUPS + ("json", "schema", "turns", "chat", "prompt", "tools")
 _G = {name: i for i, name in enumerate(GROUPS)}
 _N_GROUPS = len(GROUPS)
 # feature -> content group one-hot (features x content groups)
@@ -63,6 +63,8 @@ class Family:
     chat: float        # tokens it adds once per request (BOS, generation prompt)
     prompt: float      # tokens added to a raw /v1/completions prompt (BOS)
     margin: float      # cross-validated cold-start margin (relative)
+    json_scale: float  # template's rendering of tool JSON (indented, spaced) vs compact JSON
+    per_tool: float    # tokens the template adds per tool definition (and its preamble, amortised)
     by_group: np.ndarray  # features x content groups: the prior coefficients split by group
 
 
@@ -80,8 +82,10 @@ def load_priors(path: str | None = None) -> dict[str, Family]:
     for name, fam in doc["families"].items():
         o = fam["overhead"]
         coef = np.array(fam["coef"], float)
+        tools = fam.get("tools", {})
         out[name] = Family(name, coef, float(o["message"]), float(o["chat"]), float(o["prompt"]),
-                           float(fam["margin"]), coef[:, None] * _ONE_HOT)
+                           float(fam["margin"]), float(tools.get("json_scale", 1.0)),
+                           float(tools.get("per_tool", 0.0)), coef[:, None] * _ONE_HOT)
     return out
 
 
@@ -228,6 +232,7 @@ def group_vector(prompt: Prompt, family: Family) -> list[float]:
     g[_G["turns"]] = prompt.messages
     g[_G["chat"]] = prompt.chat
     g[_G["prompt"]] = 1 - prompt.chat
+    g[_G["tools"]] = prompt.tools
     return g
 
 
@@ -241,8 +246,9 @@ class FeatureKalman:
         self.table = KeyTable(self.s.max_keys)
 
     def _prior(self, family: Family) -> tuple[list[float], list[float]]:
-        theta = [1.0] * len(CONTENT_GROUPS) + [1.0, 0.0, family.turn, family.chat, family.prompt]
-        sd = [self.s.content_sd] * len(CONTENT_GROUPS) + [self.s.content_sd, 0.5, 2.0, 3.0, 2.0]
+        theta = [1.0] * len(CONTENT_GROUPS) + [family.json_scale, 0.0, family.turn, family.chat, family.prompt,
+                                               family.per_tool]
+        sd = [self.s.content_sd] * len(CONTENT_GROUPS) + [self.s.content_sd, 0.5, 2.0, 3.0, 2.0, 20.0]
         return theta, [v * v for v in sd]
 
     def _new_state(self, family: Family) -> _KalmanState:

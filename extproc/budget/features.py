@@ -15,7 +15,10 @@ features come from the runs, so the work after the translate is a handful of vec
   token while Qwen splits digits): a piecewise-linear basis of run length, which is what BPE
   merges follow;
 * for text that is not ASCII, the second UTF-8 byte after an 0xE0/0xE1 lead, which separates
-  Devanagari, Bengali, Thai, Myanmar and Ethiopic (their token rates differ by 2×).
+  Devanagari, Bengali, Thai, Myanmar and Ethiopic (their token rates differ by 2×);
+* rare letter pairs (``b:rare``) — adjacent ASCII letters that are not a common English bigram:
+  Latin-script text in other languages (Swahili, Tagalog, German…) has many more of them and
+  falls out of the BPE vocabulary's whole words.
 
 Every feature is a count, so the features of a concatenation are (up to the class boundary at
 the join) the sum of the parts': a request that mixes prose, code, CJK and JSON is measured per
@@ -37,10 +40,12 @@ _CLASSES: dict[str, bytes] = {
     "s": b" ", "n": b"\n", "t": b"\t\r\x0b\x0c", "p": _PUNCT, "q": b'"',
     "c": bytes(range(0x80, 0xC0)),
     "e": bytes(range(0xC2, 0xCB)),                               # Latin-1 supplement, Latin extended
-    "r": bytes(range(0xCB, 0xCE)) + bytes(range(0xD5, 0xD7)) + bytes(range(0xDA, 0xE0)),  # modifiers, Armenian, Syriac…
+    "m": bytes(range(0xCB, 0xCE)),                               # spacing modifiers, combining diacritics
+    "r": bytes(range(0xD5, 0xD7)) + bytes(range(0xDC, 0xE0)),    # Armenian, Syriac, Thaana, N'Ko…
     "g": bytes(range(0xCE, 0xD0)),                               # Greek
     "y": bytes(range(0xD0, 0xD5)),                               # Cyrillic
-    "A": bytes(range(0xD7, 0xDA)),                               # Hebrew, Arabic
+    "H": b"\xd7",                                                # Hebrew
+    "A": bytes(range(0xD8, 0xDC)),                               # Arabic, Persian, Urdu
     "i": bytes(range(0xE0, 0xE2)),                               # Indic, Thai, Myanmar, Ethiopic, Georgian…
     "G": b"\xe2",                                                # general punctuation, symbols, math
     "h": bytes(range(0xE3, 0xEA)),                               # CJK ideographs, kana, CJK punctuation
@@ -59,7 +64,7 @@ for _cls, _bytes in _CLASSES.items():
 assert len({b for v in _CLASSES.values() for b in v}) == 256, "every byte needs exactly one class"
 CLASS_TABLE = bytes(_table)
 
-_NON_ASCII = "ergyAiGhkf4"
+_NON_ASCII = "emrgyHAiGhkf4"
 _LETTERS = "lU"
 TOTALS = tuple(c for c in CLASS_LETTERS if c not in "cx")
 # transitions: (name, from-classes, to-classes)
@@ -83,9 +88,31 @@ SCRIPTS: tuple[tuple[str, bytes], ...] = (
     ("ethi", b"\x88\x89\x8a\x8b"),
 )
 
+# Letter pairs common in English (and so inside BPE vocabulary words); a word made of other
+# pairs (Swahili, Tagalog, Welsh… or identifiers) takes more tokens per letter.
+_COMMON_PAIRS = frozenset((
+    "th he in er an re on at en nd ti es or te of ed is it al ar st to nt ng se ha as ou io le ve "
+    "co me de hi ri ro ic ne ea ra ce li ch ll be ma si om ur ca el ta la ns di fo ho pe ec pr no "
+    "ct us ac ot il tr ly nc et ut ss so rs un lo wa ge ie wh ee wi em ad ol rt po we na ul ni ts "
+    "mo ow pa im mi ai sh ir su id os iv ia am fi ci vi pl ig tu ev ld ry mp fe bl ab gh ty op wo "
+    "sa ay ex ke fr oo av ag if ap gr od bo sp rd do uc bu ei ov by rm ep tt oc fa ef cu rn sc gi "
+    "da yo cr cl du ga qu ue ff ba ey ls va um pp ua up lu go ht ru ug ds lt pi rc rr eg au ck ew "
+    "mu br bi pt ak pu ui rg ib tl ny ki rk ys ob mm fu ph og ms ye ud mb ip ub oi rl gu dr hr cc "
+    "tw ft wn nu af hu nn eo vo rv nf xp gn sm fl iz ok nl my gl aw ju oa eq sy sl ps jo lf nv je "
+    "nk kn gs dy hy ze ks xt"
+).split())
+# 1 for each little-endian byte pair (two ASCII letters, any case) not in _COMMON_PAIRS: the
+# text's bytes viewed as uint16 at both alignments index it directly, no per-byte arithmetic.
+_PAIR = np.dtype("<u2")
+_RARE_PAIR = np.zeros(1 << 16, np.uint8)
+_ASCII_LETTERS = list(range(65, 91)) + list(range(97, 123))
+for _a in _ASCII_LETTERS:
+    for _b in _ASCII_LETTERS:
+        _RARE_PAIR[_a | _b << 8] = chr(_a | 0x20) + chr(_b | 0x20) not in _COMMON_PAIRS
+
 FEATURE_NAMES: tuple[str, ...] = (
     tuple(f"n:{c}" for c in TOTALS) + tuple(f"t:{n}" for n, _, _ in TRANSITIONS)
-    + tuple(f"r:{c}/{k}" for c, k in RUN_STEPS) + tuple(f"z:{n}" for n, _ in SCRIPTS)
+    + tuple(f"r:{c}/{k}" for c, k in RUN_STEPS) + tuple(f"z:{n}" for n, _ in SCRIPTS) + ("b:rare",)
 )
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -111,6 +138,8 @@ _LEAD_E = _CODE["i"]
 # Group of each feature, for the calibrator (content groups in calibrate.CONTENT_GROUPS).
 def _group(name: str) -> str:
     kind, what = name.split(":", 1)
+    if kind == "b":
+        return "latin"
     if kind == "z":
         return "script"
     if kind == "n":
@@ -157,7 +186,9 @@ def _measure_exact(text: str) -> np.ndarray:
         raw_a = np.frombuffer(raw, np.uint8)
         lead = np.flatnonzero(codes[:-1] == _LEAD_E)
         scripts = np.bincount(raw_a[lead + 1], minlength=256) @ _SCRIPT_W
-    return np.concatenate((totals, trans, runs, scripts))
+    rare = (np.count_nonzero(_RARE_PAIR.take(np.frombuffer(raw, _PAIR, n >> 1)))
+            + np.count_nonzero(_RARE_PAIR.take(np.frombuffer(raw, _PAIR, (n - 1) >> 1, 1))))
+    return np.concatenate((totals, trans, runs, scripts, (rare,)))
 
 
 def measure(text: str) -> np.ndarray:

@@ -40,6 +40,7 @@ class Prompt:
     messages: int = 0                    # chat turns (the template adds tokens per turn)
     chat: int = 0                        # 1 when a chat template wraps the prompt
     media: int = 0                       # image/audio/file parts
+    tools: int = 0                       # tool/function definitions (the template wraps each)
     exact_tokens: int | None = None      # token-id prompts carry their exact length
 
 
@@ -57,7 +58,7 @@ class RequestShape:
 class _Collector:
     """Text of one prompt, gathered by kind before measuring each kind once."""
 
-    __slots__ = ("text", "json", "schema", "messages", "media", "chat")
+    __slots__ = ("text", "json", "schema", "messages", "media", "chat", "tools")
 
     def __init__(self, chat: int) -> None:
         self.text: list[str] = []
@@ -65,6 +66,7 @@ class _Collector:
         self.schema: list[str] = []
         self.messages = 0
         self.media = 0
+        self.tools = 0
         self.chat = chat
 
     def add_json(self, value: object) -> None:
@@ -119,7 +121,7 @@ class _Collector:
                 self.add_json(call)
 
     def finish(self) -> Prompt:
-        p = Prompt(messages=self.messages, chat=self.chat, media=self.media)
+        p = Prompt(messages=self.messages, chat=self.chat, media=self.media, tools=self.tools)
         nbytes = 0
         if self.text:
             s = "\n".join(self.text)
@@ -178,6 +180,7 @@ def _read_tools(body: dict, c: _Collector) -> None:
     for key in ("tools", "functions"):
         tools = body.get(key)
         if isinstance(tools, list):
+            c.tools += len(tools)
             for tool in tools:
                 c.add_json(tool)
         elif tools is not None:
