@@ -100,7 +100,7 @@ class Router:
             return True
         # Misroutes can only come from budgets near the pool's capacity: always watch those.
         capacity = next(p.max_context for p in self.pools if p.name == pool)
-        if d.budget_tokens >= 0.85 * capacity:
+        if d.reason == "fits" and d.budget_tokens >= 0.85 * capacity:
             return True
         return self._rng.random() < self.s.usage_sample_rate
 
