@@ -210,7 +210,7 @@ class KalmanSettings:
     process_noise: float = 1e-3      # per observation, as a fraction of the prior variance
     observation_noise: float = 0.1   # relative misfit of one request's total
     content_sd: float = 0.15         # prior spread of a content group's scale
-    margin_quantile: float = 0.98    # of out-of-sample relative errors
+    margin_quantile: float = 0.97    # of out-of-sample relative errors
     margin_window: int = 512
     margin_min_tokens: int = 1024    # smaller requests teach the scales, not the margin
     margin_prior_weight: float = 10.0
