@@ -48,6 +48,7 @@ class ServiceSettings:
     grace_period_s: float = 30.0          # SIGTERM: in-flight streams get this long to finish
     max_pending: int = 10_000             # sampled decisions awaiting their response
     offload_bytes: int = 262_144          # bodies above this are routed in a worker thread
+    inject_stream_usage: bool = False     # sampled streams without include_usage: ask for usage, strip it
 
     def spillover_limit(self, pool: str) -> int | None:
         return dict(self.spillover).get(pool)
@@ -183,9 +184,10 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
     svc = _mapping(doc, "service", "")
     d = ServiceSettings()
     _check_keys(svc, {f.name for f in dataclasses.fields(ServiceSettings)}, "service.")
+    for flag in ("shadow", "inject_stream_usage"):
+        if type(svc.get(flag, False)) is not bool:
+            raise ConfigError(f"service.{flag}", f"must be true or false, got {svc.get(flag)!r}")
     shadow = svc.get("shadow", d.shadow)
-    if type(shadow) is not bool:
-        raise ConfigError("service.shadow", f"must be true or false, got {shadow!r}")
     spill = _mapping(svc, "spillover", "service.")
     names = {p.name for p in pools}
     for name, limit in spill.items():
@@ -215,6 +217,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         grace_period_s=_number(svc, "grace_period_s", d.grace_period_s, 0.0, 3600.0),
         max_pending=_int(svc, "max_pending", "service.", d.max_pending, lo=1, hi=10_000_000),
         offload_bytes=_int(svc, "offload_bytes", "service.", d.offload_bytes, lo=1024),
+        inject_stream_usage=svc.get("inject_stream_usage", d.inject_stream_usage),
     )
 
 

@@ -107,3 +107,72 @@ class SSEUsageScanner:
         if self.prompt_tokens is None and self._tail:
             self.feed(b"\n")
         return self.prompt_tokens
+
+
+class UsageEventStripper:
+    """Removes the usage-only event (``"choices": []`` plus ``usage``) from an SSE stream the
+    router asked usage for, and reads ``usage.prompt_tokens`` from it on the way.
+
+    Complete events pass at once; only an event cut by a chunk boundary waits for the rest of
+    itself (a client cannot use half an event anyway), so nothing the client can see is delayed.
+    """
+
+    __slots__ = ("_pending", "prompt_tokens")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self.prompt_tokens: int | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        data = self._pending + chunk if self._pending else chunk
+        cut = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"))
+        if cut < 0:
+            if len(data) > MAX_SSE_LINE:  # not an SSE stream we understand: stop holding bytes back
+                self._pending = b""
+                return data
+            self._pending = data
+            return b""
+        end = cut + (4 if data[cut:cut + 4] == b"\r\n\r\n" else 2)
+        complete, self._pending = data[:end], data[end:]
+        if _USAGE_MARK not in complete:
+            return complete
+        return self._strip(complete)
+
+    def finish(self) -> bytes:
+        rest, self._pending = self._pending, b""
+        return self._strip(rest) if _USAGE_MARK in rest else rest
+
+    def _strip(self, complete: bytes) -> bytes:
+        out = []
+        for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", complete):
+            if _USAGE_MARK in event:
+                payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+                try:
+                    doc = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    doc = None
+                if isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict):
+                    found = _prompt_tokens(doc)
+                    if found is not None:
+                        self.prompt_tokens = found
+                    continue  # the client did not ask for this event
+            out.append(event)
+        return b"".join(out)
+
+
+def with_stream_usage(body: bytes) -> bytes | None:
+    """The body with ``stream_options.include_usage: true`` added, when it is a streaming request
+    that did not ask for usage; None when there is nothing to add (or the body is not readable)."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or doc.get("stream") is not True:
+        return None
+    opts = doc.get("stream_options")
+    if opts is None:
+        opts = {}
+    if not isinstance(opts, dict) or opts.get("include_usage") is True:
+        return None
+    doc["stream_options"] = {**opts, "include_usage": True}
+    return orjson.dumps(doc)

@@ -32,7 +32,8 @@ from google.protobuf import struct_pb2
 
 from ..budget import BudgetRouter, Decision
 from ..budget.request import api_for_path
-from ..budget.usage import MAX_JSON_BODY, SSEUsageScanner, parse_context_error, usage_from_json
+from ..budget.usage import (MAX_JSON_BODY, SSEUsageScanner, UsageEventStripper, parse_context_error,
+                            usage_from_json, with_stream_usage)
 from ..config import ServiceSettings
 from .metrics import Metrics
 
@@ -41,7 +42,14 @@ log = logging.getLogger("extproc.service")
 METADATA_NAMESPACE = "extproc.route"
 PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_SKIP_BODY = processing_mode_pb2.ProcessingMode(request_body_mode=processing_mode_pb2.ProcessingMode.NONE)
+_MODE = processing_mode_pb2.ProcessingMode
+_SKIP_BODY = _MODE(request_body_mode=_MODE.NONE)
+# Envoy honours a mode override only on a *headers* response. A request that may get
+# include_usage injected therefore asks for its response headers (request-headers response), and
+# an injected stream asks for its response body there (response-headers response), so that the
+# routing stream itself reads and strips the usage event.
+_ASK_RESPONSE_HEADERS = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND)
+_READ_RESPONSE_BODY = _MODE(response_body_mode=_MODE.STREAMED, response_trailer_mode=_MODE.SKIP)
 
 
 @dataclass(slots=True)
@@ -49,6 +57,17 @@ class _Sampled:
     decision: Decision
     pool: str
     t: float
+
+
+@dataclass(slots=True)
+class Routed:
+    """What the routing side decided for one request."""
+
+    decision: Decision
+    pool: str
+    spilled_from: str | None = None
+    sample_id: str | None = None        # read by the usage filter (observability mode)
+    new_body: bytes | None = None       # include_usage injected: the routing stream reads usage
 
 
 def _header(headers: pb.HttpHeaders, name: str) -> str | None:
@@ -104,15 +123,28 @@ class Router:
             return True
         return self._rng.random() < self.s.usage_sample_rate
 
-    def decide(self, body: bytes, path: str) -> tuple[Decision, str, str | None, str | None]:
+    def may_inject(self) -> bool:
+        """At request-headers time (model unknown yet): may this request get include_usage
+        injected? Always while some model is still calibrating, else at the sample rate."""
+        if not self.s.inject_stream_usage:
+            return False
+        states = self.budget.calibration_states()
+        if not states or any(st.get("samples", 0) < self.s.calibration_samples for _, st in states):
+            return True
+        return self._rng.random() < self.s.usage_sample_rate
+
+    def decide(self, body: bytes, path: str, may_inject: bool = False) -> Routed:
         d = self.budget.route(body, path)
         pool, spilled_from = self.choose(d)
-        sample_id = None
+        out = Routed(d, pool, spilled_from)
         if self.wants_sample(d, pool):
-            sample_id = f"{self._id_prefix}{next(self._ids):x}"
-            self.pending[sample_id] = _Sampled(d, pool, time.monotonic())
-            while len(self.pending) > self.s.max_pending:
-                self.pending.popitem(last=False)
+            if may_inject and b'"stream"' in body:
+                out.new_body = with_stream_usage(body)
+            if out.new_body is None:
+                out.sample_id = f"{self._id_prefix}{next(self._ids):x}"
+                self.pending[out.sample_id] = _Sampled(d, pool, time.monotonic())
+                while len(self.pending) > self.s.max_pending:
+                    self.pending.popitem(last=False)
         self.inflight[pool] += 1
         m = self.metrics
         m.decisions.labels(pool, d.reason, d.source).inc()
@@ -120,7 +152,7 @@ class Router:
         m.inflight.labels(pool).set(self.inflight[pool])
         if spilled_from:
             m.spillovers.labels(spilled_from, pool).inc()
-        return d, pool, spilled_from, sample_id
+        return out
 
     def finished(self, pool: str) -> None:
         self.inflight[pool] -= 1
@@ -130,9 +162,12 @@ class Router:
     def learn(self, sample_id: str | None, status: int | None, prompt_tokens: int | None,
               error_body: bytes | None, streamed: bool) -> None:
         sampled = self.pending.pop(sample_id, None) if sample_id else None
-        if sampled is None:
-            return
-        d, m = sampled.decision, self.metrics
+        if sampled is not None:
+            self.learn_from(sampled.decision, sampled.pool, status, prompt_tokens, error_body, streamed)
+
+    def learn_from(self, d: Decision, pool: str, status: int | None, prompt_tokens: int | None,
+                   error_body: bytes | None, streamed: bool) -> None:
+        m = self.metrics
         if status == 200:
             if prompt_tokens is None:
                 m.usage.labels("stream_missed" if streamed else "json_missed").inc()
@@ -147,8 +182,8 @@ class Router:
             m.usage.labels("other_status").inc()
             return
         m.usage.labels("context_error").inc()
-        m.misroutes.labels(sampled.pool).inc()
-        log.warning("misroute: pool=%s model_key=%s budget=%d vllm_prompt=%d%s limit=%d", sampled.pool,
+        m.misroutes.labels(pool).inc()
+        log.warning("misroute: pool=%s model_key=%s budget=%d vllm_prompt=%d%s limit=%d", pool,
                     d.model[:64], d.budget_tokens, ctx.prompt_tokens, "" if ctx.exact else "+", ctx.max_context)
         if ctx.exact:
             self.budget.observe(d, ctx.prompt_tokens)
@@ -181,6 +216,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         r = self.r
         path = ""
         pool = None
+        routed: Routed | None = None
+        stripper: UsageEventStripper | None = None
+        may_inject = False
         chunks: list[bytes] = []
         try:
             req = first
@@ -196,6 +234,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         response=pb.CommonResponse(header_mutation=mutation)))
                     if method != "POST" or api_for_path(path) == "unknown" or hdrs.end_of_stream:
                         resp.mode_override.CopyFrom(_SKIP_BODY)  # not an LLM call: no buffering
+                    elif r.may_inject():
+                        may_inject = True
+                        resp.mode_override.CopyFrom(_ASK_RESPONSE_HEADERS)
                     r.metrics.phase_seconds.labels("request_headers").observe(time.perf_counter() - t0)
                     yield resp
                 elif kind == "request_body":
@@ -207,17 +248,28 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         body = b"".join(chunks)
                         chunks.clear()
                         if len(body) > r.s.offload_bytes:  # keep the loop responsive for other streams
-                            d, pool, spilled, sample_id = await asyncio.to_thread(r.decide, body, path)
+                            routed = await asyncio.to_thread(r.decide, body, path, may_inject)
                         else:
-                            d, pool, spilled, sample_id = r.decide(body, path)
-                        yield self._body_response(d, pool, spilled, sample_id)
+                            routed = r.decide(body, path, may_inject)
+                        pool = routed.pool
+                        if routed.new_body is not None:
+                            stripper = UsageEventStripper()
+                        yield self._body_response(routed)
                         r.metrics.phase_seconds.labels("request_body").observe(time.perf_counter() - t0)
                 elif kind == "request_trailers":
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif kind == "response_headers":
-                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+                    if stripper is not None:
+                        status = _header(req.response_headers, ":status")
+                        ctype = _header(req.response_headers, "content-type") or ""
+                        if status == "200" and "text/event-stream" in ctype:
+                            resp.mode_override.CopyFrom(_READ_RESPONSE_BODY)
+                        else:  # an error or not a stream: nothing to strip
+                            stripper = None
+                    yield resp
                 elif kind == "response_body":
-                    yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+                    yield self._strip_usage(req.response_body, routed, stripper)
                 elif kind == "response_trailers":
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
                 try:
@@ -228,12 +280,35 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             if pool is not None:
                 r.finished(pool)
 
-    def _body_response(self, d: Decision, pool: str, spilled: str | None, sample_id: str | None) -> pb.ProcessingResponse:
+    def _strip_usage(self, body: pb.HttpBody, routed: Routed | None,
+                     stripper: UsageEventStripper | None) -> pb.ProcessingResponse:
+        """Response chunks of a stream whose usage the router asked for: usage out, learned."""
+        if stripper is None or routed is None:
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+        t0 = time.perf_counter()
+        had = stripper.prompt_tokens
+        out = stripper.feed(body.body)
+        if body.end_of_stream:
+            out += stripper.finish()
+        if had is None and stripper.prompt_tokens is not None:
+            self.r.learn_from(routed.decision, routed.pool, 200, stripper.prompt_tokens, None, True)
+        elif body.end_of_stream and stripper.prompt_tokens is None:
+            self.r.metrics.usage.labels("stream_missed").inc()
+        self.r.metrics.phase_seconds.labels("response").observe(time.perf_counter() - t0)
+        if out == body.body:
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(
+            response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=out))))
+
+    def _body_response(self, routed: Routed) -> pb.ProcessingResponse:
         r = self.r
+        d, pool, spilled, sample_id = routed.decision, routed.pool, routed.spilled_from, routed.sample_id
         values = [(r.pool_header, pool), (r.h["budget"], str(d.budget_tokens)),
                   (r.h["estimate"], str(d.prompt_tokens)), (r.h["source"], d.source), (r.h["reason"], d.reason)]
         if sample_id:
             values += [(r.h["sample"], "1"), (r.h["decision"], sample_id)]
+        if routed.new_body is not None:  # Envoy forwards the mutated body with the old length otherwise
+            values.append(("content-length", str(len(routed.new_body))))
         if r.s.shadow:
             values.append((r.h["shadow"], d.pool))
         mutation = pb.HeaderMutation(set_headers=[
@@ -245,9 +320,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         if spilled:
             fields["spilled_from"] = spilled
         meta.update({METADATA_NAMESPACE: fields})
-        return pb.ProcessingResponse(
-            request_body=pb.BodyResponse(response=pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)),
-            dynamic_metadata=meta)
+        common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+        resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
+        if routed.new_body is not None:  # (protobuf copied ``common`` into resp: set it there)
+            resp.request_body.response.body_mutation.body = routed.new_body
+        return resp
 
     # -- usage filter (observability mode: replies are never read) ------------------------------
     async def _observe(self, first: pb.ProcessingRequest, rest) -> None:
