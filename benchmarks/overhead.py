@@ -48,12 +48,13 @@ def cpu_ns(pid: int) -> int:
     return total
 
 
-def body_of(size: int, text: str, stream: bool) -> bytes:
+def body_of(size: int, text: str, stream: bool, ask_usage: bool = True) -> bytes:
     doc = {"model": "meta-llama/Meta-Llama-3-8B-Instruct", "max_tokens": 64,
            "messages": [{"role": "user", "content": text[:size]}]}
     if stream:
         doc["stream"] = True
-        doc["stream_options"] = {"include_usage": True}
+        if ask_usage:
+            doc["stream_options"] = {"include_usage": True}
     return json.dumps(doc, ensure_ascii=False).encode()
 
 
@@ -91,6 +92,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=20, help="time bound of one round")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000, 1_000_000], help="body sizes (bytes)")
+    ap.add_argument("--inject", action="store_true", help="streams without include_usage, router injecting it "
+                    "(service.inject_stream_usage) and stripping the usage event")
     args = ap.parse_args()
 
     text = "\n".join(json.loads(line)["text"] for line in TEXTS.open()) if TEXTS.exists() else \
@@ -111,7 +114,8 @@ def main() -> None:
         spawn([sys.executable, str(ROOT / "benchmarks" / "fast_upstream.py"), str(up_port)], "upstream")
         cfg = work / "router.yaml"
         cfg.write_text(yaml.safe_dump({"service": {"grpc_address": f"127.0.0.1:{grpc_port}",
-                                                   "metrics_address": f"127.0.0.1:{metrics_port}"}}))
+                                                   "metrics_address": f"127.0.0.1:{metrics_port}",
+                                                   "inject_stream_usage": args.inject}}))
         router = spawn([sys.executable, "-m", "extproc", "serve", "--config", str(cfg), "--log-level", "WARNING"],
                        "router")
         envoys = {}
@@ -140,13 +144,14 @@ def main() -> None:
         run_load(envoys["envoy alone"][0], body_of(1000, text, False), 80, 30)
 
         print(f"router: grpc.aio ext_proc service, 1 Envoy worker each; {args.rounds} alternating rounds; "
-              f"light load (1 connection, sequential)\n")
+              f"light load (1 connection, sequential)"
+              + ("; streams without include_usage, router injecting it" if args.inject else "") + "\n")
         head = (f"{'body':>7} {'mode':<7} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'+router p50':>11} {'p99':>7} | "
                 f"{'added p50':>9} {'p99':>7} | {'router CPU':>10} {'envoy CPU':>9} {'alone CPU':>9}")
         print(head + "   (latency ms, CPU µs per request)")
         for size in args.sizes:
             for stream in (False, True):
-                body = body_of(size, text, stream)
+                body = body_of(size, text, stream, ask_usage=not args.inject)
                 n = max(30, args.requests * 1000 // size) if size > 1000 else args.requests
                 lat = {k: [] for k in envoys}
                 ttfb = {k: [] for k in envoys}

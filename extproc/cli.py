@@ -114,9 +114,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .service.app import run, setup_logging
+    from .service.app import install_event_loop, run, setup_logging
 
     setup_logging(args.log_level)
+    install_event_loop()
     try:
         config = load_config(args.config)
     except ConfigError as exc:

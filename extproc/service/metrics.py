@@ -43,6 +43,17 @@ class Metrics:
                                      registry=r)
         if calibration is not None:
             r.register(_CalibrationCollector(calibration))
+        self.phase = {p: self.phase_seconds.labels(p) for p in PHASES}
+        self._children: dict[tuple, object] = {}
+
+    def child(self, metric, *values: str):
+        """``metric.labels(*values)``, memoised: the request path calls this several times per
+        request and label sets are bounded, so the cache is too."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found
 
 
 class _CalibrationCollector:

@@ -147,16 +147,16 @@ class Router:
                     self.pending.popitem(last=False)
         self.inflight[pool] += 1
         m = self.metrics
-        m.decisions.labels(pool, d.reason, d.source).inc()
-        m.budget.labels(pool).observe(d.budget_tokens)
-        m.inflight.labels(pool).set(self.inflight[pool])
+        m.child(m.decisions, pool, d.reason, d.source).inc()
+        m.child(m.budget, pool).observe(d.budget_tokens)
+        m.child(m.inflight, pool).set(self.inflight[pool])
         if spilled_from:
             m.spillovers.labels(spilled_from, pool).inc()
         return out
 
     def finished(self, pool: str) -> None:
         self.inflight[pool] -= 1
-        self.metrics.inflight.labels(pool).set(self.inflight[pool])
+        self.metrics.child(self.metrics.inflight, pool).set(self.inflight[pool])
 
     # -- response side -------------------------------------------------------------------------
     def learn(self, sample_id: str | None, status: int | None, prompt_tokens: int | None,
@@ -237,7 +237,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     elif r.may_inject():
                         may_inject = True
                         resp.mode_override.CopyFrom(_ASK_RESPONSE_HEADERS)
-                    r.metrics.phase_seconds.labels("request_headers").observe(time.perf_counter() - t0)
+                    r.metrics.phase["request_headers"].observe(time.perf_counter() - t0)
                     yield resp
                 elif kind == "request_body":
                     chunks.append(req.request_body.body)
@@ -255,7 +255,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         if routed.new_body is not None:
                             stripper = UsageEventStripper()
                         yield self._body_response(routed)
-                        r.metrics.phase_seconds.labels("request_body").observe(time.perf_counter() - t0)
+                        r.metrics.phase["request_body"].observe(time.perf_counter() - t0)
                 elif kind == "request_trailers":
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif kind == "response_headers":
@@ -294,7 +294,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             self.r.learn_from(routed.decision, routed.pool, 200, stripper.prompt_tokens, None, True)
         elif body.end_of_stream and stripper.prompt_tokens is None:
             self.r.metrics.usage.labels("stream_missed").inc()
-        self.r.metrics.phase_seconds.labels("response").observe(time.perf_counter() - t0)
+        self.r.metrics.phase["response"].observe(time.perf_counter() - t0)
         if out == body.body:
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         return pb.ProcessingResponse(response_body=pb.BodyResponse(
@@ -375,7 +375,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         tokens = usage_from_json(raw) if status == 200 else None
                         r.learn(sample_id, status, tokens, raw if status == 400 else None, streamed)
                         learned = True
-                r.metrics.phase_seconds.labels("response").observe(time.perf_counter() - t0)
+                r.metrics.phase["response"].observe(time.perf_counter() - t0)
             try:
                 req = await anext(rest)
             except StopAsyncIteration:
