@@ -135,8 +135,13 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"invalid config: {exc}", file=sys.stderr)
         return 2
-    text = render_yaml(layout_from_config(config, listen_port=args.listen_port, admin_port=args.admin_port,
-                                          upstreams=args.upstream))
+    try:
+        layout = layout_from_config(config, listen_port=args.listen_port, admin_port=args.admin_port,
+                                    upstreams=args.upstream, listen_address=args.listen_address, router=args.router)
+    except ValueError as exc:
+        print(f"invalid arguments: {exc}", file=sys.stderr)
+        return 2
+    text = render_yaml(layout)
     if args.output:
         pathlib.Path(args.output).write_text(text)
     else:
@@ -181,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("envoy-config", help="render the Envoy bootstrap for this config")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
+    p.add_argument("--listen-address", default="127.0.0.1", help="address Envoy listens on")
     p.add_argument("--listen-port", type=int, default=10000)
+    p.add_argument("--router", help="host:port of the router's gRPC service (default: service.grpc_address)")
     p.add_argument("--admin-port", type=int, default=9901)
     p.add_argument("--upstream", action="append", default=[], metavar="POOL=HOST:PORT",
                    help="address of a pool's vLLM service (default: 127.0.0.1:8001, 8002, … in pool order)")

