@@ -53,11 +53,14 @@ def load_texts(path: pathlib.Path, half: int | None = None) -> dict[str, list[di
     return by_cat
 
 
+NEAR_SHARE = 0.6
+
+
 def target_budget(rng: random.Random) -> int:
     u = rng.random()
-    if u < 0.6:  # near the short pool's limit: where misroutes and waste happen
+    if u < NEAR_SHARE:  # near the short pool's limit: where misroutes and waste happen
         return int(SHORT * rng.uniform(0.75, 1.25))
-    if u < 0.8:
+    if u < NEAR_SHARE + (1 - NEAR_SHARE) / 2:
         return int(10 ** rng.uniform(2.0, 3.8))
     return int(10 ** rng.uniform(4.0, 4.75))
 
@@ -190,17 +193,21 @@ def speed_table() -> list[str]:
 
 
 def main() -> None:
+    global NEAR_SHARE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=pathlib.Path, default=DEFAULT_TEXTS)
     ap.add_argument("--requests", type=int, default=3000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--priors", help="priors.json to use (default: the packaged one)")
+    ap.add_argument("--near-share", type=float, default=NEAR_SHARE,
+                    help="share of requests with budgets within ±25%% of the short pool's limit")
     ap.add_argument("--half", type=int, choices=(0, 1),
                     help="build requests from one half of the texts (fit priors on the other: held-out check)")
     args = ap.parse_args()
     if not args.texts.exists():
         sys.exit(f"SKIP: texts not found at {args.texts} (the shared data set is needed)")
+    NEAR_SHARE = args.near_share
     t0 = time.time()
     requests = build_requests(load_texts(args.texts, args.half), args.requests, args.seed)
     near = sum(1 for r in requests if 0.75 * SHORT <= r["budget"] <= 1.25 * SHORT)
