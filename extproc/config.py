@@ -22,6 +22,7 @@ from .budget.policy import Pool, order_pools
 from .budget.router import BudgetSettings
 
 ENV_PREFIX = "EXTPROC_"
+PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow")
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,13 @@ class ServiceSettings:
 
     def spillover_limit(self, pool: str) -> int | None:
         return dict(self.spillover).get(pool)
+
+    def provenance_header(self, name: str) -> str:
+        return f"{self.header_prefix}{name}"
+
+    def router_headers(self) -> list[str]:
+        """Every header the router sets upstream: clients' copies of these are removed."""
+        return [self.pool_header] + [self.provenance_header(n) for n in PROVENANCE]
 
 
 @dataclass(frozen=True)
@@ -143,12 +151,12 @@ def _families(doc: Mapping) -> tuple[tuple[tuple[str, str], ...], str]:
             raise ConfigError("families", "must map a model-name substring to a tokenizer family")
         families = []
         for needle, fam in raw.items():
-            if fam not in known:
+            if not isinstance(fam, str) or fam not in known:
                 raise ConfigError(f"families.{needle}", f"unknown tokenizer family {fam!r} (known: {', '.join(sorted(known))})")
             families.append((str(needle).lower(), fam))
         families = tuple(families)
     default = doc.get("default_family", BudgetSettings().default_family)
-    if default not in known:
+    if not isinstance(default, str) or default not in known:
         raise ConfigError("default_family", f"unknown tokenizer family {default!r} (known: {', '.join(sorted(known))})")
     return families, default
 
@@ -180,6 +188,12 @@ def _number(doc: Mapping, key: str, default: float, lo: float, hi: float) -> flo
     return float(value)
 
 
+_RESERVED_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "content-type", "content-length", "content-encoding", "host",
+    "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "cookie", "user-agent",
+    "accept", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-envoy-original-path"})
+
+
 def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
     svc = _mapping(doc, "service", "")
     d = ServiceSettings()
@@ -199,9 +213,11 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
     if snapshot is not None and (not isinstance(snapshot, str) or not snapshot):
         raise ConfigError("service.snapshot_path", f"must be a file path, got {snapshot!r}")
     pool_header = _header(svc, "pool_header", d.pool_header)
+    if pool_header in _RESERVED_HEADERS:
+        raise ConfigError("service.pool_header", f"{pool_header!r} is a standard header Envoy would strip from "
+                          "every request; use a name of its own")
     prefix = _header(svc, "header_prefix", d.header_prefix)
-    if pool_header.startswith(prefix) and pool_header[len(prefix):] in ("budget", "estimate", "source", "reason",
-                                                                         "sample", "decision", "shadow"):
+    if pool_header.startswith(prefix) and pool_header[len(prefix):] in PROVENANCE:
         raise ConfigError("service.pool_header", f"collides with a provenance header under {prefix!r}")
     return ServiceSettings(
         grpc_address=_address(svc, "grpc_address", d.grpc_address),

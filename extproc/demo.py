@@ -127,8 +127,11 @@ def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float,
                   admin_port=_port_or_free(9901), grpc_port=_port_or_free(50051), metrics_port=_port_or_free(9464),
                   quiet=True)
     print(f"starting Envoy, router and {len(stack.pool_ports)} simulated pools (logs in {wd}) ...", flush=True)
-    stack.start()
+    def handler(*_):
+        raise KeyboardInterrupt  # out of a start or demo in progress; `finally` stops the children
+    signal.signal(signal.SIGTERM, handler)
     try:
+        stack.start()
         print(f"send OpenAI requests to  {stack.url}/v1/chat/completions  (model {stack.model})")
         print(f"router metrics           {stack.metrics_url}")
         print(f"Envoy admin              http://127.0.0.1:{stack.admin_port}/  (access log {wd / 'access.log'})")
@@ -142,15 +145,12 @@ def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float,
         if exit_after:
             return 0
         print("\nrunning; Ctrl-C stops everything", flush=True)
-        stop = False
-
-        def handler(*_):
-            nonlocal stop
-            stop = True
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
-        while not stop and all(p.poll() is None for p in stack.procs.values()):
+        while all(p.poll() is None for p in stack.procs.values()):
             time.sleep(0.2)
+        dead = [name for name, p in stack.procs.items() if p.poll() is not None]
+        print(f"stopped: {', '.join(dead)} exited (logs in {wd})", flush=True)
+        return 1
+    except KeyboardInterrupt:
         return 0
     finally:
         print("stopping ...", flush=True)

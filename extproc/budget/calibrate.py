@@ -352,17 +352,29 @@ class FeatureKalman:
             raise ValueError("snapshot groups differ from this version's")
         states = {}
         for key, v in _bounded_keys(doc["keys"], self.s.max_keys):
-            theta = [float(t) for t in v["theta"]]
-            P = [[float(a) for a in row] for row in v["P"]]
+            if not isinstance(v, dict) or not isinstance(v.get("margins"), dict) or not isinstance(v.get("errors"), dict):
+                raise ValueError(f"snapshot key {key!r} is malformed")
+            theta = _finite(v["theta"], "theta")
+            P = [_finite(row, "covariance") for row in v["P"]]
             if len(theta) != _N_GROUPS or len(P) != _N_GROUPS or any(len(r) != _N_GROUPS for r in P):
                 raise ValueError(f"snapshot key {key!r} has the wrong dimensions")
             errors = ErrorModel(0.0, self.s.margin_window)
             for b in BUCKETS:
-                errors.margins[b] = float(v["margins"][b])
-                errors.windows[b].extend(float(e) for e in v["errors"].get(b, []))
+                (margin,) = _finite([v["margins"][b]], "margin")
+                if not 0.0 <= margin <= 10.0:
+                    raise ValueError(f"snapshot margin {margin} out of range")
+                errors.margins[b] = margin
+                errors.windows[b].extend(_finite(v["errors"].get(b, []), "errors")[-self.s.margin_window:])
             errors.n = int(v.get("margin_n", 0))
             states[str(key)] = _KalmanState(theta, P, errors, int(v["n"]))
         self.table.states = states
+
+
+def _finite(values, what: str) -> list[float]:
+    out = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"snapshot {what} holds a non-finite number")
+    return out
 
 
 def _bounded_keys(keys: dict, max_keys: int) -> list[tuple[str, object]]:
@@ -472,8 +484,16 @@ class PaperEMA:
         _check_snapshot(doc, self.name)
         states = {}
         for key, cats in _bounded_keys(doc["keys"], self.s.max_keys):
-            states[str(key)] = {cat: (float(v[0]), float(v[1]), int(v[2]))
-                                for cat, v in cats.items() if cat in PAPER_PRIOR_RATIO}
+            if not isinstance(cats, dict):
+                raise ValueError(f"snapshot key {key!r} is malformed")
+            state = {}
+            for cat, v in cats.items():
+                if cat in PAPER_PRIOR_RATIO:
+                    c, sigma = _finite(v[:2], "ratio")
+                    if c <= 0 or sigma < 0:
+                        raise ValueError(f"snapshot ratio {c} / spread {sigma} out of range")
+                    state[cat] = (c, sigma, int(v[2]))
+            states[str(key)] = state
         self.table.states = states
 
 

@@ -94,6 +94,8 @@ class _Collector:
             self.add_json(part)
             return
         kind = part.get("type")
+        if not isinstance(kind, str):
+            kind = None
         if kind in _MEDIA_PART_TYPES:
             self.media += 1
             return
@@ -188,6 +190,10 @@ def _read_tools(body: dict, c: _Collector) -> None:
 
 
 def _read_responses(body: dict, shape: RequestShape) -> None:
+    if body.get("previous_response_id") or body.get("conversation"):
+        # The prompt includes history stored server-side that the body does not carry.
+        shape.error = "continues stored state (previous_response_id or conversation): size unknown"
+        return
     c = _Collector(chat=1)
     instructions = body.get("instructions")
     if isinstance(instructions, str):

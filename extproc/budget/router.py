@@ -70,6 +70,13 @@ class BudgetRouter:
 
     def route(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> Decision:
         """Choose a pool for one request. Never raises on any body."""
+        try:
+            return self._route(body, path)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost efficiency, never the request
+            return Decision(self.pools[-1].name, 0, 0, REASON_UNREADABLE, "fallback",
+                            detail=f"internal error: {type(exc).__name__}")
+
+    def _route(self, body, path: str) -> Decision:
         shape = read_request(body, path)
         largest = self.pools[-1]
         if shape.error or not shape.prompts:

@@ -18,6 +18,13 @@ _USAGE_MARK = b'"prompt_tokens"'
 # and your prompt contains (at least) 10000 input tokens, for a total of (at least) 10064 tokens."
 _NEW = re.compile(r"maximum context length is (\d+) tokens\. However, you requested (\d+) output tokens "
                   r"and your prompt contains (at least )?(\d+) input tokens")
+# prompt alone too long (no output requested): "... maximum context length is 8192 tokens.
+# However, your request has 9000 input tokens. Please reduce the length of the input messages."
+_PROMPT_ONLY = re.compile(r"maximum context length is (\d+) tokens\. However, your request has (\d+) input tokens")
+# max_tokens check: "'max_tokens' or 'max_completion_tokens' is too large: 8000. This model's maximum
+# context length is 8192 tokens and your request has 300 input tokens (8000 > 8192 - 300)."
+_MAX_TOKENS = re.compile(r"too large: (\d+)\. This model's maximum context length is (\d+) tokens and your "
+                         r"request has (\d+) input tokens")
 # older: "... maximum context length is 4096 tokens. However, you requested 5000 tokens
 # (4000 in the messages, 1000 in the completion)."
 _OLD = re.compile(r"maximum context length is (\d+) tokens\. However, you requested (\d+) tokens "
@@ -42,6 +49,12 @@ def parse_context_error(body: bytes | str) -> ContextError | None:
     m = _OLD.search(body)
     if m:
         return ContextError(int(m[1]), int(m[3]), int(m[4]), exact=True)
+    m = _PROMPT_ONLY.search(body)
+    if m:
+        return ContextError(int(m[1]), int(m[2]), 0, exact=True)
+    m = _MAX_TOKENS.search(body)
+    if m:
+        return ContextError(int(m[2]), int(m[3]), int(m[1]), exact=True)
     return None
 
 
@@ -172,7 +185,7 @@ def with_stream_usage(body: bytes) -> bytes | None:
     opts = doc.get("stream_options")
     if opts is None:
         opts = {}
-    if not isinstance(opts, dict) or opts.get("include_usage") is True:
-        return None
+    if not isinstance(opts, dict) or opts.get("include_usage") is True or opts.get("continuous_usage_stats"):
+        return None  # (with continuous stats, usage would ride on every chunk: not strippable)
     doc["stream_options"] = {**opts, "include_usage": True}
     return orjson.dumps(doc)

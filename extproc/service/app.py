@@ -44,11 +44,27 @@ def setup_logging(level: str = "INFO") -> None:
     root.setLevel(level)
 
 
+def write_snapshot(text: str, path: str) -> None:
+    """Atomic write under a unique temporary name: a crash mid-write, or two writers, never
+    leave half a snapshot."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".calibration-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def save_snapshot(budget: BudgetRouter, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(budget.snapshot(), f)
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves half a snapshot
+    write_snapshot(json.dumps(budget.snapshot()), path)
 
 
 def restore_snapshot(budget: BudgetRouter, path: str) -> bool:
@@ -58,7 +74,7 @@ def restore_snapshot(budget: BudgetRouter, path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
-    except (OSError, ValueError, KeyError, TypeError) as exc:  # a bad snapshot costs calibration, not the start
+    except Exception as exc:  # noqa: BLE001 - a bad snapshot costs calibration, never the start
         log.warning("calibration snapshot %s not restored: %s", path, exc)
         return False
 
@@ -107,8 +123,10 @@ class Service:
         while True:
             await asyncio.sleep(self.config.service.snapshot_interval_s)
             try:
-                await asyncio.to_thread(save_snapshot, self.budget, path)
-            except OSError as exc:
+                # serialised on the loop (the calibrator is only touched there), written off it
+                text = json.dumps(self.budget.snapshot())
+                await asyncio.to_thread(write_snapshot, text, path)
+            except Exception as exc:  # noqa: BLE001 - keep saving later; never stop the loop
                 log.warning("calibration snapshot %s not saved: %s", path, exc)
 
     async def stop(self, grace: float | None = None) -> None:
@@ -118,6 +136,10 @@ class Service:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._snapshot_task:
             self._snapshot_task.cancel()
+            try:
+                await self._snapshot_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
         if self.server:
             t0 = time.monotonic()
             await self.server.stop(s.grace_period_s if grace is None else grace)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from ..config import ServiceSettings
+
 LLM_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 ROUTE_FILTER = "extproc.route"
 METADATA_NAMESPACE = "extproc.route"  # dynamic metadata the router emits (access logs)
@@ -123,8 +125,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
                          {ROUTE_FILTER: _disabled(), USAGE_FILTER: _disabled()}))
 
     grpc_service = {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": f"{lay.message_timeout_ms / 1000:g}s"}
-    ours = [lay.pool_header] + [f"{lay.header_prefix}{h}" for h in
-                                ("budget", "estimate", "source", "reason", "sample", "decision")]
+    ours = ServiceSettings(pool_header=lay.pool_header, header_prefix=lay.header_prefix).router_headers()
     fmt = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% "
            "id=%REQ(X-REQUEST-ID)% "
            "%BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_CLUSTER% "

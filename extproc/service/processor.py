@@ -34,22 +34,25 @@ from ..budget import BudgetRouter, Decision
 from ..budget.request import api_for_path
 from ..budget.usage import (MAX_JSON_BODY, SSEUsageScanner, UsageEventStripper, parse_context_error,
                             usage_from_json, with_stream_usage)
-from ..config import ServiceSettings
+from ..config import PROVENANCE, ServiceSettings
 from .metrics import Metrics
 
 log = logging.getLogger("extproc.service")
 
 METADATA_NAMESPACE = "extproc.route"
-PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow")
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _MODE = processing_mode_pb2.ProcessingMode
-_SKIP_BODY = _MODE(request_body_mode=_MODE.NONE)
+_SKIP_BODY = _MODE(request_body_mode=_MODE.NONE, response_header_mode=_MODE.SKIP,
+                   response_body_mode=_MODE.NONE, request_trailer_mode=_MODE.SKIP, response_trailer_mode=_MODE.SKIP)
 # Envoy honours a mode override only on a *headers* response. A request that may get
 # include_usage injected therefore asks for its response headers (request-headers response), and
 # an injected stream asks for its response body there (response-headers response), so that the
 # routing stream itself reads and strips the usage event.
-_ASK_RESPONSE_HEADERS = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND)
+_ASK_RESPONSE_HEADERS = _MODE(request_body_mode=_MODE.BUFFERED, response_header_mode=_MODE.SEND,
+                              response_body_mode=_MODE.NONE, request_trailer_mode=_MODE.SKIP,
+                              response_trailer_mode=_MODE.SKIP)
 _READ_RESPONSE_BODY = _MODE(response_body_mode=_MODE.STREAMED, response_trailer_mode=_MODE.SKIP)
+_READ_ERROR_BODY = _MODE(response_body_mode=_MODE.BUFFERED, response_trailer_mode=_MODE.SKIP)
 
 
 @dataclass(slots=True)
@@ -91,8 +94,10 @@ class Router:
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-"
         self.pool_header = settings.pool_header
-        self.h = {name: f"{settings.header_prefix}{name}" for name in PROVENANCE}
-        self.removed = [self.pool_header] + list(self.h.values())
+        self.h = {name: settings.provenance_header(name) for name in PROVENANCE}
+        self._calibrating = True
+        self._calibrating_checked = -1e9
+        self.removed = settings.router_headers()
         self._rng = random.Random()
 
     # -- request side --------------------------------------------------------------------------
@@ -125,20 +130,28 @@ class Router:
 
     def may_inject(self) -> bool:
         """At request-headers time (model unknown yet): may this request get include_usage
-        injected? Always while some model is still calibrating, else at the sample rate."""
-        if not self.s.inject_stream_usage:
+        injected? Always while some model is still calibrating, else at the sample rate.
+        Never for an estimator that does not learn."""
+        if not self.s.inject_stream_usage or getattr(self.budget.estimator, "table", None) is None:
             return False
-        states = self.budget.calibration_states()
-        if not states or any(st.get("samples", 0) < self.s.calibration_samples for _, st in states):
-            return True
-        return self._rng.random() < self.s.usage_sample_rate
+        now = time.monotonic()
+        if now - self._calibrating_checked > 1.0:  # O(keys): at most once a second
+            est = self.budget.estimator
+            keys = list(est.table.states)
+            self._calibrating = not keys or any(est.samples(k) < self.s.calibration_samples for k in keys)
+            self._calibrating_checked = now
+        return self._calibrating or self._rng.random() < self.s.usage_sample_rate
 
     def decide(self, body: bytes, path: str, may_inject: bool = False) -> Routed:
-        d = self.budget.route(body, path)
+        return self.record(self.budget.route(body, path), body, may_inject)
+
+    def record(self, d: Decision, body: bytes, may_inject: bool = False) -> Routed:
+        """Pool choice, sampling and accounting for a decision. Runs on the event loop only:
+        in-flight counts and the sampled table are not shared with worker threads."""
         pool, spilled_from = self.choose(d)
         out = Routed(d, pool, spilled_from)
         if self.wants_sample(d, pool):
-            if may_inject and b'"stream"' in body:
+            if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
                 out.new_body = with_stream_usage(body)
             if out.new_body is None:
                 out.sample_id = f"{self._id_prefix}{next(self._ids):x}"
@@ -182,7 +195,8 @@ class Router:
             m.usage.labels("other_status").inc()
             return
         m.usage.labels("context_error").inc()
-        m.misroutes.labels(pool).inc()
+        if d.reason == "fits":  # a too_large request was sent where it had the best chance
+            m.misroutes.labels(pool).inc()
         log.warning("misroute: pool=%s model_key=%s budget=%d vllm_prompt=%d%s limit=%d", pool,
                     d.model[:64], d.budget_tokens, ctx.prompt_tokens, "" if ctx.exact else "+", ctx.max_context)
         if ctx.exact:
@@ -219,6 +233,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         routed: Routed | None = None
         stripper: UsageEventStripper | None = None
         may_inject = False
+        error_status = 0
+        error_chunks: list[bytes] = []
         chunks: list[bytes] = []
         try:
             req = first
@@ -247,8 +263,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         t0 = time.perf_counter()
                         body = b"".join(chunks)
                         chunks.clear()
-                        if len(body) > r.s.offload_bytes:  # keep the loop responsive for other streams
-                            routed = await asyncio.to_thread(r.decide, body, path, may_inject)
+                        if len(body) > r.s.offload_bytes:
+                            # Keep the loop responsive for other streams: only the pure estimate runs
+                            # in a thread; if this stream is cancelled meanwhile, nothing was counted.
+                            d = await asyncio.to_thread(r.budget.route, body, path)
+                            routed = r.record(d, body, may_inject)
                         else:
                             routed = r.decide(body, path, may_inject)
                         pool = routed.pool
@@ -265,11 +284,21 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         ctype = _header(req.response_headers, "content-type") or ""
                         if status == "200" and "text/event-stream" in ctype:
                             resp.mode_override.CopyFrom(_READ_RESPONSE_BODY)
-                        else:  # an error or not a stream: nothing to strip
+                        else:  # not a stream: nothing to strip; a 400 may be a context-length misroute
                             stripper = None
+                            if status == "400" and not req.response_headers.end_of_stream:
+                                error_status = 400
+                                resp.mode_override.CopyFrom(_READ_ERROR_BODY)
                     yield resp
                 elif kind == "response_body":
-                    yield self._strip_usage(req.response_body, routed, stripper)
+                    if error_status and routed is not None:
+                        error_chunks.append(req.response_body.body)
+                        if req.response_body.end_of_stream:
+                            r.learn_from(routed.decision, routed.pool, error_status, None,
+                                         b"".join(error_chunks)[:MAX_JSON_BODY], False)
+                        yield pb.ProcessingResponse(response_body=pb.BodyResponse())
+                    else:
+                        yield self._strip_usage(req.response_body, routed, stripper)
                 elif kind == "response_trailers":
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
                 try:
