@@ -40,10 +40,14 @@ def envoy_binary() -> str:
     return found
 
 
-def _wait(check, what: str, timeout: float) -> None:
+def _wait(check, what: str, timeout: float, proc: subprocess.Popen | None = None,
+          log: pathlib.Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:  # it died: say so now, not after the timeout
+            tail = log.read_text(errors="replace")[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with code {proc.returncode}\n{tail}")
         try:
             if check():
                 return
@@ -123,13 +127,14 @@ class Stack:
                 "--profile", profiles[pool.name], "--max-model-len", str(pool.max_context), "--model", self.model,
                 "--time-scale", str(self.time_scale), *self.engine_args])
         for pool in ours:
-            _wait(lambda p=pool.name: _http_ok(f"{self.pool_url(p)}/health"), f"engine {pool.name}", 60)
+            _wait(lambda p=pool.name: _http_ok(f"{self.pool_url(p)}/health"), f"engine {pool.name}", 60,
+                  self.procs[f"engine-{pool.name}"], self.workdir / f"engine-{pool.name}.log")
 
     def start_router(self, wait: bool = True) -> None:
-        self._spawn("router", [sys.executable, "-m", "extproc", "serve", "--config", str(self.router_config)],
-                    env=self.router_env)
+        proc = self._spawn("router", [sys.executable, "-m", "extproc", "serve", "--config", str(self.router_config)],
+                           env=self.router_env)
         if wait:
-            _wait(self.router_ready, "router", 60)
+            _wait(self.router_ready, "router", 60, proc, self.workdir / "router.log")
 
     def router_ready(self) -> bool:
         import grpc
@@ -149,16 +154,27 @@ class Stack:
         path = self.workdir / "envoy.yaml"
         path.write_text(render_yaml(layout))
         self._spawn("envoy", [envoy_binary(), "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
-                              "-l", "warning"])
-        _wait(lambda: _http_ok(f"http://127.0.0.1:{self.admin_port}/ready"), "envoy", 60)
+                              "--file-flush-interval-msec", "1000", "-l", "warning"])
+        _wait(lambda: _http_ok(f"http://127.0.0.1:{self.admin_port}/ready"), "envoy", 60,
+              self.procs["envoy"], self.workdir / "envoy.log")
         self.wait_router_healthy_in_envoy()
 
     def wait_router_healthy_in_envoy(self, timeout: float = 30) -> None:
-        """Until Envoy's health check has seen the router up (routing, not failing open)."""
+        """Until Envoy's health check has *newly* seen the router up (routing, not failing open).
+        A fresh success is required: right after a router restart the host can still read healthy
+        from before the outage and turn unhealthy a moment later."""
+        def stat(name: str) -> int:
+            url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster\\.extproc\\.health_check\\.{name}$"
+            with urllib.request.urlopen(url, timeout=1) as r:
+                text = r.read().decode()
+            return int(text.rpartition(":")[2].strip() or 0) if text.strip() else 0
+
+        base = stat("success")
+
         def healthy() -> bool:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/clusters", timeout=1) as r:
                 lines = [ln for ln in r.read().decode().splitlines() if ln.startswith("extproc::")]
-            return any("health_flags::healthy" in ln for ln in lines)
+            return stat("success") > base and any("health_flags::healthy" in ln for ln in lines)
         _wait(healthy, "router health in Envoy", timeout)
 
     def start(self) -> "Stack":

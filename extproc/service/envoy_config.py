@@ -3,8 +3,10 @@ and ports are said once. ``envoy/envoy.yaml`` is this rendering for the built-in
 
 Filter chain (decode order):
 
-1. ``header_mutation`` removes every client copy of the router's headers *before* routing, so a
-   client cannot pick its pool even while the router is down.
+1. an *early* header mutation (``early_header_mutation_extensions``, applied before the route is
+   chosen — an HTTP filter would be too late: the route is cached before filters run) removes
+   every client copy of the router's headers, so a client cannot pick its pool even while the
+   router is down or slow.
 2. ``ext_proc`` (routing): request headers held, body BUFFERED; the body response sets the pool
    header and clears the route cache, so the route is chosen again on the header. Nothing on the
    response path: no round trip is added to responses. ``failure_mode_allow``: if the router is
@@ -143,10 +145,12 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
             "path": lay.access_log_path, "log_format": {"text_format_source": {"inline_string": fmt}}}}],
         "route_config": {"name": "pools", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
+        "early_header_mutation_extensions": [{
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                "mutations": [{"remove": h} for h in ours]}}],
         "http_filters": [
-            {"name": "envoy.filters.http.header_mutation", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-                "mutations": {"request_mutations": [{"remove": h} for h in ours]}}},
             {"name": ROUTE_FILTER, "typed_config": {
                 "@type": _EXT_PROC,
                 "grpc_service": grpc_service,
@@ -175,6 +179,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
     }
     if not with_router:
         hcm["http_filters"] = hcm["http_filters"][-1:]
+        del hcm["early_header_mutation_extensions"]
         for route in routes:
             route["typed_per_filter_config"] = {}
     clusters = [_cluster(f"pool_{name}", host, port) for name, host, port in lay.pools]

@@ -256,10 +256,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     r.metrics.phase["request_headers"].observe(time.perf_counter() - t0)
                     yield resp
                 elif kind == "request_body":
-                    chunks.append(req.request_body.body)
-                    if not req.request_body.end_of_stream:
+                    if routed is not None:  # one decision per request (Envoy sends one final body)
+                        yield pb.ProcessingResponse(request_body=pb.BodyResponse())
+                    elif not req.request_body.end_of_stream:
+                        chunks.append(req.request_body.body)
                         yield pb.ProcessingResponse(request_body=pb.BodyResponse())
                     else:
+                        chunks.append(req.request_body.body)
                         t0 = time.perf_counter()
                         body = b"".join(chunks)
                         chunks.clear()

@@ -10,10 +10,6 @@ from e2e_helpers import access_line, chat_body, post, rid
 PROMPT_S = 3.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Stack.start_envoy runs Envoy with the default --file-flush-interval-msec (10 s), so access-log "
-    "lines show up ~10 s after the request (NOTES.md says about once a second). Fix: pass "
-    "--file-flush-interval-msec 1000 (the e2e helpers force a flush via POST /reopen_logs instead)"))
 def test_access_log_line_appears_within_seconds_without_a_forced_flush(stack):
     # sync with Envoy's flush timer: wait (unforced) until a line is written out, twice (the very
     # first write to the file is flushed at once, later ones only on the timer) …

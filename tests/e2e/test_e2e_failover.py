@@ -54,11 +54,6 @@ def test_router_killed_fails_open_to_long_then_recovers(stack):
     assert line.decision["decided_pool"] == "short"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with the router down (fail-open) a client's own x-token-pool header picks the pool. Envoy "
-    "chooses the route before any HTTP filter runs; the header_mutation filter removes the header "
-    "after the route is cached and nothing clears the route cache when ext_proc fails open. "
-    "Fix: strip the router's headers in the HCM's early_header_mutation_extensions (before routing)"))
 def test_spoofed_pool_header_is_ignored_while_router_is_down(stack):
     _kill_router(stack)
     r = rid("dead-spoof")

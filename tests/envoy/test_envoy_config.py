@@ -50,14 +50,15 @@ def test_bootstrap_fails_open_to_the_largest_pool_and_strips_client_headers():
     doc = render(EnvoyLayout(pools=(("a", "127.0.0.1", 1), ("b", "127.0.0.1", 2), ("c", "127.0.0.1", 3))))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     filters = [f["name"] for f in hcm["http_filters"]]
-    assert filters == ["envoy.filters.http.header_mutation", "extproc.route", "extproc.usage", "envoy.filters.http.router"]
-    removed = {m["remove"] for m in hcm["http_filters"][0]["typed_config"]["mutations"]["request_mutations"]}
-    assert {"x-token-pool", "x-token-budget", "x-token-sample", "x-token-decision"} <= removed
-    route_filter = hcm["http_filters"][1]["typed_config"]
+    assert filters == ["extproc.route", "extproc.usage", "envoy.filters.http.router"]
+    # removed before the route is chosen (an HTTP filter would run after it is cached)
+    removed = {m["remove"] for m in hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]}
+    assert {"x-token-pool", "x-token-budget", "x-token-sample", "x-token-decision", "x-token-shadow"} <= removed
+    route_filter = hcm["http_filters"][0]["typed_config"]
     assert route_filter["failure_mode_allow"] is True
     assert route_filter["processing_mode"]["request_body_mode"] == "BUFFERED"
     assert route_filter["message_timeout"] == "1s"
-    assert hcm["http_filters"][2]["typed_config"]["observability_mode"] is True
+    assert hcm["http_filters"][1]["typed_config"]["observability_mode"] is True
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     # without a pool header (router down or slow), LLM calls and everything else go to the largest pool
     assert routes[-2]["route"]["cluster"] == "pool_c" and routes[-1]["route"]["cluster"] == "pool_c"

@@ -349,11 +349,6 @@ def test_response_only_streams_and_garbage_on_the_usage_side():
     run(scenario())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (robustness): ExtProcServicer._route decides again on a second end_of_stream body and overwrites "
-    "`pool` without releasing the first decision: Router.inflight stays +1 after the stream ends, so with "
-    "spillover {short: 1} every later short request spills to long for good. Envoy's BUFFERED mode sends "
-    "one final body, so only a misbehaving client of the gRPC port reaches it"))
 def test_two_final_bodies_on_one_stream_do_not_leak_in_flight_counts():
     """Envoy sends one final body per request; a stream that carries two must not leave a pool's
     in-flight count raised for ever (spillover would then spill for good)."""
