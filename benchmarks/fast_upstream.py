@@ -4,7 +4,10 @@ POST bodies with ``"stream": true`` get an SSE stream of 20 content chunks, a us
 ``[DONE]``; others get a small chat.completion JSON with usage. Nothing is simulated: the point
 is that the upstream adds as little and as steady a latency as possible to both runs compared.
 
-    python benchmarks/fast_upstream.py PORT
+    python benchmarks/fast_upstream.py PORT [CHUNK_DELAY_MS]
+
+CHUNK_DELAY_MS spaces the stream's chunks like a model's inter-token latency (each then reaches
+Envoy, and any filter reading the stream, as a separate body chunk).
 """
 
 import asyncio
@@ -50,6 +53,8 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                 for piece in [_CHUNK] * 20 + [_USAGE, b"data: [DONE]\n\n"]:
                     writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                     await writer.drain()
+                    if CHUNK_DELAY_S:
+                        await asyncio.sleep(CHUNK_DELAY_S)
                 writer.write(b"0\r\n\r\n")
             else:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
@@ -67,5 +72,8 @@ async def main(port: int) -> None:
         await server.serve_forever()
 
 
+CHUNK_DELAY_S = 0.0
+
 if __name__ == "__main__":
+    CHUNK_DELAY_S = float(sys.argv[2]) / 1000 if len(sys.argv) > 2 else 0.0
     asyncio.run(main(int(sys.argv[1])))

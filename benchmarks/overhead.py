@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from extproc.service.envoy_config import EnvoyLayout, render_yaml  # noqa: E402
-from extproc.stack import _wait, envoy_binary, free_port  # noqa: E402
+from extproc.stack import _wait, envoy_binary, envoy_cluster_healthy, free_port  # noqa: E402
 
 TEXTS = ROOT.parent / "shared" / "data" / "texts" / "dev_texts.jsonl"
 
@@ -81,6 +81,14 @@ def run_load(port: int, body: bytes, n: int, seconds: float) -> tuple[list[float
     return lat, ttfb
 
 
+def decisions(metrics_port: int) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as resp:
+        return sum(float(ln.rpartition(" ")[2]) for ln in resp.read().decode().splitlines()
+                   if ln.startswith("extproc_decisions_total{"))
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
@@ -92,6 +100,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=20, help="time bound of one round")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 100_000, 1_000_000], help="body sizes (bytes)")
+    ap.add_argument("--chunk-delay-ms", type=float, default=0.0,
+                    help="space the upstream's stream chunks (inter-token latency) so each is its own body chunk")
     ap.add_argument("--inject", action="store_true", help="streams without include_usage, router injecting it "
                     "(service.inject_stream_usage) and stripping the usage event")
     args = ap.parse_args()
@@ -111,7 +121,8 @@ def main() -> None:
 
     try:
         up_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-        spawn([sys.executable, str(ROOT / "benchmarks" / "fast_upstream.py"), str(up_port)], "upstream")
+        spawn([sys.executable, str(ROOT / "benchmarks" / "fast_upstream.py"), str(up_port), str(args.chunk_delay_ms)],
+              "upstream")
         cfg = work / "router.yaml"
         cfg.write_text(yaml.safe_dump({"service": {"grpc_address": f"127.0.0.1:{grpc_port}",
                                                    "metrics_address": f"127.0.0.1:{metrics_port}",
@@ -135,17 +146,16 @@ def main() -> None:
             _wait(lambda a=admin: urllib.request.urlopen(f"http://127.0.0.1:{a}/ready", timeout=1).status == 200,
                   name, 60)
 
-        def router_healthy() -> bool:
-            with urllib.request.urlopen(f"http://127.0.0.1:{envoys['envoy+router'][1]}/clusters", timeout=1) as r:
-                return "extproc::127.0.0.1" in (t := r.read().decode()) and "health_flags::healthy" in t
-        _wait(router_healthy, "router health in Envoy", 60)
+        _wait(lambda: envoy_cluster_healthy(envoys["envoy+router"][1], "extproc"), "router health in Envoy", 60, router,
+              work / "router.log")
         # warm up: connections, and past the per-model calibration phase (every response read until 50)
         run_load(envoys["envoy+router"][0], body_of(1000, text, False), 80, 30)
         run_load(envoys["envoy alone"][0], body_of(1000, text, False), 80, 30)
 
         print(f"router: grpc.aio ext_proc service, 1 Envoy worker each; {args.rounds} alternating rounds; "
               f"light load (1 connection, sequential)"
-              + ("; streams without include_usage, router injecting it" if args.inject else "") + "\n")
+              + ("; streams without include_usage, router injecting it" if args.inject else "")
+              + (f"; upstream stream chunks {args.chunk_delay_ms:g} ms apart" if args.chunk_delay_ms else "") + "\n")
         head = (f"{'body':>7} {'mode':<7} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'+router p50':>11} {'p99':>7} | "
                 f"{'added p50':>9} {'p99':>7} | {'router CPU':>10} {'envoy CPU':>9} {'alone CPU':>9}")
         print(head + "   (latency ms, CPU µs per request)")
@@ -157,11 +167,14 @@ def main() -> None:
                 ttfb = {k: [] for k in envoys}
                 cpu = {"router": 0, "envoy+router": 0, "envoy alone": 0}
                 count = {k: 0 for k in envoys}
+                decided = {k: 0.0 for k in envoys}
                 for _ in range(args.rounds):
                     for name, (port, _, proc) in envoys.items():
+                        d0 = decisions(metrics_port)
                         c0 = (cpu_ns(router.pid), cpu_ns(proc.pid))
                         lt, tf = run_load(port, body, n, args.seconds)
                         c1 = (cpu_ns(router.pid), cpu_ns(proc.pid))
+                        decided[name] += decisions(metrics_port) - d0
                         lat[name] += lt
                         ttfb[name] += tf
                         count[name] += len(lt)
@@ -175,6 +188,9 @@ def main() -> None:
                 print(f"{label:>7} {'stream' if stream else 'json':<7} {count[r]:>5} | {p[a][0]:>9.3f} {p[a][1]:>7.3f} | "
                       f"{p[r][0]:>11.3f} {p[r][1]:>7.3f} | {p[r][0] - p[a][0]:>9.3f} {p[r][1] - p[a][1]:>7.3f} | "
                       f"{us['router']:>10.0f} {us[r]:>9.0f} {us[a]:>9.0f}")
+                if decided[r] < count[r]:  # fail-open requests cost nothing and would flatter the router
+                    print(f"{'':>7} {'':<7} {'':>5}   WARNING: the router decided only {int(decided[r])} of "
+                          f"{count[r]} requests (the rest failed open)")
                 if stream:
                     ta, tr = pct(ttfb[a], 0.5) * 1e3, pct(ttfb[r], 0.5) * 1e3
                     print(f"{'':>7} {'':<7} {'':>5}   TTFB p50: alone {ta:.3f} ms, +router {tr:.3f} ms")

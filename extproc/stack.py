@@ -57,6 +57,13 @@ def _wait(check, what: str, timeout: float, proc: subprocess.Popen | None = None
     raise TimeoutError(f"{what} not ready after {timeout:.0f}s ({last})")
 
 
+def envoy_cluster_healthy(admin_port: int, cluster: str) -> bool:
+    """Whether Envoy's admin endpoint reports a host of ``cluster`` healthy."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/clusters", timeout=1) as r:
+        lines = [ln for ln in r.read().decode().splitlines() if ln.startswith(f"{cluster}::")]
+    return any("health_flags::healthy" in ln for ln in lines)
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as r:
         return r.status == 200
@@ -172,9 +179,7 @@ class Stack:
         base = stat("success")
 
         def healthy() -> bool:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/clusters", timeout=1) as r:
-                lines = [ln for ln in r.read().decode().splitlines() if ln.startswith("extproc::")]
-            return stat("success") > base and any("health_flags::healthy" in ln for ln in lines)
+            return stat("success") > base and envoy_cluster_healthy(self.admin_port, "extproc")
         _wait(healthy, "router health in Envoy", timeout)
 
     def start(self) -> "Stack":
