@@ -39,6 +39,8 @@ class Metrics:
                               registry=r)
         self.phase_seconds = Histogram("extproc_processing_seconds", "Router time per ext_proc phase",
                                        ["phase"], buckets=_SECONDS_BUCKETS, registry=r)
+        self.usage_streams = Counter("extproc_usage_streams", "Response streams the usage filter opened to the "
+                                     "router (should track the sample rate)", registry=r)
         self.stream_errors = Counter("extproc_stream_errors", "ext_proc streams that ended with an error",
                                      registry=r)
         if calibration is not None:

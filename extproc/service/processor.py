@@ -363,6 +363,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         """Read usage as soon as the response has it, then drain the stream without work:
         Envoy may hold an observability stream open after the response is complete."""
         r = self.r
+        r.metrics.usage_streams.inc()
         sample_id = None
         status = None
         streamed = False
