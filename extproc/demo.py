@@ -114,7 +114,7 @@ def run_demo(stack: Stack, rows: list[dict]) -> None:
     print("    learned group scales (prior = 1.0; turns = template tokens per message): " + ", ".join(
         f"{g} {_sum(after, 'extproc_calibration_scale', model=model, group=g):.3f}"
         for g in ("latin", "digits", "space", "punct", "turns")))
-    print("    routing margin by kind (the prior's until requests of >= 1024 tokens are seen): " + ", ".join(
+    print("    routing margin by kind (the prior's until requests of >= 2048 tokens are seen): " + ", ".join(
         f"{k} {100 * _sum(after, 'extproc_calibration_margin_ratio', model=model, kind=k):.1f}%"
         for k in ("prose", "code", "cjk")))
 

@@ -15,7 +15,7 @@ their rates.
 The routing margin comes from the observed errors (``ErrorModel``): each request's error
 *before* its own count was learned, per key and per kind of content, so that a kind that
 estimates badly (rare scripts) widens the margin of requests made of it and not of the others.
-Requests far below the smallest pool tell little about errors near it and are left out of it.
+Requests below a quarter of the smallest pool tell little about errors near its limit and are left out.
 
 ``PaperEMA`` — the paper's estimator, kept as a selectable baseline: per (model, category)
 bytes-per-token EMA ĉ ← βĉ + (1−β)·obs, σ̂ an EMA of |obs − ĉ|, routing on c* = ĉ − γσ̂.
@@ -212,7 +212,8 @@ class KalmanSettings:
     content_sd: float = 0.15         # prior spread of a content group's scale
     margin_quantile: float = 0.97    # of out-of-sample relative errors
     margin_window: int = 512
-    margin_min_tokens: int = 1024    # smaller requests teach the scales, not the margin
+    margin_min_tokens: int = 1024    # smaller requests teach the scales, not the margin (the router
+                                     # sets a quarter of its smallest pool's context)
     margin_prior_weight: float = 10.0
     margin_floor: float = 0.005
     calibrated_after: int = 20       # samples before a key's estimates count as "calibrated"

@@ -50,7 +50,11 @@ class BudgetRouter:
         self.families = load_priors(s.priors_path)
         if s.default_family not in self.families:
             raise ValueError(f"default_family {s.default_family!r} has no priors")
-        self.estimator = estimator or make_estimator(s.estimator, **s.estimator_settings)
+        settings = dict(s.estimator_settings)
+        if s.estimator == "feature-kalman":
+            # the margin learns from requests that could sit near a pool's limit, not from tiny ones
+            settings.setdefault("margin_min_tokens", max(256, self.pools[0].max_context // 4))
+        self.estimator = estimator or make_estimator(s.estimator, **settings)
 
     @classmethod
     def from_config(cls, path: str | None) -> "BudgetRouter":
