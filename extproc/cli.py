@@ -13,6 +13,15 @@ from .config import ConfigError, load_config
 SHARED_REQUESTS = pathlib.Path("../shared/data/requests/dev_requests.jsonl")
 
 
+def _config(path: str | None):
+    """The validated config, or exit 2 with the field and the reason."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"invalid config: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _request_rows(paths: list[str]) -> tuple[list[dict], str]:
     """Rows of {path, body, prompt_tokens?} from JSONL files; shared samples, else bundled ones."""
     if paths:
@@ -56,11 +65,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from . import chat_tokens
     from .budget import BudgetRouter
 
-    try:
-        router = BudgetRouter(load_config(args.config).budget)
-    except ConfigError as exc:
-        print(f"invalid config: {exc}", file=sys.stderr)
-        return 2
+    router = BudgetRouter(_config(args.config).budget)
     rows, label = _request_rows(args.files)
     rows = rows[: args.limit] + _long_requests(rows)
     print(f"{len(rows)} requests from {label} (+ long ones stacked from them); pools: "
@@ -98,11 +103,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        print(f"invalid config: {exc}", file=sys.stderr)
-        return 2
+    cfg = _config(args.config)
     b = cfg.budget
     print(f"config OK ({cfg.source})")
     print("pools: " + ", ".join(f"{p.name}={p.max_context}" for p in b.pools))
@@ -118,11 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     install_event_loop()
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"invalid config: {exc}", file=sys.stderr)
-        return 2
+    config = _config(args.config)
     asyncio.run(run(config))
     return 0
 
@@ -130,11 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from .service.envoy_config import layout_from_config, render_yaml
 
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"invalid config: {exc}", file=sys.stderr)
-        return 2
+    config = _config(args.config)
     try:
         layout = layout_from_config(config, listen_port=args.listen_port, admin_port=args.admin_port,
                                     upstreams=args.upstream, listen_address=args.listen_address, router=args.router)
@@ -152,11 +145,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from .demo import up
 
-    try:
-        load_config(args.config)
-    except ConfigError as exc:
-        print(f"invalid config: {exc}", file=sys.stderr)
-        return 2
+    _config(args.config)  # fail here, naming the field, before starting anything
     return up(args.config, demo=args.demo, exit_after=args.exit, time_scale=args.time_scale, workdir=args.workdir)
 
 

@@ -127,6 +127,16 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
                          {ROUTE_FILTER: _disabled(), USAGE_FILTER: _disabled()}))
 
     grpc_service = {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": f"{lay.message_timeout_ms / 1000:g}s"}
+
+    def ext_proc(modes: tuple[str, str, str, str], **extra) -> dict:
+        """An ext_proc filter on the router's cluster: (request headers, request body, response
+        headers, response body) modes; fails open, with an explicit message timeout."""
+        keys = ("request_header_mode", "request_body_mode", "response_header_mode", "response_body_mode")
+        return {"@type": _EXT_PROC, "grpc_service": grpc_service, "failure_mode_allow": True,
+                "message_timeout": f"{lay.message_timeout_ms / 1000:g}s",
+                "processing_mode": {**dict(zip(keys, modes)),
+                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+                **extra}
     ours = ServiceSettings(pool_header=lay.pool_header, header_prefix=lay.header_prefix).router_headers()
     fmt = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% "
            "id=%REQ(X-REQUEST-ID)% "
@@ -151,28 +161,11 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
                 "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
                 "mutations": [{"remove": h} for h in ours]}}],
         "http_filters": [
-            {"name": ROUTE_FILTER, "typed_config": {
-                "@type": _EXT_PROC,
-                "grpc_service": grpc_service,
-                "failure_mode_allow": True,
-                "message_timeout": f"{lay.message_timeout_ms / 1000:g}s",
-                "processing_mode": {"request_header_mode": "SEND", "request_body_mode": "BUFFERED",
-                                    "response_header_mode": "SKIP", "response_body_mode": "NONE",
-                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
-                "allow_mode_override": True,
-                "mutation_rules": {"disallow_system": True},
-                "metadata_options": {"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}},
-            }},
-            {"name": USAGE_FILTER, "typed_config": {
-                "@type": _EXT_PROC,
-                "grpc_service": grpc_service,
-                "failure_mode_allow": True,
-                "observability_mode": True,
-                "message_timeout": f"{lay.message_timeout_ms / 1000:g}s",
-                "processing_mode": {"request_header_mode": "SEND", "request_body_mode": "NONE",
-                                    "response_header_mode": "SEND", "response_body_mode": "STREAMED",
-                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
-            }},
+            {"name": ROUTE_FILTER, "typed_config": ext_proc(
+                ("SEND", "BUFFERED", "SKIP", "NONE"),
+                allow_mode_override=True, mutation_rules={"disallow_system": True},
+                metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}})},
+            {"name": USAGE_FILTER, "typed_config": ext_proc(("SEND", "NONE", "SEND", "STREAMED"), observability_mode=True)},
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
