@@ -120,7 +120,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     install_event_loop()
     config = _config(args.config)
-    asyncio.run(run(config))
+    try:
+        asyncio.run(run(config))
+    except OSError as exc:  # e.g. an address already in use: say so, no traceback
+        print(f"cannot serve: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -97,21 +97,30 @@ class Service:
         s = self.config.service
         if s.snapshot_path and restore_snapshot(self.budget, s.snapshot_path):
             log.info("calibration restored from %s", s.snapshot_path)
+        maddr = s.metrics_address if metrics_address == "" else metrics_address
+        if maddr:  # bound first: a taken port fails the start before anything else is running
+            host, _, port = maddr.rpartition(":")
+            try:
+                self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.metrics.registry)
+            except OSError as exc:
+                raise OSError(f"cannot bind the metrics address {maddr}: {exc.strerror}") from None
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0)])
         pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.router), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        self.port = self.server.add_insecure_port(grpc_address or s.grpc_address)
+        address = grpc_address or s.grpc_address
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio's way of saying the address is taken or invalid
+            self.port = 0
         if not self.port:
-            raise OSError(f"cannot bind gRPC address {grpc_address or s.grpc_address}")
+            if self._metrics_server is not None:
+                self._metrics_server.shutdown()
+            raise OSError(f"cannot bind the gRPC address {address} (in use, or not an address of this host)")
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        maddr = s.metrics_address if metrics_address == "" else metrics_address
-        if maddr:
-            host, _, port = maddr.rpartition(":")
-            self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.metrics.registry)
         if s.snapshot_path:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop())
         log.info("serving ext_proc on %s (port %d), metrics on %s, pools %s%s", grpc_address or s.grpc_address,
