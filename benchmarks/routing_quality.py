@@ -137,9 +137,11 @@ class _Row:
         self.ape: list[float] = []
 
 
-def replay(requests: list[dict], estimator_name: str | None, priors: str | None = None) -> dict[str, _Row]:
+def replay(requests: list[dict], estimator_name: str | None, priors: str | None = None,
+           settings: dict | None = None) -> dict[str, _Row]:
     """Route then observe every request; estimator None routes on the true count (the limit)."""
-    router = BudgetRouter(BudgetSettings(estimator=estimator_name or "fixed-ratio", priors_path=priors))
+    router = BudgetRouter(BudgetSettings(estimator=estimator_name or "fixed-ratio", priors_path=priors,
+                                         estimator_settings=settings or {}))
     rows: dict[str, _Row] = defaultdict(_Row)
     seen: dict[str, int] = defaultdict(int)
     for r in requests:
@@ -200,6 +202,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--priors", help="priors.json to use (default: the packaged one)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a feature-kalman setting for the default row, e.g. --set margin_quantile=0.95")
     ap.add_argument("--near-share", type=float, default=NEAR_SHARE,
                     help="share of requests with budgets within ±25%% of the short pool's limit")
     ap.add_argument("--half", type=int, choices=(0, 1),
@@ -208,13 +212,17 @@ def main() -> None:
     if not args.texts.exists():
         sys.exit(f"SKIP: texts not found at {args.texts} (the shared data set is needed)")
     NEAR_SHARE = args.near_share
+    settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        settings[key] = float(value) if "." in value else int(value)
     t0 = time.time()
     requests = build_requests(load_texts(args.texts, args.half), args.requests, args.seed)
     near = sum(1 for r in requests if 0.75 * SHORT <= r["budget"] <= 1.25 * SHORT)
     print(f"{len(requests)} requests from {args.texts.name} ({near} within ±25% of {SHORT}), "
           f"built and tokenised in {time.time() - t0:.1f}s; seed {args.seed}\n")
     rows = {"fixed 4.0 B/tok": replay(requests, "fixed-ratio"), "paper EMA": replay(requests, "paper-ema"),
-            "feature-kalman (default)": replay(requests, "feature-kalman", args.priors),
+            "feature-kalman (default)": replay(requests, "feature-kalman", args.priors, settings),
             "tokenizer (limit)": replay(requests, None)}
     kinds = sorted(k for k in rows["tokenizer (limit)"] if k != "ALL") + ["ALL"]
     print(f"{'estimator':<26} {'kind':<13} {'n':>5} {'overflow%':>10} {'waste%':>8} {'MAPE%':>7}")
