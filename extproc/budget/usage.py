@@ -122,55 +122,76 @@ class SSEUsageScanner:
         return self.prompt_tokens
 
 
+_EVENT_END = re.compile(rb"\r\n\r\n|\n\n")
+_NOT_USAGE = (b'"choices":[{', b'"choices": [{')
+
+
 class UsageEventStripper:
     """Removes the usage-only event (``"choices": []`` plus ``usage``) from an SSE stream the
     router asked usage for, and reads ``usage.prompt_tokens`` from it on the way.
 
-    Complete events pass at once; only an event cut by a chunk boundary waits for the rest of
-    itself (a client cannot use half an event anyway), so nothing the client can see is delayed.
+    Bytes pass on as soon as they cannot belong to that event: an event is held back only while
+    it is still undecided (its ``choices`` not seen yet) or is the usage event itself, so a
+    stream cut short never reaches the client with a content event broken by the router.
     """
 
-    __slots__ = ("_pending", "prompt_tokens")
+    __slots__ = ("_pending", "_passing", "_last", "prompt_tokens")
 
     def __init__(self) -> None:
-        self._pending = b""
+        self._pending = b""     # the current event's bytes, held back while undecided
+        self._passing = False   # the current event is known not to be usage: its bytes flow on
+        self._last = b""        # the last bytes passed (an event end can straddle chunks)
         self.prompt_tokens: int | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        data = self._pending + chunk if self._pending else chunk
-        cut = max(data.rfind(b"\n\n"), data.rfind(b"\r\n\r\n"))
-        if cut < 0:
-            if len(data) > MAX_SSE_LINE:  # not an SSE stream we understand: stop holding bytes back
+        out = []
+        data = chunk
+        while data:
+            if self._passing:
+                probe = self._last + data
+                m = _EVENT_END.search(probe)
+                if m is None:
+                    out.append(data)
+                    self._last = probe[-3:]
+                    break
+                cut = m.end() - len(self._last)
+                out.append(data[:cut])
+                data = data[cut:]
+                self._passing, self._last = False, b""
+                continue
+            self._pending += data
+            data = b""
+            m = _EVENT_END.search(self._pending)
+            if m is not None:  # a whole event: keep it unless it is the usage event
+                event, data = self._pending[: m.end()], self._pending[m.end():]
                 self._pending = b""
-                return data
-            self._pending = data
-            return b""
-        end = cut + (4 if data[cut:cut + 4] == b"\r\n\r\n" else 2)
-        complete, self._pending = data[:end], data[end:]
-        if _USAGE_MARK not in complete:
-            return complete
-        return self._strip(complete)
+                out.append(self._filter(event))
+                continue
+            held = self._pending
+            starts_like_data = b"data:".startswith(held.lstrip()[:5])  # e.g. not a ": comment" line
+            if not starts_like_data or any(mark in held for mark in _NOT_USAGE) or len(held) > MAX_SSE_LINE:
+                out.append(held)  # decided: not the usage event
+                self._pending, self._passing, self._last = b"", True, held[-3:]
+        return b"".join(out)
 
     def finish(self) -> bytes:
         rest, self._pending = self._pending, b""
-        return self._strip(rest) if _USAGE_MARK in rest else rest
+        return self._filter(rest) if rest else b""
 
-    def _strip(self, complete: bytes) -> bytes:
-        out = []
-        for event in re.split(rb"(?<=\n\n)|(?<=\r\n\r\n)", complete):
-            if _USAGE_MARK in event:
-                payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
-                try:
-                    doc = orjson.loads(payload)
-                except orjson.JSONDecodeError:
-                    doc = None
-                if isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict):
-                    found = _prompt_tokens(doc)
-                    if found is not None:
-                        self.prompt_tokens = found
-                    continue  # the client did not ask for this event
-            out.append(event)
-        return b"".join(out)
+    def _filter(self, event: bytes) -> bytes:
+        if _USAGE_MARK not in event:
+            return event
+        payload = b"".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if isinstance(doc, dict) and doc.get("choices") == [] and isinstance(doc.get("usage"), dict):
+            found = _prompt_tokens(doc)
+            if found is not None:
+                self.prompt_tokens = found
+            return b""  # the client did not ask for this event
+        return event
 
 
 def with_stream_usage(body: bytes) -> bytes | None:

@@ -81,3 +81,20 @@ def test_corrupt_snapshots_are_refused_not_half_restored(router, corrupt):
     with pytest.raises((ValueError, TypeError, KeyError, AttributeError)):
         fresh.restore(doc)
     assert fresh.route(body).budget_tokens > 1024  # still estimating from the prior, not from NaN
+
+
+def test_stripper_passes_content_before_its_event_completes():
+    st = UsageEventStripper()
+    head = b'data: {"id":"c1","choices":[{"delta":{"content":"hel'
+    assert st.feed(head) == head  # a content event: nothing held back, even half of it
+    assert st.feed(b'lo"}}]}\n') == b'lo"}}]}\n'
+    assert st.feed(b'\ndata: {"id":"c1","choices":[],"usage":{"prompt_tokens":7}}') == b"\n"
+    assert st.feed(b"\n\ndata: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert st.finish() == b"" and st.prompt_tokens == 7
+
+
+def test_stripper_keeps_comments_and_unknown_events():
+    st = UsageEventStripper()
+    stream = b": keep-alive\n\nevent: ping\ndata: {}\n\ndata: {\"choices\":[],\"usage\":\"not an object\"}\n\n"
+    out = b"".join(st.feed(stream[i:i + 7]) for i in range(0, len(stream), 7)) + st.finish()
+    assert out == stream and st.prompt_tokens is None
