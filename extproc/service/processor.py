@@ -59,7 +59,6 @@ _READ_ERROR_BODY = _MODE(response_body_mode=_MODE.BUFFERED, response_trailer_mod
 class _Sampled:
     decision: Decision
     pool: str
-    t: float
 
 
 @dataclass(slots=True)
@@ -155,7 +154,7 @@ class Router:
                 out.new_body = with_stream_usage(body)
             if out.new_body is None:
                 out.sample_id = f"{self._id_prefix}{next(self._ids):x}"
-                self.pending[out.sample_id] = _Sampled(d, pool, time.monotonic())
+                self.pending[out.sample_id] = _Sampled(d, pool)
                 while len(self.pending) > self.s.max_pending:
                     self.pending.popitem(last=False)
         self.inflight[pool] += 1
