@@ -139,23 +139,29 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 _Z_PRIOR = 2.576  # two-sided 99% normal quantile: how the cold-start margin is split into σ·z
-BUCKETS = ("prose", "code", "cjk", "script", "json")
+KINDS = ("prose", "code", "digits", "cjk", "script", "json")
+BUCKETS = KINDS + tuple(k + "/turns" for k in KINDS)
 
 
 def error_bucket(g: list[float]) -> str:
     """Which kind of content dominates a request's estimate: errors are tracked per kind, so a
-    kind that estimates badly (rare scripts) widens its own margin and not everyone's."""
+    kind that estimates badly (rare scripts) widens its own margin and not everyone's. A
+    conversation of three or more messages mixes texts whose errors partly cancel: its own bucket."""
     content = [abs(v) for v in g[: len(CONTENT_GROUPS) + 2]]
     total = sum(content) or 1.0
     if (content[_G["json"]] + content[_G["schema"]]) > 0.5 * total:
-        return "json"
-    if content[_G["cjk"]] > 0.2 * total:
-        return "cjk"
-    if content[_G["script"]] > 0.03 * total:
-        return "script"
-    if content[_G["punct"]] + content[_G["space"]] > 0.35 * total:
-        return "code"
-    return "prose"
+        kind = "json"
+    elif content[_G["cjk"]] > 0.2 * total:
+        kind = "cjk"
+    elif content[_G["script"]] > 0.03 * total:
+        kind = "script"
+    elif content[_G["punct"]] > 0.2 * total:
+        kind = "code"
+    elif content[_G["digits"]] > 0.2 * total:
+        kind = "digits"
+    else:
+        kind = "prose"
+    return kind + "/turns" if g[_G["turns"]] >= 3 else kind
 
 
 class ErrorModel:
@@ -210,7 +216,7 @@ class KalmanSettings:
     process_noise: float = 1e-3      # per observation, as a fraction of the prior variance
     observation_noise: float = 0.1   # relative misfit of one request's total
     content_sd: float = 0.15         # prior spread of a content group's scale
-    margin_quantile: float = 0.97    # of out-of-sample relative errors
+    margin_quantile: float = 0.96    # of out-of-sample relative errors
     margin_window: int = 512
     margin_min_tokens: int = 1024    # smaller requests teach the scales, not the margin (the router
                                      # sets a quarter of its smallest pool's context)
@@ -360,8 +366,9 @@ class FeatureKalman:
             if len(theta) != _N_GROUPS or len(P) != _N_GROUPS or any(len(r) != _N_GROUPS for r in P):
                 raise ValueError(f"snapshot key {key!r} has the wrong dimensions")
             errors = ErrorModel(0.0, self.s.margin_window)
-            for b in BUCKETS:
-                (margin,) = _finite([v["margins"][b]], "margin")
+            stored = v["margins"]
+            for b in BUCKETS:  # a bucket an older version did not have starts at the widest margin
+                (margin,) = _finite([stored[b] if b in stored else max(stored.values(), default=0.0)], "margin")
                 if not 0.0 <= margin <= 10.0:
                     raise ValueError(f"snapshot margin {margin} out of range")
                 errors.margins[b] = margin
