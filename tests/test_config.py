@@ -1,0 +1,105 @@
+"""The one config file: defaults, environment overrides, and every invalid value failing at start
+with its field and reason (never later, on a request)."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from extproc.budget import BudgetRouter
+from extproc.config import ConfigError, apply_env, load_config, parse_config
+
+
+def test_no_file_is_the_built_in_defaults():
+    cfg = load_config(None, {})
+    assert [(p.name, p.max_context) for p in cfg.budget.pools] == [("short", 8192), ("long", 65536)]
+    assert cfg.budget.estimator == "feature-kalman"
+    assert cfg.service.grpc_address == "127.0.0.1:50051" and cfg.service.shadow is False
+
+
+def test_file_and_environment_overrides(tmp_path):
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({
+        "pools": [{"name": "big", "max_context": 131072}, {"name": "tiny", "max_context": 4096}],
+        "output_reserve": {"default_tokens": 512},
+        "service": {"spillover": {"tiny": 8}},
+    }))
+    cfg = load_config(str(path), {"EXTPROC_SERVICE__SHADOW": "true", "EXTPROC_OUTPUT_RESERVE__DEFAULT_TOKENS": "2048",
+                                  "EXTPROC_ESTIMATOR__KIND": "paper-ema", "UNRELATED": "x"})
+    assert [p.name for p in cfg.budget.pools] == ["tiny", "big"]  # ordered by capacity
+    assert cfg.budget.default_output_tokens == 2048 and cfg.budget.estimator == "paper-ema"
+    assert cfg.service.shadow is True and cfg.service.spillover_limit("tiny") == 8
+    router = BudgetRouter(cfg.budget)
+    assert router.route(b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5000}').pool == "big"
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"pools": []}, "pools"),
+    ({"pools": [{"name": "a", "max_context": 0}]}, "pools[0].max_context"),
+    ({"pools": [{"name": "a", "max_context": "8k"}]}, "pools[0].max_context"),
+    ({"pools": [{"name": "a b", "max_context": 10}]}, "pools[0].name"),
+    ({"pools": [{"name": "a", "max_context": 10}, {"name": "a", "max_context": 20}]}, "pools"),
+    ({"pools": [{"name": "a", "max_context": 10, "gpus": 8}]}, "pools[0].gpus"),
+    ({"estimator": {"kind": "magic"}}, "estimator.kind"),
+    ({"estimator": {"settings": {"margin_quantile": 1.5}}}, "estimator.settings.margin_quantile"),
+    ({"estimator": {"settings": {"margin_quantile": "high"}}}, "estimator.settings.margin_quantile"),
+    ({"estimator": {"settings": {"nonsense": 1}}}, "estimator.settings.nonsense"),
+    ({"output_reserve": {"default_tokens": -1}}, "output_reserve.default_tokens"),
+    ({"media_tokens": True}, "media_tokens"),
+    ({"families": {"qwen": ["qwen3"]}}, "families.qwen"),
+    ({"families": {"qwen": "gpt2"}}, "families.qwen"),
+    ({"default_family": "gpt2"}, "default_family"),
+    ({"servce": {}}, "servce"),
+    ({"service": {"grpc_address": "localhost"}}, "service.grpc_address"),
+    ({"service": {"metrics_address": "127.0.0.1:99999"}}, "service.metrics_address"),
+    ({"service": {"shadow": "yes"}}, "service.shadow"),
+    ({"service": {"spillover": {"medium": 4}}}, "service.spillover.medium"),
+    ({"service": {"spillover": {"short": 0}}}, "service.spillover.short"),
+    ({"service": {"pool_header": "authorization"}}, "service.pool_header"),
+    ({"service": {"pool_header": "X-Pool"}}, "service.pool_header"),
+    ({"service": {"pool_header": "x-token-budget"}}, "service.pool_header"),
+    ({"service": {"usage_sample_rate": 2}}, "service.usage_sample_rate"),
+    ({"service": {"inject_stream_usage": 1}}, "service.inject_stream_usage"),
+    ({"service": {"snapshot_path": ""}}, "service.snapshot_path"),
+])
+def test_invalid_values_name_their_field(doc, field):
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert err.value.field == field
+    assert str(err.value).startswith(f"{field}: ")
+
+
+def test_unreadable_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "missing.yaml"), {})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pools: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad), {})
+    bad.write_text("- a list")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(bad), {})
+
+
+def test_environment_values_are_yaml_scalars():
+    doc = apply_env({}, {"EXTPROC_SERVICE__SPILLOVER__SHORT": "12", "EXTPROC_SERVICE__SHADOW": "false"})
+    assert doc == {"service": {"spillover": {"short": 12}, "shadow": False}}
+
+
+def test_check_config_command_exit_codes(tmp_path):
+    good = subprocess.run([sys.executable, "-m", "extproc", "check-config"], capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0 and "config OK" in good.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"service": {"spillover": {"tiny": 3}}}))
+    out = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(bad)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert "service.spillover.tiny: no such pool" in out.stderr
+
+
+def test_explain_runs_on_the_bundled_sample(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "extproc", "explain"], capture_output=True, text=True, timeout=120,
+                         cwd=tmp_path)  # no ../shared here: the bundled sample is used
+    assert out.returncode == 0, out.stderr
+    assert "bundled sample" in out.stdout and "requests per pool" in out.stdout
