@@ -138,7 +138,6 @@ def _quantile(sorted_values: list[float], q: float) -> float:
     return sorted_values[i]
 
 
-_Z_PRIOR = 2.576  # two-sided 99% normal quantile: how the cold-start margin is split into σ·z
 KINDS = ("prose", "code", "digits", "cjk", "script", "json")
 BUCKETS = KINDS + tuple(k + "/turns" for k in KINDS)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .calibrate import Estimator, Family, load_priors, make_estimator
-from .policy import DEFAULT_POOLS, Pool, choose_pool, order_pools
+from .policy import DEFAULT_POOLS, Pool, choose_pool, order_pools, pools_that_fit
 from .request import Prompt, read_request
 
 REASON_FITS = "fits"            # the smallest pool that holds the conservative budget
@@ -103,7 +103,7 @@ class BudgetRouter:
             detail += "; " + ", ".join(shape.notes)
         return Decision(pool.name, int(round(best_point)), budget, REASON_FITS if fits else REASON_TOO_LARGE,
                         source, output_tokens=out, model=shape.model, api=shape.api, detail=detail,
-                        fits=tuple(p.name for p in self.pools if budget <= p.max_context),
+                        fits=tuple(p.name for p in pools_that_fit(self.pools, budget)),
                         _prompts=shape.prompts, _family=family)
 
     def observe(self, decision: Decision, prompt_tokens: int) -> float | None:
