@@ -97,6 +97,13 @@ class Router:
         self._calibrating = True
         self._calibrating_checked = -1e9
         self.removed = settings.router_headers()
+        # The three possible request-headers responses, built once (gRPC serialises a message
+        # on each send; it is never mutated after this).
+        strip = pb.HeadersResponse(response=pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(remove_headers=self.removed)))
+        self.headers_plain = pb.ProcessingResponse(request_headers=strip)
+        self.headers_skip = pb.ProcessingResponse(request_headers=strip, mode_override=_SKIP_BODY)
+        self.headers_ask_response = pb.ProcessingResponse(request_headers=strip, mode_override=_ASK_RESPONSE_HEADERS)
         self._rng = random.Random()
 
     # -- request side --------------------------------------------------------------------------
@@ -244,14 +251,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     hdrs = req.request_headers
                     path = _header(hdrs, ":path") or ""
                     method = _header(hdrs, ":method") or ""
-                    mutation = pb.HeaderMutation(remove_headers=r.removed)
-                    resp = pb.ProcessingResponse(request_headers=pb.HeadersResponse(
-                        response=pb.CommonResponse(header_mutation=mutation)))
                     if method != "POST" or api_for_path(path) == "unknown" or hdrs.end_of_stream:
-                        resp.mode_override.CopyFrom(_SKIP_BODY)  # not an LLM call: no buffering
+                        resp = r.headers_skip  # not an LLM call: no buffering
                     elif r.may_inject():
                         may_inject = True
-                        resp.mode_override.CopyFrom(_ASK_RESPONSE_HEADERS)
+                        resp = r.headers_ask_response
+                    else:
+                        resp = r.headers_plain
                     r.metrics.phase["request_headers"].observe(time.perf_counter() - t0)
                     yield resp
                 elif kind == "request_body":
