@@ -18,7 +18,8 @@ features come from the runs, so the work after the translate is a handful of vec
   Devanagari, Bengali, Thai, Myanmar and Ethiopic (their token rates differ by 2×);
 * rare letter pairs (``b:rare``) — adjacent ASCII letters that are not a common English bigram:
   Latin-script text in other languages (Swahili, Tagalog, German…) has many more of them and
-  falls out of the BPE vocabulary's whole words.
+  falls out of the BPE vocabulary's whole words; likewise rare letter trigrams (``b:tri``, against
+  a hand-written list of common English ones) and vowels (``b:vow``), all from one 27³ lookup.
 
 Every feature is a count, so the features of a concatenation are (up to the class boundary at
 the join) the sum of the parts': a request that mixes prose, code, CJK and JSON is measured per
@@ -101,18 +102,48 @@ _COMMON_PAIRS = frozenset((
     "tw ft wn nu af hu nn eo vo rv nf xp gn sm fl iz ok nl my gl aw ju oa eq sy sl ps jo lf nv je "
     "nk kn gs dy hy ze ks xt"
 ).split())
-# 1 for each little-endian byte pair (two ASCII letters, any case) not in _COMMON_PAIRS: the
-# text's bytes viewed as uint16 at both alignments index it directly, no per-byte arithmetic.
-_PAIR = np.dtype("<u2")
-_RARE_PAIR = np.zeros(1 << 16, np.uint8)
-_ASCII_LETTERS = list(range(65, 91)) + list(range(97, 123))
-for _a in _ASCII_LETTERS:
-    for _b in _ASCII_LETTERS:
-        _RARE_PAIR[_a | _b << 8] = chr(_a | 0x20) + chr(_b | 0x20) not in _COMMON_PAIRS
+# Letter trigrams common in English, written out by hand; a run of three ASCII letters that is
+# none of them (``b:tri``) is one more sign of a word outside the BPE vocabulary, and vowels
+# (``b:vow``) mark the open syllables of Swahili, Malagasy, Tagalog… Letters map to 0..25 (either
+# case), anything else to 26, with one ``bytes.translate``; each position's trigram indexes
+# c0*729 + c1*27 + c2 in a table of bits: 4 if c0 c1 is a rare pair (``b:rare``), 1 if c0 c1 c2 is
+# a rare trigram, 2 if c1 is a vowel. One bincount of the looked-up values gives all three counts.
+_COMMON_TRIGRAMS = frozenset((
+    "the and ing ion tio ent ati for her ter hat tha ere ate his con res ver all ons nce men ith "
+    "ted ers pro thi wit are ess not ive was ect rea com eve per int est sta cti ica ist ear ain "
+    "one our iti rat nte tin ine der ome man pre rom tra whi ave str act ill ure ide ove cal ble "
+    "out sti tic oun enc ore ant ity fro art tur par red oth eri hic ies ste ght ich igh und you "
+    "ort era wer nti oul nde ind tho hou nal but hav uld use han hin tes she ell ard ple ast ser "
+    "ous ali lly ese ren tis ndi nto ose rie ngs ial ran lin lea led les ler low own ows wor ork "
+    "orl rld ery ern eat ead hea hen hey hem hei som ake kin ike lik lit ely ily tly ful day ays "
+    "ibl abl ong ngt gth row ree see een ndo oin min mor tor ory ito iso son sio sin sig ign gne "
+    "ned nes nee eed cou ctu ura ral rel ela lat ato ors pos osi sit nit ite tal ssi ssa sse sso "
+    "age any rai ise ize ase ace anc sen ens nse ime tim mes ame nam ima mat mea ean ans che chi "
+    "cha ach eac tea rch arc sea erv rvi vic ice dic ict dis ust qui uir ire rec ecl eco eci cia "
+    "pla lac lan ang nge ges gen ene ner gra rap aph phy sho how sed ded din ven lev vel ele lec "
+    "cte oci soc ost mos mpl omp mpo por rta tan tat ata lis ish sha hal als alt lth eal bel elo "
+    "ack cke ked uch muc urn urs ute put mpu pen ope erm rmi mit itt tte ett bet wee ffe ffi fic "
+    "iff dif wou giv nev abo bou ugh oug rou rig ord rds thr hre eas pri rin rim ary nar ona"
+).split())
+_LETTER27 = bytearray([26]) * 256
+for _i in range(26):
+    _LETTER27[65 + _i] = _LETTER27[97 + _i] = _i
+LETTER27 = bytes(_LETTER27)
+_TRIGRAM = np.zeros(27 ** 3, np.uint8)
+_TRIGRAM.reshape(27, 27, 27)[:26, :26, :26] = 1
+for _t in _COMMON_TRIGRAMS:
+    _TRIGRAM[(ord(_t[0]) - 97) * 729 + (ord(_t[1]) - 97) * 27 + ord(_t[2]) - 97] = 0
+for _v in "aeiou":
+    _TRIGRAM.reshape(27, 27, 27)[:, ord(_v) - 97, :] += 2
+for _a in range(26):
+    for _b in range(26):
+        if chr(97 + _a) + chr(97 + _b) not in _COMMON_PAIRS:
+            _TRIGRAM.reshape(27, 27, 27)[_a, _b, :] += 4
 
 FEATURE_NAMES: tuple[str, ...] = (
     tuple(f"n:{c}" for c in TOTALS) + tuple(f"t:{n}" for n, _, _ in TRANSITIONS)
-    + tuple(f"r:{c}/{k}" for c, k in RUN_STEPS) + tuple(f"z:{n}" for n, _ in SCRIPTS) + ("b:rare",)
+    + tuple(f"r:{c}/{k}" for c, k in RUN_STEPS) + tuple(f"z:{n}" for n, _ in SCRIPTS)
+    + ("b:rare", "b:tri", "b:vow")
 )
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -134,6 +165,7 @@ for _j, (_n, _vals) in enumerate(SCRIPTS):
     for _v in _vals:
         _SCRIPT_W[_v, _j] = 1.0
 _LEAD_E = _CODE["i"]
+_BITS = np.array([[(v >> 2) & 1, v & 1, (v >> 1) & 1] for v in range(8)], float)  # -> rare, tri, vow
 
 # Group of each feature, for the calibrator (content groups in calibrate.CONTENT_GROUPS).
 def _group(name: str) -> str:
@@ -186,9 +218,10 @@ def _measure_exact(text: str) -> np.ndarray:
         raw_a = np.frombuffer(raw, np.uint8)
         lead = np.flatnonzero(codes[:-1] == _LEAD_E)
         scripts = np.bincount(raw_a[lead + 1], minlength=256) @ _SCRIPT_W
-    rare = (np.count_nonzero(_RARE_PAIR.take(np.frombuffer(raw, _PAIR, n >> 1)))
-            + np.count_nonzero(_RARE_PAIR.take(np.frombuffer(raw, _PAIR, (n - 1) >> 1, 1))))
-    return np.concatenate((totals, trans, runs, scripts, (rare,)))
+    # padded at both ends so that every byte is the middle of one trigram (exact, additive counts)
+    let = np.frombuffer(b"\x1a" + raw.translate(LETTER27) + b"\x1a", np.uint8).astype(np.uint16)
+    bits = np.bincount(_TRIGRAM.take((let[:-2] * 27 + let[1:-1]) * 27 + let[2:]), minlength=8) @ _BITS
+    return np.concatenate((totals, trans, runs, scripts, bits))
 
 
 def measure(text: str) -> np.ndarray:

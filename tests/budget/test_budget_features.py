@@ -76,7 +76,8 @@ def test_additivity_on_real_texts(dev_texts):
         a, b = rng.choice(texts), rng.choice(texts)
         whole, parts = measure(a + b), measure(a) + measure(b)
         np.testing.assert_array_equal(whole[TOTALS], parts[TOTALS])
-        assert np.abs(whole - parts).max() <= 1
+        # two letter trigrams (b:tri) can span the join; every other feature differs by at most 1
+        assert np.abs(whole - parts).max() <= 2
 
 
 @pytest.mark.parametrize("text", SAMPLES[:3] + [SAMPLES[7], "".join(chr(c) for c in range(128))])
