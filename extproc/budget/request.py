@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from .features import measure, utf8_len
+from .features import SAMPLE_CHARS, measure, utf8_len
 
 MAX_OUTPUT_TOKENS = 1 << 31  # larger requested outputs are clamped (they fit no pool anyway)
 _MODEL_NAME_MAX = 200
@@ -41,6 +41,7 @@ class Prompt:
     chat: int = 0                        # 1 when a chat template wraps the prompt
     media: int = 0                       # image/audio/file parts
     tools: int = 0                       # tool/function definitions (the template wraps each)
+    sampled: bool = False                # features measured on a sample of a very long text
     exact_tokens: int | None = None      # token-id prompts carry their exact length
 
 
@@ -128,14 +129,17 @@ class _Collector:
         if self.text:
             s = "\n".join(self.text)
             p.text = measure(s)
+            p.sampled |= len(s) > SAMPLE_CHARS
             nbytes += utf8_len(s)
         if self.json:
             s = "\n".join(self.json)
             p.json = measure(s)
+            p.sampled |= len(s) > SAMPLE_CHARS
             nbytes += utf8_len(s)
         if self.schema:
             s = "\n".join(self.schema)
             p.schema = measure(s)
+            p.sampled |= len(s) > SAMPLE_CHARS
             nbytes += utf8_len(s)
         p.text_bytes = nbytes
         return p
