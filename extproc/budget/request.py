@@ -126,21 +126,13 @@ class _Collector:
     def finish(self) -> Prompt:
         p = Prompt(messages=self.messages, chat=self.chat, media=self.media, tools=self.tools)
         nbytes = 0
-        if self.text:
-            s = "\n".join(self.text)
-            p.text = measure(s)
-            p.sampled |= len(s) > SAMPLE_CHARS
-            nbytes += utf8_len(s)
-        if self.json:
-            s = "\n".join(self.json)
-            p.json = measure(s)
-            p.sampled |= len(s) > SAMPLE_CHARS
-            nbytes += utf8_len(s)
-        if self.schema:
-            s = "\n".join(self.schema)
-            p.schema = measure(s)
-            p.sampled |= len(s) > SAMPLE_CHARS
-            nbytes += utf8_len(s)
+        for kind in ("text", "json", "schema"):  # each kind measured once, on all its segments
+            parts = getattr(self, kind)
+            if parts:
+                joined = "\n".join(parts)
+                setattr(p, kind, measure(joined))
+                p.sampled |= len(joined) > SAMPLE_CHARS
+                nbytes += utf8_len(joined)
         p.text_bytes = nbytes
         return p
 
