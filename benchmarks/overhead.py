@@ -1,9 +1,10 @@
 """What the router adds to a request: Envoy + router against Envoy alone, on the same machine and run.
 
-Two Envoys run side by side with the same listener, routes and upstream — one with the router's
-filters (header_mutation + ext_proc routing + ext_proc usage in observability mode), one
-without — and the same light load (one connection, sequential requests) goes through each in
-alternating rounds. The upstream is a minimal asyncio HTTP server (benchmarks/fast_upstream.py)
+Envoys run side by side with the same listener, routes and upstream — one per routing filter
+(``ext_authz``: an HTTP check with the body; ``ext_proc``: a gRPC stream per request; each with
+the early header mutation and the usage filter in observability mode), all talking to one
+router, and one without the router — and the same light load (one connection, sequential
+requests) goes through each in alternating rounds. The upstream is a minimal asyncio HTTP server (benchmarks/fast_upstream.py)
 so that what differs between the two is the router. Reported per body size and mode:
 
 * latency p50/p99 through each Envoy and the difference (what the router adds); for streams,
@@ -11,7 +12,7 @@ so that what differs between the two is the router. Reported per body size and m
 * CPU µs per request of the router process and of each Envoy, read from /proc/<pid>/task/*/schedstat
   (nanosecond run-time counters) around each round.
 
-    .venv/bin/python benchmarks/overhead.py [--requests N] [--rounds R] [--seconds S]
+    .venv/bin/python benchmarks/overhead.py [--requests N] [--rounds R] [--seconds S] [--filters ...]
 """
 
 from __future__ import annotations
@@ -104,7 +105,11 @@ def main() -> None:
                     help="space the upstream's stream chunks (inter-token latency) so each is its own body chunk")
     ap.add_argument("--inject", action="store_true", help="streams without include_usage, router injecting it "
                     "(service.inject_stream_usage) and stripping the usage event")
+    ap.add_argument("--filters", nargs="+", default=["ext_authz", "ext_proc"], choices=["ext_authz", "ext_proc"],
+                    help="routing filters to measure")
     args = ap.parse_args()
+    if args.inject:
+        args.filters = ["ext_proc"]  # injection needs the routing stream
 
     text = "\n".join(json.loads(line)["text"] for line in TEXTS.open()) if TEXTS.exists() else \
         "The quick brown fox jumps over the lazy dog. " * 30000
@@ -120,23 +125,27 @@ def main() -> None:
         return p
 
     try:
-        up_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+        up_port, grpc_port, http_port, metrics_port = free_port(), free_port(), free_port(), free_port()
         spawn([sys.executable, str(ROOT / "benchmarks" / "fast_upstream.py"), str(up_port), str(args.chunk_delay_ms)],
               "upstream")
         cfg = work / "router.yaml"
-        cfg.write_text(yaml.safe_dump({"service": {"grpc_address": f"127.0.0.1:{grpc_port}",
-                                                   "metrics_address": f"127.0.0.1:{metrics_port}",
-                                                   "inject_stream_usage": args.inject}}))
+        service = {"grpc_address": f"127.0.0.1:{grpc_port}", "http_address": f"127.0.0.1:{http_port}",
+                   "metrics_address": f"127.0.0.1:{metrics_port}"}
+        if "ext_authz" not in args.filters:  # (the router's gRPC side serves ext_proc routing streams either way)
+            service.update(routing_filter="ext_proc", inject_stream_usage=args.inject)
+        cfg.write_text(yaml.safe_dump({"service": service}))
         router = spawn([sys.executable, "-m", "extproc", "serve", "--config", str(cfg), "--log-level", "WARNING"],
                        "router")
         envoys = {}
-        for name, with_router in (("envoy+router", True), ("envoy alone", False)):
+        for name in [*args.filters, "envoy alone"]:
             port, admin = free_port(), free_port()
             layout = EnvoyLayout(listen_port=port, admin_port=admin, router_address=("127.0.0.1", grpc_port),
+                                 router_http_address=("127.0.0.1", http_port),
+                                 routing_filter=name if name in args.filters else "ext_authz",
                                  pools=(("short", "127.0.0.1", up_port), ("long", "127.0.0.1", up_port)),
                                  access_log_path="/dev/null")
-            path = work / f"{name.replace(' ', '_').replace('+', '_')}.yaml"
-            path.write_text(render_yaml(layout, with_router=with_router))
+            path = work / f"{name.replace(' ', '_')}.yaml"
+            path.write_text(render_yaml(layout, with_router=name in args.filters))
             proc = spawn([envoy_binary(), "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",
                           "-l", "error"], path.stem)
             envoys[name] = (port, admin, proc)
@@ -146,26 +155,30 @@ def main() -> None:
             _wait(lambda a=admin: urllib.request.urlopen(f"http://127.0.0.1:{a}/ready", timeout=1).status == 200,
                   name, 60)
 
-        _wait(lambda: envoy_cluster_healthy(envoys["envoy+router"][1], "extproc"), "router health in Envoy", 60, router,
-              work / "router.log")
+        for name in args.filters:
+            cluster = "extproc_http" if name == "ext_authz" else "extproc"
+            _wait(lambda n=name, c=cluster: envoy_cluster_healthy(envoys[n][1], c), f"router health in Envoy ({name})",
+                  60, router, work / "router.log")
         # warm up: connections, and past the per-model calibration phase (every response read until 50)
-        run_load(envoys["envoy+router"][0], body_of(1000, text, False), 80, 30)
-        run_load(envoys["envoy alone"][0], body_of(1000, text, False), 80, 30)
+        for name in envoys:
+            run_load(envoys[name][0], body_of(1000, text, False), 80, 30)
 
-        print(f"router: grpc.aio ext_proc service, 1 Envoy worker each; {args.rounds} alternating rounds; "
+        print(f"router: one `extproc serve`; 1 Envoy worker each; {args.rounds} alternating rounds; "
               f"light load (1 connection, sequential)"
               + ("; streams without include_usage, router injecting it" if args.inject else "")
               + (f"; upstream stream chunks {args.chunk_delay_ms:g} ms apart" if args.chunk_delay_ms else "") + "\n")
-        head = (f"{'body':>7} {'mode':<7} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'+router p50':>11} {'p99':>7} | "
-                f"{'added p50':>9} {'p99':>7} | {'router CPU':>10} {'envoy CPU':>9} {'alone CPU':>9}")
+        head = (f"{'body':>7} {'mode':<7} {'filter':<9} {'n':>5} | {'alone p50':>9} {'p99':>7} | {'+router p50':>11} "
+                f"{'p99':>7} | {'added p50':>9} {'p99':>7} | {'router CPU':>10} {'envoy CPU':>9} {'alone CPU':>9}")
         print(head + "   (latency ms, CPU µs per request)")
+        a = "envoy alone"
         for size in args.sizes:
             for stream in (False, True):
                 body = body_of(size, text, stream, ask_usage=not args.inject)
                 n = max(30, args.requests * 1000 // size) if size > 1000 else args.requests
                 lat = {k: [] for k in envoys}
                 ttfb = {k: [] for k in envoys}
-                cpu = {"router": 0, "envoy+router": 0, "envoy alone": 0}
+                cpu = {k: 0 for k in envoys}
+                router_cpu = {k: 0 for k in envoys}
                 count = {k: 0 for k in envoys}
                 decided = {k: 0.0 for k in envoys}
                 for _ in range(args.rounds):
@@ -179,21 +192,22 @@ def main() -> None:
                         ttfb[name] += tf
                         count[name] += len(lt)
                         cpu[name] += c1[1] - c0[1]
-                        if name == "envoy+router":
-                            cpu["router"] += c1[0] - c0[0]
-                a, r = "envoy alone", "envoy+router"
-                us = {k: v / 1000 / max(1, count[r if k != a else a]) for k, v in cpu.items()}
-                p = {k: (pct(v, 0.5) * 1e3, pct(v, 0.99) * 1e3) for k, v in lat.items()}
+                        router_cpu[name] += c1[0] - c0[0]
                 label = f"{size // 1000}KB" if size < 1_000_000 else "1MB"
-                print(f"{label:>7} {'stream' if stream else 'json':<7} {count[r]:>5} | {p[a][0]:>9.3f} {p[a][1]:>7.3f} | "
-                      f"{p[r][0]:>11.3f} {p[r][1]:>7.3f} | {p[r][0] - p[a][0]:>9.3f} {p[r][1] - p[a][1]:>7.3f} | "
-                      f"{us['router']:>10.0f} {us[r]:>9.0f} {us[a]:>9.0f}")
-                if decided[r] < count[r]:  # fail-open requests cost nothing and would flatter the router
-                    print(f"{'':>7} {'':<7} {'':>5}   WARNING: the router decided only {int(decided[r])} of "
-                          f"{count[r]} requests (the rest failed open)")
-                if stream:
-                    ta, tr = pct(ttfb[a], 0.5) * 1e3, pct(ttfb[r], 0.5) * 1e3
-                    print(f"{'':>7} {'':<7} {'':>5}   TTFB p50: alone {ta:.3f} ms, +router {tr:.3f} ms")
+                pa = (pct(lat[a], 0.5) * 1e3, pct(lat[a], 0.99) * 1e3)
+                for r in args.filters:
+                    us = {k: v[r] / 1000 / max(1, count[r]) for k, v in (("router", router_cpu), ("envoy", cpu))}
+                    alone_us = cpu[a] / 1000 / max(1, count[a])
+                    pr = (pct(lat[r], 0.5) * 1e3, pct(lat[r], 0.99) * 1e3)
+                    print(f"{label:>7} {'stream' if stream else 'json':<7} {r:<9} {count[r]:>5} | {pa[0]:>9.3f} "
+                          f"{pa[1]:>7.3f} | {pr[0]:>11.3f} {pr[1]:>7.3f} | {pr[0] - pa[0]:>9.3f} {pr[1] - pa[1]:>7.3f} | "
+                          f"{us['router']:>10.0f} {us['envoy']:>9.0f} {alone_us:>9.0f}")
+                    if decided[r] < count[r]:  # fail-open requests cost nothing and would flatter the router
+                        print(f"{'':>7} {'':<7} {'':<9} {'':>5}   WARNING: the router decided only {int(decided[r])} of "
+                              f"{count[r]} requests (the rest failed open)")
+                    if stream:
+                        ta, tr = pct(ttfb[a], 0.5) * 1e3, pct(ttfb[r], 0.5) * 1e3
+                        print(f"{'':>7} {'':<7} {'':<9} {'':>5}   TTFB p50: alone {ta:.3f} ms, +router {tr:.3f} ms")
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as resp:
             reads = [ln for ln in resp.read().decode().splitlines() if ln.startswith("extproc_usage_reads_total")]
         print("\nrouter usage reads over the run: " + "; ".join(reads))

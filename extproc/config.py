@@ -22,6 +22,7 @@ from .budget.policy import Pool, order_pools
 from .budget.router import BudgetSettings
 
 ENV_PREFIX = "EXTPROC_"
+ROUTING_FILTERS = ("ext_authz", "ext_proc")
 PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow")
 
 
@@ -37,12 +38,18 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class ServiceSettings:
     grpc_address: str = "127.0.0.1:50051"
+    http_address: str = "127.0.0.1:50052"   # the ext_authz HTTP check endpoint (routing_filter: ext_authz)
+    # Which Envoy filter asks the router for a pool: "ext_authz" (an HTTP check with the buffered
+    # body: one request/response, ~5x less router CPU) or "ext_proc" (a gRPC stream per request:
+    # needed to see each request end, for spillover and include_usage injection).
+    routing_filter: str = "ext_authz"
     metrics_address: str = "127.0.0.1:9464"
     pool_header: str = "x-token-pool"
     header_prefix: str = "x-token-"       # provenance headers: <prefix>budget, estimate, source, reason…
     shadow: bool = False                  # decide and export, but always route to the largest pool
     spillover: tuple[tuple[str, int], ...] = ()  # (pool, in-flight limit): above it, a larger pool that fits
     usage_sample_rate: float = 0.1        # share of responses read for usage once a model is calibrated
+    usage_samples_per_s: float = 20.0     # ... and at most this many a second (each read costs a gRPC stream)
     calibration_samples: int = 50         # read every response until a model has this many samples
     snapshot_path: str | None = None      # calibration snapshot: restored at start, saved periodically
     snapshot_interval_s: float = 60.0
@@ -217,16 +224,30 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         raise ConfigError("service.pool_header", f"{pool_header!r} is a standard header Envoy would strip from "
                           "every request; use a name of its own")
     prefix = _header(svc, "header_prefix", d.header_prefix)
+    routing_filter = svc.get("routing_filter", d.routing_filter)
+    if routing_filter not in ROUTING_FILTERS:
+        raise ConfigError("service.routing_filter", f"must be one of {', '.join(ROUTING_FILTERS)}, got {routing_filter!r}")
+    if routing_filter != "ext_proc":
+        # Only the ext_proc stream lives until the request ends: in-flight counts need it.
+        if spill:
+            raise ConfigError("service.spillover", "needs service.routing_filter: ext_proc (in-flight counts "
+                              "come from the routing stream, which ends with the request)")
+        if svc.get("inject_stream_usage", False):
+            raise ConfigError("service.inject_stream_usage", "needs service.routing_filter: ext_proc (the "
+                              "routing stream reads the injected usage and keeps it from the client)")
     if pool_header.startswith(prefix) and pool_header[len(prefix):] in PROVENANCE:
         raise ConfigError("service.pool_header", f"collides with a provenance header under {prefix!r}")
     return ServiceSettings(
         grpc_address=_address(svc, "grpc_address", d.grpc_address),
+        http_address=_address(svc, "http_address", d.http_address),
+        routing_filter=routing_filter,
         metrics_address=_address(svc, "metrics_address", d.metrics_address),
         pool_header=pool_header,
         header_prefix=prefix,
         shadow=shadow,
         spillover=tuple((str(k), int(v)) for k, v in spill.items()),
         usage_sample_rate=_number(svc, "usage_sample_rate", d.usage_sample_rate, 0.0, 1.0),
+        usage_samples_per_s=_number(svc, "usage_samples_per_s", d.usage_samples_per_s, 0.0, 1e6),
         calibration_samples=_int(svc, "calibration_samples", "service.", d.calibration_samples),
         snapshot_path=snapshot,
         snapshot_interval_s=_number(svc, "snapshot_interval_s", d.snapshot_interval_s, 1.0, 86400.0),

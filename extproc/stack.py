@@ -81,6 +81,7 @@ class Stack:
     listen_port: int = field(default_factory=free_port)
     admin_port: int = field(default_factory=free_port)
     grpc_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     quiet: bool = True
 
@@ -101,6 +102,7 @@ class Stack:
             doc = yaml.safe_load(pathlib.Path(self.config_path).read_text()) or {}
         svc = dict(doc.get("service") or {})
         svc["grpc_address"] = f"127.0.0.1:{self.grpc_port}"
+        svc["http_address"] = f"127.0.0.1:{self.http_port}"
         svc["metrics_address"] = f"127.0.0.1:{self.metrics_port}"
         svc.setdefault("snapshot_path", str(self.workdir / "calibration.json"))
         doc["service"] = svc
@@ -155,6 +157,7 @@ class Stack:
     def start_envoy(self) -> None:
         layout = EnvoyLayout(
             listen_port=self.listen_port, admin_port=self.admin_port, router_address=("127.0.0.1", self.grpc_port),
+            router_http_address=("127.0.0.1", self.http_port), routing_filter=self.config.service.routing_filter,
             pools=tuple((p.name, "127.0.0.1", self.pool_ports[p.name]) for p in self.config.budget.pools),
             pool_header=self.config.service.pool_header, header_prefix=self.config.service.header_prefix,
             access_log_path=str(self.workdir / "access.log"))
@@ -167,19 +170,21 @@ class Stack:
         self.wait_router_healthy_in_envoy()
 
     def wait_router_healthy_in_envoy(self, timeout: float = 30) -> None:
-        """Until Envoy's health check has *newly* seen the router up (routing, not failing open).
-        A fresh success is required: right after a router restart the host can still read healthy
-        from before the outage and turn unhealthy a moment later."""
-        def stat(name: str) -> int:
-            url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster\\.extproc\\.health_check\\.{name}$"
+        """Until Envoy's health checks have *newly* seen the router up (routing, not failing open),
+        on each cluster that reaches it. A fresh success is required: right after a router restart
+        the host can still read healthy from before the outage and turn unhealthy a moment later."""
+        clusters = ["extproc"] + (["extproc_http"] if self.config.service.routing_filter == "ext_authz" else [])
+
+        def stat(cluster: str, name: str) -> int:
+            url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster\\.{cluster}\\.health_check\\.{name}$"
             with urllib.request.urlopen(url, timeout=1) as r:
                 text = r.read().decode()
             return int(text.rpartition(":")[2].strip() or 0) if text.strip() else 0
 
-        base = stat("success")
+        base = {c: stat(c, "success") for c in clusters}
 
         def healthy() -> bool:
-            return stat("success") > base and envoy_cluster_healthy(self.admin_port, "extproc")
+            return all(stat(c, "success") > base[c] and envoy_cluster_healthy(self.admin_port, c) for c in clusters)
         _wait(healthy, "router health in Envoy", timeout)
 
     def start(self) -> "Stack":

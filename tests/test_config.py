@@ -23,7 +23,7 @@ def test_file_and_environment_overrides(tmp_path):
     path.write_text(yaml.safe_dump({
         "pools": [{"name": "big", "max_context": 131072}, {"name": "tiny", "max_context": 4096}],
         "output_reserve": {"default_tokens": 512},
-        "service": {"spillover": {"tiny": 8}},
+        "service": {"spillover": {"tiny": 8}, "routing_filter": "ext_proc"},
     }))
     cfg = load_config(str(path), {"EXTPROC_SERVICE__SHADOW": "true", "EXTPROC_OUTPUT_RESERVE__DEFAULT_TOKENS": "2048",
                                   "EXTPROC_ESTIMATOR__KIND": "paper-ema", "UNRELATED": "x"})
@@ -56,6 +56,10 @@ def test_file_and_environment_overrides(tmp_path):
     ({"service": {"shadow": "yes"}}, "service.shadow"),
     ({"service": {"spillover": {"medium": 4}}}, "service.spillover.medium"),
     ({"service": {"spillover": {"short": 0}}}, "service.spillover.short"),
+    ({"service": {"spillover": {"short": 4}}}, "service.spillover"),  # needs the ext_proc routing filter
+    ({"service": {"inject_stream_usage": True}}, "service.inject_stream_usage"),  # same
+    ({"service": {"routing_filter": "lua"}}, "service.routing_filter"),
+    ({"service": {"http_address": "nowhere"}}, "service.http_address"),
     ({"service": {"pool_header": "authorization"}}, "service.pool_header"),
     ({"service": {"pool_header": "X-Pool"}}, "service.pool_header"),
     ({"service": {"pool_header": "x-token-budget"}}, "service.pool_header"),

@@ -1,4 +1,5 @@
-"""``extproc serve``: the gRPC ext_proc service with health, metrics, snapshots and a graceful stop."""
+"""``extproc serve``: the gRPC ext_proc service (and the ext_authz HTTP check endpoint) with health,
+metrics, snapshots and a graceful stop."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from prometheus_client import start_http_server
 
 from ..budget import BudgetRouter
 from ..config import Config
+from .check import CheckServer
 from .metrics import Metrics
 from .processor import ExtProcServicer, Router
 
@@ -90,10 +92,12 @@ class Service:
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
+        self.check: CheckServer | None = None
         self._snapshot_task: asyncio.Task | None = None
         self._metrics_server = None
 
-    async def start(self, grpc_address: str | None = None, metrics_address: str | None = "") -> None:
+    async def start(self, grpc_address: str | None = None, metrics_address: str | None = "",
+                    http_address: str | None = None) -> None:
         s = self.config.service
         if s.snapshot_path and restore_snapshot(self.budget, s.snapshot_path):
             log.info("calibration restored from %s", s.snapshot_path)
@@ -118,13 +122,21 @@ class Service:
             if self._metrics_server is not None:
                 self._metrics_server.shutdown()
             raise OSError(f"cannot bind the gRPC address {address} (in use, or not an address of this host)")
+        if s.routing_filter == "ext_authz":
+            self.check = CheckServer(self.router)
+            try:
+                await self.check.start(http_address or s.http_address)
+            except OSError:
+                if self._metrics_server is not None:
+                    self._metrics_server.shutdown()
+                raise
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.snapshot_path:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop())
-        log.info("serving ext_proc on %s (port %d), metrics on %s, pools %s%s", grpc_address or s.grpc_address,
-                 self.port, maddr or "-", ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools),
+        log.info("serving ext_proc on %s (port %d)%s, metrics on %s, pools %s%s", grpc_address or s.grpc_address,
+                 self.port, f", ext_authz checks on port {self.check.port}" if self.check else "", maddr or "-", ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools),
                  " [shadow]" if s.shadow else "")
 
     async def _snapshot_loop(self) -> None:
@@ -149,9 +161,12 @@ class Service:
                 await self._snapshot_task
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
+        grace = s.grace_period_s if grace is None else grace
+        if self.check is not None:
+            await self.check.stop(grace)
         if self.server:
             t0 = time.monotonic()
-            await self.server.stop(s.grace_period_s if grace is None else grace)
+            await self.server.stop(grace)
             log.info("stopped after %.1fs", time.monotonic() - t0)
         if s.snapshot_path:
             try:

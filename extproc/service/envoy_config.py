@@ -7,11 +7,17 @@ Filter chain (decode order):
    chosen — an HTTP filter would be too late: the route is cached before filters run) removes
    every client copy of the router's headers, so a client cannot pick its pool even while the
    router is down or slow.
-2. ``ext_proc`` (routing): request headers held, body BUFFERED; the body response sets the pool
-   header and clears the route cache, so the route is chosen again on the header. Nothing on the
-   response path: no round trip is added to responses. ``failure_mode_allow``: if the router is
-   down or slow, the request continues on the default route — the largest pool, which holds
-   anything (an outage costs efficiency, never correctness).
+2. the routing filter, named ``extproc.route``: request headers held, body buffered; the router's
+   answer sets the pool header and clears the route cache, so the route is chosen again on the
+   header. Nothing on the response path. ``failure_mode_allow``: if the router is down or slow,
+   the request continues on the default route — the largest pool, which holds anything (an
+   outage costs efficiency, never correctness). Two kinds (``service.routing_filter``):
+
+   * ``ext_authz`` (default): one HTTP check per request with the body (``with_request_body``),
+     answered by the router's check endpoint (service/check.py); the pool and provenance headers
+     of its 200 go upstream (``allowed_upstream_headers``) and into dynamic metadata;
+   * ``ext_proc``: a gRPC stream per request, headers then the BUFFERED body; the body response
+     sets the headers. The stream lives until the request ends, which spillover needs.
 3. ``ext_proc`` (usage) in ``observability_mode``: Envoy sends the response headers and body
    chunks without waiting for replies (no added latency). It is enabled only on the routes of
    requests the router marked as sampled (``<prefix>sample: 1``), so router CPU on the response
@@ -29,6 +35,7 @@ from dataclasses import dataclass
 import yaml
 
 from ..config import ServiceSettings
+from .check import CHECK_PREFIX, HEALTH_PATH
 
 LLM_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 ROUTE_FILTER = "extproc.route"
@@ -36,6 +43,9 @@ METADATA_NAMESPACE = "extproc.route"  # dynamic metadata the router emits (acces
 USAGE_FILTER = "extproc.usage"
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+_EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
+_AUTHZ_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
+AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz puts allowed response headers
 _BUFFER_LIMIT = 50 * 1024 * 1024  # 8 MiB prompts and their JSON escapes pass with room
 
 
@@ -45,6 +55,8 @@ class EnvoyLayout:
     listen_port: int = 10000
     admin_port: int = 9901
     router_address: tuple[str, int] = ("127.0.0.1", 50051)
+    router_http_address: tuple[str, int] = ("127.0.0.1", 50052)
+    routing_filter: str = "ext_authz"
     pools: tuple[tuple[str, str, int], ...] = (("short", "127.0.0.1", 8001), ("long", "127.0.0.1", 8002))
     pool_header: str = "x-token-pool"
     header_prefix: str = "x-token-"
@@ -67,7 +79,7 @@ def _is_ip(host: str) -> bool:
         return False
 
 
-def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict:
+def _cluster(name: str, host: str, port: int, http2: bool = False, health_path: str | None = None) -> dict:
     c: dict = {
         "name": name,
         "type": "STATIC" if _is_ip(host) else "STRICT_DNS",  # service names (compose, k8s) resolve
@@ -89,6 +101,11 @@ def _cluster(name: str, host: str, port: int, http2: bool = False) -> dict:
             "unhealthy_threshold": 2, "healthy_threshold": 1,
             "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
         }]
+    if health_path:
+        c["health_checks"] = [{
+            "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
+            "unhealthy_threshold": 2, "healthy_threshold": 1, "http_health_check": {"path": health_path}}]
+    if http2 or health_path:
         # Fail-open must stay fast: a dead router is reported unhealthy, and the filter fails
         # without waiting for a connection that cannot come.
         c["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
@@ -100,8 +117,8 @@ def _route(match: dict, cluster: str, timeout_s: int, per_filter: dict) -> dict:
             "typed_per_filter_config": per_filter}
 
 
-def _disabled() -> dict:
-    return {"@type": _PER_ROUTE, "disabled": True}
+def _disabled(kind: str = "ext_proc") -> dict:
+    return {"@type": _AUTHZ_PER_ROUTE if kind == "ext_authz" else _PER_ROUTE, "disabled": True}
 
 
 def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
@@ -124,7 +141,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
                           "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
                          f"pool_{largest}", lay.upstream_timeout_s, {USAGE_FILTER: _disabled()}))
     routes.append(_route({"prefix": "/"}, f"pool_{largest}", lay.upstream_timeout_s,
-                         {ROUTE_FILTER: _disabled(), USAGE_FILTER: _disabled()}))
+                         {ROUTE_FILTER: _disabled(lay.routing_filter), USAGE_FILTER: _disabled()}))
 
     grpc_service = {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": f"{lay.message_timeout_ms / 1000:g}s"}
 
@@ -138,13 +155,32 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
                                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
                 **extra}
     ours = ServiceSettings(pool_header=lay.pool_header, header_prefix=lay.header_prefix).router_headers()
+    if lay.routing_filter == "ext_authz":
+        names = {"patterns": [{"exact": h} for h in ours]}
+        route_filter = {
+            "@type": _EXT_AUTHZ, "transport_api_version": "V3", "failure_mode_allow": True, "clear_route_cache": True,
+            # partial: a body over the limit reaches the router truncated (unreadable: the largest
+            # pool) instead of being refused with a 413
+            "with_request_body": {"max_request_bytes": _BUFFER_LIMIT, "allow_partial_message": True},
+            "http_service": {
+                "server_uri": {"uri": "http://%s:%d" % lay.router_http_address, "cluster": "extproc_http",
+                               "timeout": f"{lay.message_timeout_ms / 1000:g}s"},
+                "path_prefix": CHECK_PREFIX,
+                "authorization_response": {"allowed_upstream_headers": names, "dynamic_metadata_from_headers": names}},
+        }
+        decision_namespace = AUTHZ_METADATA_NAMESPACE
+    else:
+        route_filter = ext_proc(("SEND", "BUFFERED", "SKIP", "NONE"), allow_mode_override=True,
+                                mutation_rules={"disallow_system": True},
+                                metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}})
+        decision_namespace = METADATA_NAMESPACE
     fmt = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% "
            "id=%REQ(X-REQUEST-ID)% "
            "%BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_CLUSTER% "
            f"pool=%REQ({lay.pool_header})% budget=%REQ({lay.header_prefix}budget)% "
            f"source=%REQ({lay.header_prefix}source)% reason=%REQ({lay.header_prefix}reason)% "
            f"ext_proc=%FILTER_STATE({ROUTE_FILTER}:PLAIN)% "
-           f"decision=%DYNAMIC_METADATA({METADATA_NAMESPACE})%\n")
+           f"decision=%DYNAMIC_METADATA({decision_namespace})%\n")
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "llm",
@@ -161,10 +197,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
                 "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
                 "mutations": [{"remove": h} for h in ours]}}],
         "http_filters": [
-            {"name": ROUTE_FILTER, "typed_config": ext_proc(
-                ("SEND", "BUFFERED", "SKIP", "NONE"),
-                allow_mode_override=True, mutation_rules={"disallow_system": True},
-                metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}})},
+            {"name": ROUTE_FILTER, "typed_config": route_filter},
             {"name": USAGE_FILTER, "typed_config": ext_proc(("SEND", "NONE", "SEND", "STREAMED"), observability_mode=True)},
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
@@ -177,6 +210,8 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
             route["typed_per_filter_config"] = {}
     clusters = [_cluster(f"pool_{name}", host, port) for name, host, port in lay.pools]
     clusters.append(_cluster("extproc", *lay.router_address, http2=True))
+    if with_router and lay.routing_filter == "ext_authz":
+        clusters.append(_cluster("extproc_http", *lay.router_http_address, health_path=HEALTH_PATH.decode()))
     return {
         "admin": {"address": _socket("127.0.0.1", lay.admin_port)},
         "static_resources": {
@@ -194,7 +229,8 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
 
 def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
                        upstreams: list[str] | tuple[str, ...] = (), message_timeout_ms: int = 1000,
-                       listen_address: str = "127.0.0.1", router: str | None = None) -> EnvoyLayout:
+                       listen_address: str = "127.0.0.1", router: str | None = None,
+                       router_http: str | None = None) -> EnvoyLayout:
     """The Envoy layout for a router config; ``upstreams`` are ``pool=host:port`` (default:
     127.0.0.1:8001, 8002, … in pool order)."""
     given = {}
@@ -213,7 +249,11 @@ def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
     rhost, _, rport = (router or config.service.grpc_address).rpartition(":")
     if not rhost or not rport.isdigit():
         raise ValueError(f"router address must be host:port, got {router!r}")
+    hhost, _, hport = (router_http or config.service.http_address).rpartition(":")
+    if not hhost or not hport.isdigit():
+        raise ValueError(f"router HTTP address must be host:port, got {router_http!r}")
     return EnvoyLayout(listen_address=listen_address, listen_port=listen_port, admin_port=admin_port, router_address=(rhost, int(rport)),
+                       router_http_address=(hhost, int(hport)), routing_filter=config.service.routing_filter,
                        pools=tuple(pools), pool_header=config.service.pool_header,
                        header_prefix=config.service.header_prefix, message_timeout_ms=message_timeout_ms)
 

@@ -105,15 +105,18 @@ class Router:
         self.headers_skip = pb.ProcessingResponse(request_headers=strip, mode_override=_SKIP_BODY)
         self.headers_ask_response = pb.ProcessingResponse(request_headers=strip, mode_override=_ASK_RESPONSE_HEADERS)
         self._rng = random.Random()
+        self._capacity = {p.name: p.max_context for p in budget.pools}
+        self._sample_tokens = 1.0          # token bucket of usage reads once calibrated
+        self._sample_refill = time.monotonic()
 
     # -- request side --------------------------------------------------------------------------
-    def choose(self, d: Decision) -> tuple[str, str | None]:
+    def choose(self, d: Decision, spill: bool = True) -> tuple[str, str | None]:
         """The pool to send to (spillover applied) and the preferred pool when it spilled."""
         if self.s.shadow:
             return self.largest, None
         pool = d.pool
         limit = self.s.spillover_limit(pool)
-        if limit is None or self.inflight[pool] < limit or d.reason != "fits":
+        if not spill or limit is None or self.inflight[pool] < limit or d.reason != "fits":
             return pool, None
         for name in d.fits:  # larger pools that also hold the request, smallest first
             if name == pool:
@@ -124,15 +127,28 @@ class Router:
         return pool, None  # every pool that holds it is at its limit: stay (never to one too small)
 
     def wants_sample(self, d: Decision, pool: str) -> bool:
+        """Read this response's usage? Every one while the model calibrates; after that a share
+        (``usage_sample_rate``), plus every budget near its pool's capacity (misroutes can only
+        come from those) — all under a cap per second, since each read costs a gRPC stream."""
         if d.reason == "unreadable" or not d.model:
             return False
         if self.budget.estimator.samples(d.model) < self.s.calibration_samples:
             return True
-        # Misroutes can only come from budgets near the pool's capacity: always watch those.
-        capacity = next(p.max_context for p in self.pools if p.name == pool)
-        if d.reason == "fits" and d.budget_tokens >= 0.85 * capacity:
+        capacity = self._capacity[pool]
+        near = d.reason == "fits" and d.budget_tokens >= 0.85 * capacity
+        if not near and self._rng.random() >= self.s.usage_sample_rate:
+            return False
+        return self._take_sample_token()
+
+    def _take_sample_token(self) -> bool:
+        now = time.monotonic()
+        rate = self.s.usage_samples_per_s
+        self._sample_tokens = min(max(rate, 1.0), self._sample_tokens + (now - self._sample_refill) * rate)
+        self._sample_refill = now
+        if self._sample_tokens >= 1.0:
+            self._sample_tokens -= 1.0
             return True
-        return self._rng.random() < self.s.usage_sample_rate
+        return False
 
     def may_inject(self) -> bool:
         """At request-headers time (model unknown yet): may this request get include_usage
@@ -148,13 +164,15 @@ class Router:
             self._calibrating_checked = now
         return self._calibrating or self._rng.random() < self.s.usage_sample_rate
 
-    def decide(self, body: bytes, path: str, may_inject: bool = False) -> Routed:
-        return self.record(self.budget.route(body, path), body, may_inject)
+    def decide(self, body: bytes, path: str, may_inject: bool = False, track: bool = True) -> Routed:
+        return self.record(self.budget.route(body, path), body, may_inject, track)
 
-    def record(self, d: Decision, body: bytes, may_inject: bool = False) -> Routed:
+    def record(self, d: Decision, body: bytes, may_inject: bool = False, track: bool = True) -> Routed:
         """Pool choice, sampling and accounting for a decision. Runs on the event loop only:
-        in-flight counts and the sampled table are not shared with worker threads."""
-        pool, spilled_from = self.choose(d)
+        in-flight counts and the sampled table are not shared with worker threads. ``track``:
+        the caller will report the request's end (``finished``); only then are in-flight counts
+        kept, and only then can a request spill over."""
+        pool, spilled_from = self.choose(d, spill=track)
         out = Routed(d, pool, spilled_from)
         if self.wants_sample(d, pool):
             if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
@@ -164,14 +182,35 @@ class Router:
                 self.pending[out.sample_id] = _Sampled(d, pool)
                 while len(self.pending) > self.s.max_pending:
                     self.pending.popitem(last=False)
-        self.inflight[pool] += 1
         m = self.metrics
+        if track:
+            self.inflight[pool] += 1
+            m.child(m.inflight, pool).set(self.inflight[pool])
         m.child(m.decisions, pool, d.reason, d.source).inc()
         m.child(m.budget, pool).observe(d.budget_tokens)
-        m.child(m.inflight, pool).set(self.inflight[pool])
         if spilled_from:
             m.spillovers.labels(spilled_from, pool).inc()
         return out
+
+    def decision_headers(self, routed: Routed) -> list[tuple[str, str]]:
+        """The headers that carry a decision upstream (both routing filters set these)."""
+        d, h = routed.decision, self.h
+        values = [(self.pool_header, routed.pool), (h["budget"], str(d.budget_tokens)),
+                  (h["estimate"], str(d.prompt_tokens)), (h["source"], d.source), (h["reason"], d.reason)]
+        if routed.sample_id:
+            values += [(h["sample"], "1"), (h["decision"], routed.sample_id)]
+        if self.s.shadow:
+            values.append((h["shadow"], d.pool))
+        return values
+
+    def decision_fields(self, routed: Routed) -> dict:
+        """The decision as access-log metadata."""
+        d = routed.decision
+        fields = {"pool": routed.pool, "decided_pool": d.pool, "budget": d.budget_tokens, "estimate": d.prompt_tokens,
+                  "output_reserve": d.output_tokens, "source": d.source, "reason": d.reason, "api": d.api}
+        if routed.spilled_from:
+            fields["spilled_from"] = routed.spilled_from
+        return fields
 
     def finished(self, pool: str) -> None:
         self.inflight[pool] -= 1
@@ -338,25 +377,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=out))))
 
     def _body_response(self, routed: Routed) -> pb.ProcessingResponse:
-        r = self.r
-        d, pool, spilled, sample_id = routed.decision, routed.pool, routed.spilled_from, routed.sample_id
-        values = [(r.pool_header, pool), (r.h["budget"], str(d.budget_tokens)),
-                  (r.h["estimate"], str(d.prompt_tokens)), (r.h["source"], d.source), (r.h["reason"], d.reason)]
-        if sample_id:
-            values += [(r.h["sample"], "1"), (r.h["decision"], sample_id)]
+        values = self.r.decision_headers(routed)
         if routed.new_body is not None:  # Envoy forwards the mutated body with the old length otherwise
             values.append(("content-length", str(len(routed.new_body))))
-        if r.s.shadow:
-            values.append((r.h["shadow"], d.pool))
         mutation = pb.HeaderMutation(set_headers=[
             base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
             for k, v in values])
         meta = struct_pb2.Struct()
-        fields = {"pool": pool, "decided_pool": d.pool, "budget": d.budget_tokens, "estimate": d.prompt_tokens,
-                  "output_reserve": d.output_tokens, "source": d.source, "reason": d.reason, "api": d.api}
-        if spilled:
-            fields["spilled_from"] = spilled
-        meta.update({METADATA_NAMESPACE: fields})
+        meta.update({METADATA_NAMESPACE: self.r.decision_fields(routed)})
         common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
         resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
         if routed.new_body is not None:  # (protobuf copied ``common`` into resp: set it there)

@@ -26,11 +26,33 @@ def _main_stack(tmp_path_factory) -> Iterator[Stack]:
         s.stop()
 
 
+@pytest.fixture(scope="session")
+def _ext_proc_stack(tmp_path_factory) -> Iterator[Stack]:
+    """The same stack with the ext_proc routing filter instead of the default ext_authz check."""
+    need_envoy()
+    workdir = tmp_path_factory.mktemp("stack-ext-proc")
+    config = workdir / "input-config.yaml"
+    config.write_text(yaml.safe_dump({"service": {"routing_filter": "ext_proc"}}))
+    s = start_stack(Stack(workdir, config_path=str(config), time_scale=0.0))
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
 @pytest.fixture
 def stack(_main_stack: Stack) -> Stack:
     """The shared stack, with its router up and healthy in Envoy (a test before may have killed it)."""
     ensure_router(_main_stack)
     return _main_stack
+
+
+@pytest.fixture(params=["ext_authz", "ext_proc"])
+def either_stack(request) -> Stack:
+    """The shared stack with each routing filter: tests of routing and fail-open take this."""
+    s = request.getfixturevalue("_main_stack" if request.param == "ext_authz" else "_ext_proc_stack")
+    ensure_router(s)
+    return s
 
 
 @pytest.fixture(scope="module")

@@ -113,6 +113,9 @@ def _parse_line(line: str) -> AccessLine:
     fields = dict(_FIELD.findall(head))
     decision = decision.strip()
     doc = json.loads(decision) if decision.startswith("{") else None
+    if doc and "x-token-pool" in doc:  # ext_authz: the router's answer headers, as metadata
+        doc = {k.removeprefix("x-token-"): int(v) if str(v).isdigit() else v for k, v in doc.items()}
+        doc["decided_pool"] = doc.get("shadow", doc["pool"])
     return AccessLine(line, status, fields.get("upstream", "-"), fields.get("pool", "-"), fields, doc)
 
 

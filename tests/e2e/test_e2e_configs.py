@@ -37,7 +37,7 @@ def test_context_length_misroute_is_counted(underestimating):
 @pytest.fixture(scope="module")
 def spilling(make_stack):
     # ~20 ms per token unscaled: at 0.4, 200 output tokens take well over a second
-    return make_stack("spillover", {"service": {"spillover": {"short": 1}}}, time_scale=0.4)
+    return make_stack("spillover", {"service": {"routing_filter": "ext_proc", "spillover": {"short": 1}}}, time_scale=0.4)
 
 
 def test_spillover_to_long_when_short_is_at_its_limit(spilling):
@@ -89,14 +89,14 @@ def test_shadow_mode_serves_long_and_logs_the_decision(shadow):
     assert line.pool == "long"
     assert line.decision["decided_pool"] == "short", line.raw
     assert line.decision["pool"] == "long"
-    assert '"decided_pool":"short"' in line.raw
+    assert '"x-token-shadow":"short"' in line.raw  # what the operator reads in the access log
 
 
 # -- include_usage injection ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def injecting(make_stack):
-    return make_stack("inject", {"service": {"inject_stream_usage": True}})
+    return make_stack("inject", {"service": {"routing_filter": "ext_proc", "inject_stream_usage": True}})
 
 
 def _events(raw: bytes) -> list[dict | str]:

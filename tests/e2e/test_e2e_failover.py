@@ -13,6 +13,12 @@ from e2e_helpers import (access_line, access_lines, chat_body, ensure_router, po
                          start_router)
 
 
+@pytest.fixture
+def stack(either_stack):
+    """Each test here runs through both routing filters (ext_authz and ext_proc)."""
+    return either_stack
+
+
 def _kill_router(stack) -> None:
     proc = stack.procs["router"]
     proc.send_signal(signal.SIGKILL)

@@ -36,7 +36,9 @@ def test_checked_in_bootstrap_validates(path):
 def test_renderings_validate(tmp_path):
     layouts = {
         "three-pools-dns": EnvoyLayout(listen_address="0.0.0.0", router_address=("router", 50051),
+                                       router_http_address=("router", 50052),
                                        pools=(("s", "engine-s", 8000), ("m", "10.0.0.2", 8000), ("l", "engine-l", 8000))),
+        "ext-proc-routing": EnvoyLayout(routing_filter="ext_proc"),
         "baseline": None,
     }
     for name, layout in layouts.items():
@@ -46,8 +48,10 @@ def test_renderings_validate(tmp_path):
         assert result.returncode == 0, (name, result.stdout + result.stderr)
 
 
-def test_bootstrap_fails_open_to_the_largest_pool_and_strips_client_headers():
-    doc = render(EnvoyLayout(pools=(("a", "127.0.0.1", 1), ("b", "127.0.0.1", 2), ("c", "127.0.0.1", 3))))
+@pytest.mark.parametrize("routing_filter", ["ext_authz", "ext_proc"])
+def test_bootstrap_fails_open_to_the_largest_pool_and_strips_client_headers(routing_filter):
+    doc = render(EnvoyLayout(pools=(("a", "127.0.0.1", 1), ("b", "127.0.0.1", 2), ("c", "127.0.0.1", 3)),
+                             routing_filter=routing_filter))
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     filters = [f["name"] for f in hcm["http_filters"]]
     assert filters == ["extproc.route", "extproc.usage", "envoy.filters.http.router"]
@@ -56,8 +60,20 @@ def test_bootstrap_fails_open_to_the_largest_pool_and_strips_client_headers():
     assert {"x-token-pool", "x-token-budget", "x-token-sample", "x-token-decision", "x-token-shadow"} <= removed
     route_filter = hcm["http_filters"][0]["typed_config"]
     assert route_filter["failure_mode_allow"] is True
-    assert route_filter["processing_mode"]["request_body_mode"] == "BUFFERED"
-    assert route_filter["message_timeout"] == "1s"
+    if routing_filter == "ext_proc":
+        assert route_filter["processing_mode"]["request_body_mode"] == "BUFFERED"
+        assert route_filter["message_timeout"] == "1s"
+    else:
+        assert route_filter["clear_route_cache"] is True
+        body = route_filter["with_request_body"]
+        assert body["max_request_bytes"] >= 16 * 1024 * 1024 and body["allow_partial_message"] is True  # never a 413
+        service = route_filter["http_service"]
+        assert service["server_uri"]["timeout"] == "1s"
+        # exactly the router's headers go upstream: the pool and its provenance, nothing else
+        allowed = {p["exact"] for p in service["authorization_response"]["allowed_upstream_headers"]["patterns"]}
+        assert allowed == removed
+        clusters = {c["name"]: c for c in doc["static_resources"]["clusters"]}
+        assert clusters["extproc_http"]["health_checks"][0]["http_health_check"]["path"] == "/healthz"
     assert hcm["http_filters"][1]["typed_config"]["observability_mode"] is True
     routes = hcm["route_config"]["virtual_hosts"][0]["routes"]
     # without a pool header (router down or slow), LLM calls and everything else go to the largest pool

@@ -129,7 +129,7 @@ async def _drain(call) -> list:
 @contextlib.asynccontextmanager
 async def running(doc: dict | None = None) -> AsyncIterator[Harness]:
     service = Service(parse_config(doc or {}))
-    await service.start(grpc_address="127.0.0.1:0", metrics_address=None)
+    await service.start(grpc_address="127.0.0.1:0", metrics_address=None, http_address="127.0.0.1:0")
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{service.port}", options=[
         ("grpc.max_send_message_length", _MAX), ("grpc.max_receive_message_length", _MAX)])
     try:
@@ -137,3 +137,11 @@ async def running(doc: dict | None = None) -> AsyncIterator[Harness]:
     finally:
         await channel.close()
         await service.stop(grace=0)
+
+
+def long_text(tokens: int) -> str:
+    return " ".join(f"word{i % 97} and more of the river text" for i in range(tokens // 8))
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))

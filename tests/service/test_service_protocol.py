@@ -12,19 +12,19 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import json_format
 from service_harness import (MODEL, chat, header_map, request_body, request_headers, response_body,
-                             response_headers, running, set_headers)
+                             response_headers, run, set_headers, long_text)
+from service_harness import running as _running
 
 NONE = processing_mode_pb2.ProcessingMode.NONE
 ROUTER_HEADERS = {"x-token-pool", "x-token-budget", "x-token-estimate", "x-token-source", "x-token-reason",
                   "x-token-sample", "x-token-decision", "x-token-shadow"}
 
 
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 60))
-
-
-def long_text(tokens: int) -> str:
-    return " ".join(f"word{i % 97} and more of the river text" for i in range(tokens // 8))
+def running(doc: dict | None = None):
+    """These tests speak the ext_proc routing stream: run the config that uses it."""
+    doc = dict(doc or {})
+    doc["service"] = {"routing_filter": "ext_proc", **(doc.get("service") or {})}
+    return _running(doc)
 
 
 # -- routing stream ---------------------------------------------------------------------------------------

@@ -1,0 +1,45 @@
+"""Which responses the router reads for usage: all while a model calibrates, then a share plus the
+budgets near a pool's capacity, under a cap per second."""
+
+from __future__ import annotations
+
+import time
+
+from service_harness import chat, long_text
+
+from extproc.budget import BudgetRouter
+from extproc.config import parse_config
+from extproc.service.metrics import Metrics
+from extproc.service.processor import Router
+
+
+def _router(**service) -> Router:
+    cfg = parse_config({"service": service})
+    return Router(BudgetRouter(cfg.budget), cfg.service, Metrics())
+
+
+def _sampled(r: Router, body: bytes, n: int) -> int:
+    return sum(r.decide(body, "/v1/chat/completions", track=False).sample_id is not None for _ in range(n))
+
+
+def test_every_response_is_read_while_calibrating():
+    r = _router(calibration_samples=50, usage_sample_rate=0.0, usage_samples_per_s=0.0)
+    assert _sampled(r, chat("hi"), 200) == 200  # nothing learned yet: the model has no samples
+
+
+def test_after_calibration_reads_are_capped_per_second():
+    r = _router(calibration_samples=0, usage_sample_rate=1.0, usage_samples_per_s=5.0)
+    t0 = time.monotonic()
+    got = _sampled(r, chat("hi"), 2000)
+    elapsed = time.monotonic() - t0
+    assert 0 < got <= 5.0 * elapsed + 1, (got, elapsed)
+
+
+def test_near_capacity_budgets_bypass_the_share_but_not_the_cap():
+    r = _router(calibration_samples=0, usage_sample_rate=0.0, usage_samples_per_s=1000.0)
+    near = chat(long_text(6400), max_tokens=1024)  # a budget near the short pool's 8,192
+    d = r.budget.route(near, "/v1/chat/completions")
+    assert d.pool == "short" and d.budget_tokens >= 0.85 * 8192, d
+    time.sleep(0.05)  # let the bucket fill a little
+    assert _sampled(r, near, 20) >= 1
+    assert _sampled(r, chat("hi"), 200) == 0  # share 0: far from capacity is never read
