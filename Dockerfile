@@ -5,5 +5,5 @@ COPY pyproject.toml README.md ./
 COPY extproc ./extproc
 RUN pip install --no-cache-dir . && useradd --create-home extproc && mkdir -p /state && chown extproc /state
 USER extproc
-EXPOSE 10000 50051 9464
+EXPOSE 10000 50051 50052 9464
 CMD ["extproc", "serve"]

@@ -23,7 +23,7 @@ from .budget.router import BudgetSettings
 
 ENV_PREFIX = "EXTPROC_"
 ROUTING_FILTERS = ("ext_authz", "ext_proc")
-PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow")
+PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow", "spilled")
 
 
 class ConfigError(ValueError):
@@ -40,8 +40,8 @@ class ServiceSettings:
     grpc_address: str = "127.0.0.1:50051"
     http_address: str = "127.0.0.1:50052"   # the ext_authz HTTP check endpoint (routing_filter: ext_authz)
     # Which Envoy filter asks the router for a pool: "ext_authz" (an HTTP check with the buffered
-    # body: one request/response, ~5x less router CPU) or "ext_proc" (a gRPC stream per request:
-    # needed to see each request end, for spillover and include_usage injection).
+    # body: one request/response, several times less router CPU) or "ext_proc" (a gRPC stream per
+    # request, which include_usage injection needs).
     routing_filter: str = "ext_authz"
     metrics_address: str = "127.0.0.1:9464"
     pool_header: str = "x-token-pool"
@@ -55,6 +55,7 @@ class ServiceSettings:
     snapshot_interval_s: float = 60.0
     grace_period_s: float = 30.0          # SIGTERM: in-flight streams get this long to finish
     max_pending: int = 10_000             # sampled decisions awaiting their response
+    max_request_s: float = 600.0          # Envoy's upstream timeout: no request runs longer
     offload_bytes: int = 262_144          # bodies above this are routed in a worker thread
     inject_stream_usage: bool = False     # sampled streams without include_usage: ask for usage, strip it
 
@@ -228,10 +229,6 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
     if routing_filter not in ROUTING_FILTERS:
         raise ConfigError("service.routing_filter", f"must be one of {', '.join(ROUTING_FILTERS)}, got {routing_filter!r}")
     if routing_filter != "ext_proc":
-        # Only the ext_proc stream lives until the request ends: in-flight counts need it.
-        if spill:
-            raise ConfigError("service.spillover", "needs service.routing_filter: ext_proc (in-flight counts "
-                              "come from the routing stream, which ends with the request)")
         if svc.get("inject_stream_usage", False):
             raise ConfigError("service.inject_stream_usage", "needs service.routing_filter: ext_proc (the "
                               "routing stream reads the injected usage and keeps it from the client)")
@@ -253,6 +250,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         snapshot_interval_s=_number(svc, "snapshot_interval_s", d.snapshot_interval_s, 1.0, 86400.0),
         grace_period_s=_number(svc, "grace_period_s", d.grace_period_s, 0.0, 3600.0),
         max_pending=_int(svc, "max_pending", "service.", d.max_pending, lo=1, hi=10_000_000),
+        max_request_s=_number(svc, "max_request_s", d.max_request_s, 1.0, 86400.0),
         offload_bytes=_int(svc, "offload_bytes", "service.", d.offload_bytes, lo=1024),
         inject_stream_usage=svc.get("inject_stream_usage", d.inject_stream_usage),
     )

@@ -1,6 +1,7 @@
 """The one config file: defaults, environment overrides, and every invalid value failing at start
 with its field and reason (never later, on a request)."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -56,8 +57,7 @@ def test_file_and_environment_overrides(tmp_path):
     ({"service": {"shadow": "yes"}}, "service.shadow"),
     ({"service": {"spillover": {"medium": 4}}}, "service.spillover.medium"),
     ({"service": {"spillover": {"short": 0}}}, "service.spillover.short"),
-    ({"service": {"spillover": {"short": 4}}}, "service.spillover"),  # needs the ext_proc routing filter
-    ({"service": {"inject_stream_usage": True}}, "service.inject_stream_usage"),  # same
+    ({"service": {"inject_stream_usage": True}}, "service.inject_stream_usage"),  # needs routing_filter ext_proc
     ({"service": {"routing_filter": "lua"}}, "service.routing_filter"),
     ({"service": {"http_address": "nowhere"}}, "service.http_address"),
     ({"service": {"pool_header": "authorization"}}, "service.pool_header"),
@@ -107,3 +107,8 @@ def test_explain_runs_on_the_bundled_sample(tmp_path):
                          cwd=tmp_path)  # no ../shared here: the bundled sample is used
     assert out.returncode == 0, out.stderr
     assert "bundled sample" in out.stdout and "requests per pool" in out.stdout
+
+
+def test_the_shipped_compose_config_is_valid():
+    cfg = load_config(str(pathlib.Path(__file__).resolve().parents[1] / "config" / "router.yaml"), {})
+    assert cfg.service.spillover_limit("short") == 96 and cfg.service.routing_filter == "ext_authz"

@@ -12,6 +12,7 @@ import sys
 import time
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
@@ -20,7 +21,7 @@ from ..budget import BudgetRouter
 from ..config import Config
 from .check import CheckServer
 from .metrics import Metrics
-from .processor import ExtProcServicer, Router
+from .processor import ExtProcServicer, RequestEndsServicer, Router
 
 log = logging.getLogger("extproc.service")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -113,6 +114,7 @@ class Service:
             ("grpc.so_reuseport", 0)])
         pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.router), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        als_pb2_grpc.add_AccessLogServiceServicer_to_server(RequestEndsServicer(self.router), self.server)
         address = grpc_address or s.grpc_address
         try:
             self.port = self.server.add_insecure_port(address)

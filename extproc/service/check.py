@@ -158,7 +158,7 @@ class _CheckProtocol(asyncio.Protocol):
             t0 = time.perf_counter()
             try:
                 d = await asyncio.to_thread(self.r.budget.route, body, path)
-                answer = self._answer(self.r.record(d, body, track=False))
+                answer = self._answer(self.r.record(d, body, ended_by_log=True))
             except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
                 self.r.metrics.stream_errors.inc()
                 log.exception("check failed")
@@ -176,7 +176,7 @@ class _CheckProtocol(asyncio.Protocol):
         t0 = time.perf_counter()
         try:
             # An over-long body is decided on no body at all: unreadable, so the largest pool.
-            answer = self._answer(self.r.decide(body or b"", path, track=False))
+            answer = self._answer(self.r.decide(body or b"", path, ended_by_log=True))
         except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
             self.r.metrics.stream_errors.inc()
             log.exception("check failed")

@@ -169,11 +169,24 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
                 "authorization_response": {"allowed_upstream_headers": names, "dynamic_metadata_from_headers": names}},
         }
         decision_namespace = AUTHZ_METADATA_NAMESPACE
+        # A check does not see its request end; Envoy's gRPC access log tells the router, in
+        # batches, which decision ids have ended (in-flight counts, spillover).
+        decision_header = f"{lay.header_prefix}decision"
+        ends_log = [{
+            "name": "envoy.access_loggers.http_grpc",
+            "filter": {"header_filter": {"header": {"name": decision_header, "present_match": True}}},
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                "common_config": {"log_name": "extproc.ends", "transport_api_version": "V3",
+                                  "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}},
+                                  "buffer_flush_interval": "0.05s", "buffer_size_bytes": 16384},
+                "additional_request_headers_to_log": [decision_header]}}]
     else:
         route_filter = ext_proc(("SEND", "BUFFERED", "SKIP", "NONE"), allow_mode_override=True,
                                 mutation_rules={"disallow_system": True},
                                 metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}})
         decision_namespace = METADATA_NAMESPACE
+        ends_log = []  # the routing stream ends with the request
     fmt = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% "
            "id=%REQ(X-REQUEST-ID)% "
            "%BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_CLUSTER% "
@@ -189,7 +202,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
         "request_timeout": "0s",
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": lay.access_log_path, "log_format": {"text_format_source": {"inline_string": fmt}}}}],
+            "path": lay.access_log_path, "log_format": {"text_format_source": {"inline_string": fmt}}}}] + ends_log,
         "route_config": {"name": "pools", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
         "early_header_mutation_extensions": [{
             "name": "envoy.http.early_header_mutation.header_mutation",
@@ -206,6 +219,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
     if not with_router:
         hcm["http_filters"] = hcm["http_filters"][-1:]
         del hcm["early_header_mutation_extensions"]
+        hcm["access_log"] = hcm["access_log"][:1]
         for route in routes:
             route["typed_per_filter_config"] = {}
     clusters = [_cluster(f"pool_{name}", host, port) for name, host, port in lay.pools]
@@ -254,6 +268,7 @@ def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
         raise ValueError(f"router HTTP address must be host:port, got {router_http!r}")
     return EnvoyLayout(listen_address=listen_address, listen_port=listen_port, admin_port=admin_port, router_address=(rhost, int(rport)),
                        router_http_address=(hhost, int(hport)), routing_filter=config.service.routing_filter,
+                       upstream_timeout_s=max(1, int(config.service.max_request_s)),
                        pools=tuple(pools), pool_header=config.service.pool_header,
                        header_prefix=config.service.header_prefix, message_timeout_ms=message_timeout_ms)
 

@@ -41,6 +41,8 @@ class Metrics:
                                        ["phase"], buckets=_SECONDS_BUCKETS, registry=r)
         self.usage_streams = Counter("extproc_usage_streams", "Response streams the usage filter opened to the "
                                      "router (should track the sample rate)", registry=r)
+        self.ends_missed = Counter("extproc_request_ends_missed", "Checked requests whose end Envoy never logged "
+                                   "(counted out of in-flight after service.max_request_s)", registry=r)
         self.stream_errors = Counter("extproc_stream_errors", "ext_proc streams that ended with an error",
                                      registry=r)
         if calibration is not None:

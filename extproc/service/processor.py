@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
+from envoy.service.accesslog.v3 import als_pb2, als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
@@ -68,7 +69,8 @@ class Routed:
     decision: Decision
     pool: str
     spilled_from: str | None = None
-    sample_id: str | None = None        # read by the usage filter (observability mode)
+    decision_id: str | None = None      # names the request to the usage filter and the access-log stream
+    sampled: bool = False               # its usage is read (the usage filter runs on its route)
     new_body: bytes | None = None       # include_usage injected: the routing stream reads usage
 
 
@@ -90,6 +92,7 @@ class Router:
         self.largest = budget.pools[-1].name
         self.inflight = {p.name: 0 for p in budget.pools}
         self.pending: OrderedDict[str, _Sampled] = OrderedDict()
+        self.open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # checked requests not yet ended
         self._ids = itertools.count(1)
         self._id_prefix = f"{os.getpid():x}-"
         self.pool_header = settings.pool_header
@@ -110,13 +113,13 @@ class Router:
         self._sample_refill = time.monotonic()
 
     # -- request side --------------------------------------------------------------------------
-    def choose(self, d: Decision, spill: bool = True) -> tuple[str, str | None]:
+    def choose(self, d: Decision) -> tuple[str, str | None]:
         """The pool to send to (spillover applied) and the preferred pool when it spilled."""
         if self.s.shadow:
             return self.largest, None
         pool = d.pool
         limit = self.s.spillover_limit(pool)
-        if not spill or limit is None or self.inflight[pool] < limit or d.reason != "fits":
+        if limit is None or self.inflight[pool] < limit or d.reason != "fits":
             return pool, None
         for name in d.fits:  # larger pools that also hold the request, smallest first
             if name == pool:
@@ -164,43 +167,74 @@ class Router:
             self._calibrating_checked = now
         return self._calibrating or self._rng.random() < self.s.usage_sample_rate
 
-    def decide(self, body: bytes, path: str, may_inject: bool = False, track: bool = True) -> Routed:
-        return self.record(self.budget.route(body, path), body, may_inject, track)
+    def decide(self, body: bytes, path: str, may_inject: bool = False, ended_by_log: bool = False) -> Routed:
+        return self.record(self.budget.route(body, path), body, may_inject, ended_by_log)
 
-    def record(self, d: Decision, body: bytes, may_inject: bool = False, track: bool = True) -> Routed:
+    def record(self, d: Decision, body: bytes, may_inject: bool = False, ended_by_log: bool = False) -> Routed:
         """Pool choice, sampling and accounting for a decision. Runs on the event loop only:
-        in-flight counts and the sampled table are not shared with worker threads. ``track``:
-        the caller will report the request's end (``finished``); only then are in-flight counts
-        kept, and only then can a request spill over."""
-        pool, spilled_from = self.choose(d, spill=track)
+        in-flight counts and the id tables are not shared with worker threads.
+
+        The request's end comes back one of two ways: the ext_proc routing stream ends with the
+        request (the caller then calls ``finished``), or, for ext_authz checks
+        (``ended_by_log``), Envoy's access-log stream names the decision id (``request_ended``)."""
+        pool, spilled_from = self.choose(d)
         out = Routed(d, pool, spilled_from)
         if self.wants_sample(d, pool):
             if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
                 out.new_body = with_stream_usage(body)
             if out.new_body is None:
-                out.sample_id = f"{self._id_prefix}{next(self._ids):x}"
-                self.pending[out.sample_id] = _Sampled(d, pool)
+                out.sampled = True
+                out.decision_id = self._new_id()
+                self.pending[out.decision_id] = _Sampled(d, pool)
                 while len(self.pending) > self.s.max_pending:
                     self.pending.popitem(last=False)
         m = self.metrics
-        if track:
-            self.inflight[pool] += 1
-            m.child(m.inflight, pool).set(self.inflight[pool])
+        if ended_by_log:
+            out.decision_id = out.decision_id or self._new_id()
+            self.open[out.decision_id] = (pool, time.monotonic())
+            self._expire_open()
+        self.inflight[pool] += 1
+        m.child(m.inflight, pool).set(self.inflight[pool])
         m.child(m.decisions, pool, d.reason, d.source).inc()
         m.child(m.budget, pool).observe(d.budget_tokens)
         if spilled_from:
             m.spillovers.labels(spilled_from, pool).inc()
         return out
 
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids):x}"
+
+    def request_ended(self, decision_id: str) -> None:
+        """Envoy logged the end of a request decided by an ext_authz check."""
+        found = self.open.pop(decision_id, None)
+        if found is not None:
+            self.finished(found[0])
+
+    def _expire_open(self) -> None:
+        """A request whose end never came back (its check answered too late for Envoy, or access
+        logs lost) stops counting once it cannot still be running, or when the table is full."""
+        horizon = time.monotonic() - self.s.max_request_s
+        while self.open:
+            decision_id, (pool, t) = next(iter(self.open.items()))
+            if t > horizon and len(self.open) <= self.s.max_pending:
+                break
+            del self.open[decision_id]
+            self.finished(pool)
+            self.metrics.ends_missed.inc()
+
     def decision_headers(self, routed: Routed) -> list[tuple[str, str]]:
         """The headers that carry a decision upstream (both routing filters set these)."""
         d, h = routed.decision, self.h
         values = [(self.pool_header, routed.pool), (h["budget"], str(d.budget_tokens)),
                   (h["estimate"], str(d.prompt_tokens)), (h["source"], d.source), (h["reason"], d.reason)]
-        if routed.sample_id:
-            values += [(h["sample"], "1"), (h["decision"], routed.sample_id)]
+        if routed.decision_id:
+            values.append((h["decision"], routed.decision_id))
+        if routed.sampled:
+            values.append((h["sample"], "1"))
         if self.s.shadow:
             values.append((h["shadow"], d.pool))
+        if routed.spilled_from:
+            values.append((h["spilled"], routed.spilled_from))
         return values
 
     def decision_fields(self, routed: Routed) -> dict:
@@ -411,7 +445,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 pass
             elif kind == "request_headers":
                 sample_id = _header(req.request_headers, r.h["decision"])
-                learned = sample_id is None  # not sampled: nothing to read
+                learned = sample_id not in r.pending  # not sampled (or forgotten): nothing to read
             elif kind == "response_headers":
                 hdrs = req.response_headers
                 status_text = _header(hdrs, ":status") or "0"
@@ -453,3 +487,22 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 raw = b"".join(body)
                 r.learn(sample_id, status, usage_from_json(raw) if status == 200 else None,
                         raw if status == 400 else None, streamed)
+
+
+class RequestEndsServicer(als_pb2_grpc.AccessLogServiceServicer):
+    """Envoy's gRPC access-log stream, reduced to what the router needs from it: which checked
+    requests have ended (the entries carry the decision id header and nothing of the prompt).
+    Envoy batches entries (``buffer_flush_interval``), so this costs a message per batch, not
+    per request."""
+
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    async def StreamAccessLogs(self, request_iterator, context):
+        header = self.r.h["decision"]
+        async for msg in request_iterator:
+            for entry in msg.http_logs.log_entry:
+                decision_id = entry.request.request_headers.get(header)
+                if decision_id:
+                    self.r.request_ended(decision_id)
+        return als_pb2.StreamAccessLogsResponse()

@@ -115,7 +115,9 @@ def _parse_line(line: str) -> AccessLine:
     doc = json.loads(decision) if decision.startswith("{") else None
     if doc and "x-token-pool" in doc:  # ext_authz: the router's answer headers, as metadata
         doc = {k.removeprefix("x-token-"): int(v) if str(v).isdigit() else v for k, v in doc.items()}
-        doc["decided_pool"] = doc.get("shadow", doc["pool"])
+        doc["decided_pool"] = doc.get("shadow", doc.get("spilled", doc["pool"]))
+        if "spilled" in doc:
+            doc["spilled_from"] = doc["spilled"]
     return AccessLine(line, status, fields.get("upstream", "-"), fields.get("pool", "-"), fields, doc)
 
 

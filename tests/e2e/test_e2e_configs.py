@@ -34,10 +34,13 @@ def test_context_length_misroute_is_counted(underestimating):
 
 # -- spillover ------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def spilling(make_stack):
-    # ~20 ms per token unscaled: at 0.4, 200 output tokens take well over a second
-    return make_stack("spillover", {"service": {"routing_filter": "ext_proc", "spillover": {"short": 1}}}, time_scale=0.4)
+@pytest.fixture(scope="module", params=["ext_authz", "ext_proc"])
+def spilling(make_stack, request):
+    # ~20 ms per token unscaled: at 0.4, 200 output tokens take well over a second. In-flight
+    # counts come down from the routing stream's end (ext_proc) or Envoy's access-log stream
+    # (ext_authz).
+    return make_stack(f"spillover-{request.param}",
+                      {"service": {"routing_filter": request.param, "spillover": {"short": 1}}}, time_scale=0.4)
 
 
 def test_spillover_to_long_when_short_is_at_its_limit(spilling):
@@ -66,6 +69,9 @@ def test_spillover_to_long_when_short_is_at_its_limit(spilling):
     assert metric(stack, "extproc_spillovers_total", from_pool="short", to_pool="long") >= 1
 
     # both finished: the in-flight count went back down, so short takes the next one again
+    deadline = time.monotonic() + 5
+    while metric(stack, "extproc_inflight_requests", pool="short") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     r = rid("spill-c")
     assert post(stack, chat_body("hi", max_tokens=2), r).status == 200
     assert access_line(stack, r).served_by == "short"

@@ -51,8 +51,8 @@ def test_short_and_long_requests_get_their_pool_and_provenance_on_one_kept_alive
             assert status == 200 and hdrs["x-token-pool"] == "long"
             assert h.value("extproc_decisions_total", pool="short", reason="fits", source="prior") == 1
             assert h.value("extproc_decisions_total", pool="long", reason="fits", source="prior") == 1
-            # the check endpoint never sees a request end: it keeps no in-flight counts
-            assert h.value("extproc_inflight_requests", pool="short") == 0
+            # in flight until Envoy's access-log stream says the request ended
+            assert h.value("extproc_inflight_requests", pool="short") == 1
             writer.close()
     run(scenario())
 
@@ -177,5 +177,67 @@ def test_model_calibration_is_shared_with_the_usage_stream():
                     break
                 await asyncio.sleep(0.01)
             assert h.samples(MODEL) == 1
+            writer.close()
+    run(scenario())
+
+
+def _ends(*decision_ids: str):
+    from envoy.data.accesslog.v3 import accesslog_pb2
+    from envoy.service.accesslog.v3 import als_pb2
+
+    entries = [accesslog_pb2.HTTPAccessLogEntry(request=accesslog_pb2.HTTPRequestProperties(
+        request_headers={"x-token-decision": i} if i else {})) for i in decision_ids]
+    return als_pb2.StreamAccessLogsMessage(http_logs=als_pb2.StreamAccessLogsMessage.HTTPAccessLogEntries(
+        log_entry=entries))
+
+
+def test_access_log_stream_ends_requests_and_spillover_uses_the_counts():
+    from envoy.service.accesslog.v3 import als_pb2_grpc
+
+    async def scenario():
+        async with running({"service": {"spillover": {"short": 2}}}) as h:
+            reader, writer = await _connect(h)
+            ids, pools = [], []
+            for _ in range(3):
+                writer.write(_post("/v1/chat/completions", chat("hi", max_tokens=4)))
+                _, hdrs, _ = await _read_response(reader)
+                ids.append(hdrs["x-token-decision"])
+                pools.append(hdrs["x-token-pool"])
+            assert pools == ["short", "short", "long"]  # the third spilled: short had 2 in flight
+            assert h.value("extproc_spillovers_total", from_pool="short", to_pool="long") == 1
+            stub = als_pb2_grpc.AccessLogServiceStub(h.channel)
+            call = stub.StreamAccessLogs()
+            await call.write(_ends(ids[0], "unknown-id", ""))  # unknown and absent ids are ignored
+            for _ in range(200):
+                if h.value("extproc_inflight_requests", pool="short") == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert h.value("extproc_inflight_requests", pool="short") == 1
+            writer.write(_post("/v1/chat/completions", chat("hi", max_tokens=4)))
+            _, hdrs, _ = await _read_response(reader)
+            assert hdrs["x-token-pool"] == "short"  # room again
+            await call.write(_ends(*ids[1:], hdrs["x-token-decision"]))
+            await call.done_writing()
+            await asyncio.wait_for(call, 10)
+            assert h.value("extproc_inflight_requests", pool="short") == 0
+            assert h.value("extproc_inflight_requests", pool="long") == 0
+            writer.close()
+    run(scenario())
+
+
+def test_requests_whose_end_never_comes_are_counted_out_after_max_request_s():
+    async def scenario():
+        async with running({"service": {"max_request_s": 5}}) as h:
+            reader, writer = await _connect(h)
+            writer.write(_post("/v1/chat/completions", chat("hi", max_tokens=4)))
+            _, first, _ = await _read_response(reader)
+            assert h.value("extproc_inflight_requests", pool="short") == 1
+            table = h.service.router.open
+            pool, t = table[first["x-token-decision"]]
+            table[first["x-token-decision"]] = (pool, t - 6)  # decided 6 s ago, longer than any request runs
+            writer.write(_post("/v1/chat/completions", chat("hi", max_tokens=4)))
+            await _read_response(reader)
+            assert h.value("extproc_inflight_requests", pool="short") == 1  # the first counted out, the second in
+            assert h.value("extproc_request_ends_missed_total") == 1
             writer.close()
     run(scenario())

@@ -19,7 +19,7 @@ def _router(**service) -> Router:
 
 
 def _sampled(r: Router, body: bytes, n: int) -> int:
-    return sum(r.decide(body, "/v1/chat/completions", track=False).sample_id is not None for _ in range(n))
+    return sum(r.decide(body, "/v1/chat/completions", ended_by_log=True).sampled for _ in range(n))
 
 
 def test_every_response_is_read_while_calibrating():
