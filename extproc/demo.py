@@ -124,7 +124,8 @@ def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float,
 
     wd = pathlib.Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
     stack = Stack(wd, config_path=config_path, time_scale=time_scale, listen_port=_port_or_free(10000),
-                  admin_port=_port_or_free(9901), grpc_port=_port_or_free(50051), metrics_port=_port_or_free(9464),
+                  admin_port=_port_or_free(9901), grpc_port=_port_or_free(50051), http_port=_port_or_free(50052),
+                  metrics_port=_port_or_free(9464),
                   quiet=True)
     print(f"starting Envoy, router and {len(stack.pool_ports)} simulated pools (logs in {wd}) ...", flush=True)
     def handler(*_):
