@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from importlib import resources
@@ -41,7 +42,7 @@ import numpy as np
 from .features import FEATURE_GROUP, FEATURE_NAMES, N_FEATURES
 from .request import Prompt
 
-CONTENT_GROUPS = ("latin", "digits", "space", "punct", "cjk", "script")
+CONTENT_GROUPS = ("latin", "digits", "space", "punct", "cjk", "script", "lex")
 GROUPS = CONTENT_GROUPS + ("json", "schema", "turns", "chat", "prompt", "tools")
 _G = {name: i for i, name in enumerate(GROUPS)}
 _N_GROUPS = len(GROUPS)
@@ -50,6 +51,9 @@ _ONE_HOT = np.zeros((N_FEATURES, len(CONTENT_GROUPS)))
 for _i, _g in enumerate(FEATURE_GROUP):
     _ONE_HOT[_i, CONTENT_GROUPS.index(_g)] = 1.0
 SNAPSHOT_VERSION = 1
+# The learned group scales multiply priors fitted on these features: a snapshot learned on other
+# features (an older version) does not apply and is refused.
+FEATURES_ID = f"{N_FEATURES}:{zlib.crc32(' '.join(FEATURE_NAMES).encode()):08x}"
 OVERFLOW_KEY = "__other__"
 
 
@@ -351,12 +355,15 @@ class FeatureKalman:
         for key, st in self.table.states.items():
             keys[key] = {"theta": st.theta, "P": st.P, "n": st.n, "margins": st.errors.margins,
                          "errors": {b: list(w) for b, w in st.errors.windows.items()}, "margin_n": st.errors.n}
-        return {"version": SNAPSHOT_VERSION, "estimator": self.name, "groups": list(GROUPS), "keys": keys}
+        return {"version": SNAPSHOT_VERSION, "estimator": self.name, "groups": list(GROUPS),
+                "features": FEATURES_ID, "keys": keys}
 
     def restore(self, doc: dict) -> None:
         _check_snapshot(doc, self.name)
         if doc.get("groups") != list(GROUPS):
             raise ValueError("snapshot groups differ from this version's")
+        if doc.get("features") != FEATURES_ID:
+            raise ValueError("snapshot was learned on other content features (another version): not restored")
         states = {}
         for key, v in _bounded_keys(doc["keys"], self.s.max_keys):
             if not isinstance(v, dict) or not isinstance(v.get("margins"), dict) or not isinstance(v.get("errors"), dict):

@@ -19,7 +19,14 @@ features come from the runs, so the work after the translate is a handful of vec
 * rare letter pairs (``b:rare``) — adjacent ASCII letters that are not a common English bigram:
   Latin-script text in other languages (Swahili, Tagalog, German…) has many more of them and
   falls out of the BPE vocabulary's whole words; likewise rare letter trigrams (``b:tri``, against
-  a hand-written list of common English ones) and vowels (``b:vow``), all from one 27³ lookup.
+  a hand-written list of common English ones) and vowels (``b:vow``), all from one 27³ lookup;
+* how deep in the BPE vocabulary the text's letter n-grams and characters sit, from tables
+  generated from the Llama-3 vocabulary (``vocab_tables.py``, by benchmarks/vocab_tables.py —
+  derived from the vocabulary alone, no text): letter trigrams (``v:``) and 4-grams (``w:``) that
+  no token among the first 3,000 / 30,000 / any holds, and non-ASCII characters that fewer than
+  100 / 10 / no tokens hold (``u:``). A word whose 4-grams sit only in rare tokens is cut into
+  short pieces: this separates Tagalog or Swahili from English and Spanish, and Kazakh or
+  Armenian letters from Russian ones, where letter classes alone cannot.
 
 Every feature is a count, so the features of a concatenation are (up to the class boundary at
 the join) the sum of the parts': a request that mixes prose, code, CJK and JSON is measured per
@@ -31,7 +38,12 @@ are far above the short pool's threshold, and this bounds ``route()`` on a 1 MB 
 
 from __future__ import annotations
 
+import base64
+import zlib
+
 import numpy as np
+
+from .vocab_tables import CHARS, QUADGRAMS, TRIGRAMS
 
 _PUNCT = b"!#$%&()*+,-./:;<=>?@[\\]^_`{|}~'"
 
@@ -139,11 +151,27 @@ for _a in range(26):
     for _b in range(26):
         if chr(97 + _a) + chr(97 + _b) not in _COMMON_PAIRS:
             _TRIGRAM.reshape(27, 27, 27)[_a, _b, :] += 4
+# How deep in the BPE vocabulary each letter trigram sits (vocab_tables.py, generated from the
+# Llama-3 vocabulary): values 8..31 of the same lookup hold its level 0..3 (times 8).
+
+
+def _unpack(lines: tuple[str, ...], n: int) -> np.ndarray:
+    packed = zlib.decompress(base64.b64decode("".join(lines)))
+    bits = np.unpackbits(np.frombuffer(packed, np.uint8)).reshape(-1, 2)[:n]
+    return (bits[:, 0] * 2 + bits[:, 1]).astype(np.uint8)
+
+
+_TRIGRAM += _unpack(TRIGRAMS, 27 ** 3) * 8
+# The same for letter 4-grams: level 0..3 of ((c0*27 + c1)*27 + c2)*27 + c3.
+QUADGRAM_LEVEL = _unpack(QUADGRAMS, 27 ** 4)
+# How many vocabulary tokens hold each character U+0080..U+FFFF (level 0 many .. 3 none).
+CHAR_LEVEL = _unpack(CHARS, 0x10000)
+CHAR_LEVEL[0xFFFF] = 0  # (a non-character; stands for every code point above it, see _measure_exact)
 
 FEATURE_NAMES: tuple[str, ...] = (
     tuple(f"n:{c}" for c in TOTALS) + tuple(f"t:{n}" for n, _, _ in TRANSITIONS)
     + tuple(f"r:{c}/{k}" for c, k in RUN_STEPS) + tuple(f"z:{n}" for n, _ in SCRIPTS)
-    + ("b:rare", "b:tri", "b:vow")
+    + ("b:rare", "b:tri", "b:vow", "v:3k", "v:30k", "v:none", "w:3k", "w:30k", "w:none", "u:lt100", "u:lt10", "u:none")
 )
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -165,14 +193,26 @@ for _j, (_n, _vals) in enumerate(SCRIPTS):
     for _v in _vals:
         _SCRIPT_W[_v, _j] = 1.0
 _LEAD_E = _CODE["i"]
-_BITS = np.array([[(v >> 2) & 1, v & 1, (v >> 1) & 1] for v in range(8)], float)  # -> rare, tri, vow
+# looked-up value -> rare, tri, vow, then the vocabulary depth: level >= 1, >= 2, == 3
+_NO_CHARS = np.zeros(3)
+# looked-up trigram value -> rare, tri, vow, then the vocabulary depth: level >= 1, >= 2, == 3
+_BITS = np.array([[(v >> 2) & 1, v & 1, (v >> 1) & 1, v >= 8, v >= 16, v >= 24] for v in range(32)], float)
+_AT_LEAST = np.array([[v >= 1, v >= 2, v >= 3] for v in range(4)], float)
+
+
+def _at_least(levels: np.ndarray) -> np.ndarray:
+    """How many of the levels (0..3) are at least 1, 2, 3: one bincount on short texts (fewer
+    calls), three comparisons on long ones (bincount of a long uint8 array is the slower)."""
+    if len(levels) < 8192:
+        return np.bincount(levels, minlength=4) @ _AT_LEAST
+    return np.array([np.count_nonzero(levels >= k) for k in (1, 2, 3)], float)
 
 # Group of each feature, for the calibrator (content groups in calibrate.CONTENT_GROUPS).
 def _group(name: str) -> str:
     kind, what = name.split(":", 1)
-    if kind == "b":
-        return "latin"
-    if kind == "z":
+    if kind in "bvw":
+        return "lex"
+    if kind in "zu":
         return "script"
     if kind == "n":
         return {"l": "latin", "U": "latin", "d": "digits", "s": "space", "n": "space", "t": "space",
@@ -214,14 +254,22 @@ def _measure_exact(text: str) -> np.ndarray:
     runs = steps[_RUN_ROWS, _RUN_COLS]
     if text.isascii():
         scripts = np.zeros(len(SCRIPTS))
+        chars = _NO_CHARS
     else:
         raw_a = np.frombuffer(raw, np.uint8)
         lead = np.flatnonzero(codes[:-1] == _LEAD_E)
         scripts = np.bincount(raw_a[lead + 1], minlength=256) @ _SCRIPT_W
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+        level = CHAR_LEVEL.take(np.minimum(cps, 0xFFFF))  # (U+FFFF and up: level 0; class "4" counts them)
+        chars = _at_least(level)
     # padded at both ends so that every byte is the middle of one trigram (exact, additive counts)
     let = np.frombuffer(b"\x1a" + raw.translate(LETTER27) + b"\x1a", np.uint8).astype(np.uint16)
-    bits = np.bincount(_TRIGRAM.take((let[:-2] * 27 + let[1:-1]) * 27 + let[2:]), minlength=8) @ _BITS
-    return np.concatenate((totals, trans, runs, scripts, bits))
+    tri = (let[:-2] * 27 + let[1:-1]) * 27 + let[2:]
+    bits = np.bincount(_TRIGRAM.take(tri), minlength=32) @ _BITS
+    # 4-grams: each trigram and the letter after it (the one that ends in the last pad is level 0)
+    w = QUADGRAM_LEVEL.take(tri[:-1].astype(np.uint32) * 27 + let[3:])
+    quad = _at_least(w)
+    return np.concatenate((totals, trans, runs, scripts, bits, quad, chars))
 
 
 def measure(text: str) -> np.ndarray:

@@ -241,6 +241,8 @@ def test_restore_wrong_estimator_raises(src, dst):
     lambda d: d.pop("version"),
     lambda d: d.update(keys=[]),
     lambda d: d.update(groups=d["groups"][:-1]),
+    lambda d: d.pop("features"),  # a snapshot of a version before the vocabulary features
+    lambda d: d.update(features="77:0badf00d"),
 ])
 def test_restore_bad_snapshot_raises(mutate):
     a = BudgetRouter()

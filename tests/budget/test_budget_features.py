@@ -17,9 +17,11 @@ from extproc.budget.features import FEATURE_NAMES, N_FEATURES, SAMPLE_CHARS, mea
 
 IDX = {n: i for i, n in enumerate(FEATURE_NAMES)}
 NON_ASCII_TOTALS = [IDX[f"n:{c}"] for c in "ergyAiGhkf4"]
-NON_ASCII = NON_ASCII_TOTALS + [IDX[n] for n in FEATURE_NAMES if n.startswith("z:")] + \
+NON_ASCII = NON_ASCII_TOTALS + [IDX[n] for n in FEATURE_NAMES if n.startswith(("z:", "u:"))] + \
     [IDX[n] for n in ("t:s>u", "t:p>u", "t:u>a", "t:a>u", "t:u>s", "t:u>p")]
 TOTALS = [i for i, n in enumerate(FEATURE_NAMES) if n.startswith("n:")]
+TRI = [i for i, n in enumerate(FEATURE_NAMES) if n.startswith(("b:", "v:"))]
+QUAD = [i for i, n in enumerate(FEATURE_NAMES) if n.startswith("w:")]
 
 SAMPLES = [
     "The quick brown fox jumps over the lazy dog. It was 12:30 on 2024-06-01.",
@@ -76,8 +78,11 @@ def test_additivity_on_real_texts(dev_texts):
         a, b = rng.choice(texts), rng.choice(texts)
         whole, parts = measure(a + b), measure(a) + measure(b)
         np.testing.assert_array_equal(whole[TOTALS], parts[TOTALS])
-        # two letter trigrams (b:tri) can span the join; every other feature differs by at most 1
-        assert np.abs(whole - parts).max() <= 2
+        # two letter trigrams (b:, v:) and three 4-grams (w:) can span the join; every other
+        # feature differs by at most 1
+        diff = np.abs(whole - parts)
+        assert diff[QUAD].max() <= 3 and diff[TRI].max() <= 2
+        assert np.delete(diff, QUAD + TRI).max() <= 1
 
 
 @pytest.mark.parametrize("text", SAMPLES[:3] + [SAMPLES[7], "".join(chr(c) for c in range(128))])
@@ -95,6 +100,50 @@ def test_non_ascii_text_has_non_ascii_features():
     for name in ("n:y", "n:g", "n:A", "n:i", "n:k", "n:4", "z:deva", "z:thai"):
         assert v[IDX[name]] > 0, name
     assert utf8_len(SAMPLES[3]) == len(SAMPLES[3].encode())
+
+
+def test_vocabulary_depth_of_letter_ngrams():
+    english = "Artificial intelligence is changing the world quickly. I like learning new technologies."
+    tagalog = "Ang artipisyal na katalinuhan ay mabilis na nagbabago sa mundo. Gusto kong matuto."
+    for text, deep in ((english, False), (tagalog, True)):
+        v = measure(text)
+        letters = v[IDX["n:l"]] + v[IDX["n:U"]]
+        share = v[IDX["w:30k"]] / letters  # 4-grams no token among the first 30,000 holds
+        assert (share > 0.15) == deep, (text, share)
+        assert v[IDX["w:3k"]] >= v[IDX["w:30k"]] >= v[IDX["w:none"]]
+        assert v[IDX["v:3k"]] >= v[IDX["v:30k"]] >= v[IDX["v:none"]]
+    # a word no vocabulary token holds any 4-gram of; case does not matter; a digit or a space
+    # breaks the n-gram
+    assert measure("qxzj")[IDX["w:none"]] == measure("QXZJ")[IDX["w:none"]] == 1
+    assert measure("qxzjqxzj")[IDX["w:none"]] == 5
+    assert measure("qx zj")[[IDX["w:3k"], IDX["v:3k"]]].sum() == 0
+    assert measure("the ")[IDX["w:3k"]] == 0 and measure("thex")[IDX["w:3k"]] == 1
+
+
+def test_vocabulary_depth_of_characters():
+    russian, kazakh = measure("Искусственный интеллект"), measure("әңғүұқөһі")
+    assert russian[IDX["u:lt100"]] <= 2 and russian[IDX["u:none"]] == 0
+    assert kazakh[IDX["u:none"]] >= 5  # letters the Llama-3 vocabulary holds in no token
+    assert measure("😀 é")[[IDX["u:lt100"], IDX["u:lt10"], IDX["u:none"]]].sum() == 0  # emoji: class "4"
+    assert measure("\uffff")[IDX["u:none"]] == 0
+
+
+def test_vocab_tables_are_the_tokenizer_vocabulary():
+    """The generated tables are what benchmarks/vocab_tables.py derives from the tokenizer."""
+    pytest.importorskip("quicktok")
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "vocab_tables.py"
+    spec = importlib.util.spec_from_file_location("vocab_tables_gen", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert gen.LETTER27 == F.LETTER27
+    tri, quad, chars = gen.tables()
+    np.testing.assert_array_equal(F._TRIGRAM >> 3, tri)
+    np.testing.assert_array_equal(F.QUADGRAM_LEVEL, quad)
+    chars[0xFFFF] = 0
+    np.testing.assert_array_equal(F.CHAR_LEVEL, chars)
 
 
 def test_lone_surrogate_in_text_is_measured():
