@@ -162,6 +162,8 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
             # partial: a body over the limit reaches the router truncated (unreadable: the largest
             # pool) instead of being refused with a 413
             "with_request_body": {"max_request_bytes": _BUFFER_LIMIT, "allow_partial_message": True},
+            # the router needs the path and the body, never the client's credentials
+            "disallowed_headers": {"patterns": [{"exact": h} for h in ("authorization", "proxy-authorization", "cookie")]},
             "http_service": {
                 "server_uri": {"uri": "http://%s:%d" % lay.router_http_address, "cluster": "extproc_http",
                                "timeout": f"{lay.message_timeout_ms / 1000:g}s"},

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 PHASES = ("request_headers", "request_body", "response")
@@ -35,8 +35,6 @@ class Metrics:
                                  ["pool"], registry=r)
         self.usage = Counter("extproc_usage_reads", "Sampled responses by what their usage told",
                              ["outcome"], registry=r)
-        self.inflight = Gauge("extproc_inflight_requests", "Requests routed and not yet finished", ["pool"],
-                              registry=r)
         self.phase_seconds = Histogram("extproc_processing_seconds", "Router time per ext_proc phase",
                                        ["phase"], buckets=_SECONDS_BUCKETS, registry=r)
         self.usage_streams = Counter("extproc_usage_streams", "Response streams the usage filter opened to the "
@@ -50,6 +48,10 @@ class Metrics:
         self.phase = {p: self.phase_seconds.labels(p) for p in PHASES}
         self._children: dict[tuple, object] = {}
 
+    def watch_inflight(self, counts: Callable[[], dict[str, int]]) -> None:
+        """In-flight requests per pool, read at scrape time (the request path only bumps an int)."""
+        self.registry.register(_InflightCollector(counts))
+
     def child(self, metric, *values: str):
         """``metric.labels(*values)``, memoised: the request path calls this several times per
         request and label sets are bounded, so the cache is too."""
@@ -58,6 +60,18 @@ class Metrics:
         if found is None:
             found = self._children[key] = metric.labels(*values)
         return found
+
+
+class _InflightCollector:
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self.counts = counts
+
+    def collect(self):
+        family = GaugeMetricFamily("extproc_inflight_requests", "Requests routed and not yet finished",
+                                   labels=["pool"])
+        for pool, n in self.counts().items():
+            family.add_metric([pool], n)
+        yield family
 
 
 class _CalibrationCollector:

@@ -91,6 +91,7 @@ class Router:
         self.pools = budget.pools
         self.largest = budget.pools[-1].name
         self.inflight = {p.name: 0 for p in budget.pools}
+        metrics.watch_inflight(lambda: self.inflight)
         self.pending: OrderedDict[str, _Sampled] = OrderedDict()
         self.open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # checked requests not yet ended
         self._ids = itertools.count(1)
@@ -194,7 +195,6 @@ class Router:
             self.open[out.decision_id] = (pool, time.monotonic())
             self._expire_open()
         self.inflight[pool] += 1
-        m.child(m.inflight, pool).set(self.inflight[pool])
         m.child(m.decisions, pool, d.reason, d.source).inc()
         m.child(m.budget, pool).observe(d.budget_tokens)
         if spilled_from:
@@ -248,7 +248,6 @@ class Router:
 
     def finished(self, pool: str) -> None:
         self.inflight[pool] -= 1
-        self.metrics.child(self.metrics.inflight, pool).set(self.inflight[pool])
 
     # -- response side -------------------------------------------------------------------------
     def learn(self, sample_id: str | None, status: int | None, prompt_tokens: int | None,

@@ -67,6 +67,8 @@ def test_bootstrap_fails_open_to_the_largest_pool_and_strips_client_headers(rout
         assert route_filter["clear_route_cache"] is True
         body = route_filter["with_request_body"]
         assert body["max_request_bytes"] >= 16 * 1024 * 1024 and body["allow_partial_message"] is True  # never a 413
+        disallowed = {p["exact"] for p in route_filter["disallowed_headers"]["patterns"]}
+        assert {"authorization", "cookie"} <= disallowed  # the router never sees client credentials
         service = route_filter["http_service"]
         assert service["server_uri"]["timeout"] == "1s"
         # exactly the router's headers go upstream: the pool and its provenance, nothing else
