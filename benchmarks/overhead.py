@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile

@@ -21,7 +21,8 @@ from ..budget import BudgetRouter
 from ..config import Config
 from .check import CheckServer
 from .metrics import Metrics
-from .processor import ExtProcServicer, RequestEndsServicer, Router
+from .processor import ExtProcServicer, RequestEndsServicer
+from .router import Router
 
 log = logging.getLogger("extproc.service")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"

@@ -28,7 +28,7 @@ from collections import deque
 
 import httptools
 
-from .processor import Router
+from .router import Router
 
 log = logging.getLogger("extproc.service")
 

@@ -1,8 +1,8 @@
-"""The ext_proc gRPC servicer: protobuf in, budget-core calls, protobuf out.
+"""The gRPC servicers: protobuf in, ``Router`` calls (service/router.py), protobuf out.
 
-One ``Process`` method serves both Envoy filters (see envoy_config.py):
+One ext_proc ``Process`` method serves both ext_proc filters (see envoy_config.py):
 
-* the routing filter's stream — request headers, then the BUFFERED body; the body response sets
+* the routing filter's stream (``service.routing_filter: ext_proc``) — request headers, then the BUFFERED body; the body response sets
   the pool header and provenance headers, clears the route cache and emits dynamic metadata.
   The stream lives until Envoy finishes the HTTP request, so its end is the request's end:
   that is where in-flight counts per pool go down (load-aware spillover needs them);
@@ -10,19 +10,16 @@ One ``Process`` method serves both Envoy filters (see envoy_config.py):
   requests the routing side marked as sampled; it reads ``usage.prompt_tokens`` from the JSON
   body or the SSE stream, or the exact count of a context-length 400, and feeds the calibrator.
 
+``RequestEndsServicer`` reads Envoy's gRPC access log: which ext_authz-checked requests ended.
+
 This module never parses JSON bodies itself: that is the core's (extproc.budget).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
-import random
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -31,16 +28,13 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
-from ..budget import BudgetRouter, Decision
 from ..budget.request import api_for_path
-from ..budget.usage import (MAX_JSON_BODY, SSEUsageScanner, UsageEventStripper, parse_context_error,
-                            usage_from_json, with_stream_usage)
-from ..config import PROVENANCE, ServiceSettings
-from .metrics import Metrics
+from ..budget.usage import MAX_JSON_BODY, SSEUsageScanner, UsageEventStripper, usage_from_json
+from .envoy_config import METADATA_NAMESPACE
+from .router import Routed, Router
 
 log = logging.getLogger("extproc.service")
 
-METADATA_NAMESPACE = "extproc.route"
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _MODE = processing_mode_pb2.ProcessingMode
 _SKIP_BODY = _MODE(request_body_mode=_MODE.NONE, response_header_mode=_MODE.SKIP,
@@ -56,24 +50,6 @@ _READ_RESPONSE_BODY = _MODE(response_body_mode=_MODE.STREAMED, response_trailer_
 _READ_ERROR_BODY = _MODE(response_body_mode=_MODE.BUFFERED, response_trailer_mode=_MODE.SKIP)
 
 
-@dataclass(slots=True)
-class _Sampled:
-    decision: Decision
-    pool: str
-
-
-@dataclass(slots=True)
-class Routed:
-    """What the routing side decided for one request."""
-
-    decision: Decision
-    pool: str
-    spilled_from: str | None = None
-    decision_id: str | None = None      # names the request to the usage filter and the access-log stream
-    sampled: bool = False               # its usage is read (the usage filter runs on its route)
-    new_body: bytes | None = None       # include_usage injected: the routing stream reads usage
-
-
 def _header(headers: pb.HttpHeaders, name: str) -> str | None:
     for h in headers.headers.headers:
         if h.key == name:
@@ -81,209 +57,16 @@ def _header(headers: pb.HttpHeaders, name: str) -> str | None:
     return None
 
 
-class Router:
-    """Decisions, in-flight counts and the sampled decisions awaiting their responses."""
-
-    def __init__(self, budget: BudgetRouter, settings: ServiceSettings, metrics: Metrics) -> None:
-        self.budget = budget
-        self.s = settings
-        self.metrics = metrics
-        self.pools = budget.pools
-        self.largest = budget.pools[-1].name
-        self.inflight = {p.name: 0 for p in budget.pools}
-        metrics.watch_inflight(lambda: self.inflight)
-        self.pending: OrderedDict[str, _Sampled] = OrderedDict()
-        self.open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # checked requests not yet ended
-        self._ids = itertools.count(1)
-        self._id_prefix = f"{os.getpid():x}-"
-        self.pool_header = settings.pool_header
-        self.h = {name: settings.provenance_header(name) for name in PROVENANCE}
-        self._calibrating = True
-        self._calibrating_checked = -1e9
-        self.removed = settings.router_headers()
-        # The three possible request-headers responses, built once (gRPC serialises a message
-        # on each send; it is never mutated after this).
-        strip = pb.HeadersResponse(response=pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(remove_headers=self.removed)))
-        self.headers_plain = pb.ProcessingResponse(request_headers=strip)
-        self.headers_skip = pb.ProcessingResponse(request_headers=strip, mode_override=_SKIP_BODY)
-        self.headers_ask_response = pb.ProcessingResponse(request_headers=strip, mode_override=_ASK_RESPONSE_HEADERS)
-        self._rng = random.Random()
-        self._capacity = {p.name: p.max_context for p in budget.pools}
-        self._sample_tokens = 1.0          # token bucket of usage reads once calibrated
-        self._sample_refill = time.monotonic()
-
-    # -- request side --------------------------------------------------------------------------
-    def choose(self, d: Decision) -> tuple[str, str | None]:
-        """The pool to send to (spillover applied) and the preferred pool when it spilled."""
-        if self.s.shadow:
-            return self.largest, None
-        pool = d.pool
-        limit = self.s.spillover_limit(pool)
-        if limit is None or self.inflight[pool] < limit or d.reason != "fits":
-            return pool, None
-        for name in d.fits:  # larger pools that also hold the request, smallest first
-            if name == pool:
-                continue
-            other = self.s.spillover_limit(name)
-            if other is None or self.inflight[name] < other:
-                return name, pool
-        return pool, None  # every pool that holds it is at its limit: stay (never to one too small)
-
-    def wants_sample(self, d: Decision, pool: str) -> bool:
-        """Read this response's usage? Every one while the model calibrates; after that a share
-        (``usage_sample_rate``), plus every budget near its pool's capacity (misroutes can only
-        come from those) — all under a cap per second, since each read costs a gRPC stream."""
-        if d.reason == "unreadable" or not d.model:
-            return False
-        if self.budget.estimator.samples(d.model) < self.s.calibration_samples:
-            return True
-        capacity = self._capacity[pool]
-        near = d.reason == "fits" and d.budget_tokens >= 0.85 * capacity
-        if not near and self._rng.random() >= self.s.usage_sample_rate:
-            return False
-        return self._take_sample_token()
-
-    def _take_sample_token(self) -> bool:
-        now = time.monotonic()
-        rate = self.s.usage_samples_per_s
-        self._sample_tokens = min(max(rate, 1.0), self._sample_tokens + (now - self._sample_refill) * rate)
-        self._sample_refill = now
-        if self._sample_tokens >= 1.0:
-            self._sample_tokens -= 1.0
-            return True
-        return False
-
-    def may_inject(self) -> bool:
-        """At request-headers time (model unknown yet): may this request get include_usage
-        injected? Always while some model is still calibrating, else at the sample rate.
-        Never for an estimator that does not learn."""
-        if not self.s.inject_stream_usage or getattr(self.budget.estimator, "table", None) is None:
-            return False
-        now = time.monotonic()
-        if now - self._calibrating_checked > 1.0:  # O(keys): at most once a second
-            est = self.budget.estimator
-            keys = list(est.table.states)
-            self._calibrating = not keys or any(est.samples(k) < self.s.calibration_samples for k in keys)
-            self._calibrating_checked = now
-        return self._calibrating or self._rng.random() < self.s.usage_sample_rate
-
-    def decide(self, body: bytes, path: str, may_inject: bool = False, ended_by_log: bool = False) -> Routed:
-        return self.record(self.budget.route(body, path), body, may_inject, ended_by_log)
-
-    def record(self, d: Decision, body: bytes, may_inject: bool = False, ended_by_log: bool = False) -> Routed:
-        """Pool choice, sampling and accounting for a decision. Runs on the event loop only:
-        in-flight counts and the id tables are not shared with worker threads.
-
-        The request's end comes back one of two ways: the ext_proc routing stream ends with the
-        request (the caller then calls ``finished``), or, for ext_authz checks
-        (``ended_by_log``), Envoy's access-log stream names the decision id (``request_ended``)."""
-        pool, spilled_from = self.choose(d)
-        out = Routed(d, pool, spilled_from)
-        if self.wants_sample(d, pool):
-            if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
-                out.new_body = with_stream_usage(body)
-            if out.new_body is None:
-                out.sampled = True
-                out.decision_id = self._new_id()
-                self.pending[out.decision_id] = _Sampled(d, pool)
-                while len(self.pending) > self.s.max_pending:
-                    self.pending.popitem(last=False)
-        m = self.metrics
-        if ended_by_log:
-            out.decision_id = out.decision_id or self._new_id()
-            self.open[out.decision_id] = (pool, time.monotonic())
-            self._expire_open()
-        self.inflight[pool] += 1
-        m.child(m.decisions, pool, d.reason, d.source).inc()
-        m.child(m.budget, pool).observe(d.budget_tokens)
-        if spilled_from:
-            m.spillovers.labels(spilled_from, pool).inc()
-        return out
-
-    def _new_id(self) -> str:
-        return f"{self._id_prefix}{next(self._ids):x}"
-
-    def request_ended(self, decision_id: str) -> None:
-        """Envoy logged the end of a request decided by an ext_authz check."""
-        found = self.open.pop(decision_id, None)
-        if found is not None:
-            self.finished(found[0])
-
-    def _expire_open(self) -> None:
-        """A request whose end never came back (its check answered too late for Envoy, or access
-        logs lost) stops counting once it cannot still be running, or when the table is full."""
-        horizon = time.monotonic() - self.s.max_request_s
-        while self.open:
-            decision_id, (pool, t) = next(iter(self.open.items()))
-            if t > horizon and len(self.open) <= self.s.max_pending:
-                break
-            del self.open[decision_id]
-            self.finished(pool)
-            self.metrics.ends_missed.inc()
-
-    def decision_headers(self, routed: Routed) -> list[tuple[str, str]]:
-        """The headers that carry a decision upstream (both routing filters set these)."""
-        d, h = routed.decision, self.h
-        values = [(self.pool_header, routed.pool), (h["budget"], str(d.budget_tokens)),
-                  (h["estimate"], str(d.prompt_tokens)), (h["source"], d.source), (h["reason"], d.reason)]
-        if routed.decision_id:
-            values.append((h["decision"], routed.decision_id))
-        if routed.sampled:
-            values.append((h["sample"], "1"))
-        if self.s.shadow:
-            values.append((h["shadow"], d.pool))
-        if routed.spilled_from:
-            values.append((h["spilled"], routed.spilled_from))
-        return values
-
-    def decision_fields(self, routed: Routed) -> dict:
-        """The decision as access-log metadata."""
-        d = routed.decision
-        fields = {"pool": routed.pool, "decided_pool": d.pool, "budget": d.budget_tokens, "estimate": d.prompt_tokens,
-                  "output_reserve": d.output_tokens, "source": d.source, "reason": d.reason, "api": d.api}
-        if routed.spilled_from:
-            fields["spilled_from"] = routed.spilled_from
-        return fields
-
-    def finished(self, pool: str) -> None:
-        self.inflight[pool] -= 1
-
-    # -- response side -------------------------------------------------------------------------
-    def learn(self, sample_id: str | None, status: int | None, prompt_tokens: int | None,
-              error_body: bytes | None, streamed: bool) -> None:
-        sampled = self.pending.pop(sample_id, None) if sample_id else None
-        if sampled is not None:
-            self.learn_from(sampled.decision, sampled.pool, status, prompt_tokens, error_body, streamed)
-
-    def learn_from(self, d: Decision, pool: str, status: int | None, prompt_tokens: int | None,
-                   error_body: bytes | None, streamed: bool) -> None:
-        m = self.metrics
-        if status == 200:
-            if prompt_tokens is None:
-                m.usage.labels("stream_missed" if streamed else "json_missed").inc()
-                return
-            m.usage.labels("stream" if streamed else "json").inc()
-            err = self.budget.observe(d, prompt_tokens)
-            if err is not None and d._family is not None:
-                m.estimate_error.labels(d._family.name).observe(err)
-            return
-        ctx = parse_context_error(error_body) if status == 400 and error_body else None
-        if ctx is None:
-            m.usage.labels("other_status").inc()
-            return
-        m.usage.labels("context_error").inc()
-        if d.reason == "fits":  # a too_large request was sent where it had the best chance
-            m.misroutes.labels(pool).inc()
-        log.warning("misroute: pool=%s model_key=%s budget=%d vllm_prompt=%d%s limit=%d", pool,
-                    d.model[:64], d.budget_tokens, ctx.prompt_tokens, "" if ctx.exact else "+", ctx.max_context)
-        if ctx.exact:
-            self.budget.observe(d, ctx.prompt_tokens)
-
-
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, router: Router) -> None:
         self.r = router
+        # The three possible request-headers responses, built once (gRPC serialises a message
+        # on each send; it is never mutated after this).
+        strip = pb.HeadersResponse(response=pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(remove_headers=router.s.router_headers())))
+        self.headers_plain = pb.ProcessingResponse(request_headers=strip)
+        self.headers_skip = pb.ProcessingResponse(request_headers=strip, mode_override=_SKIP_BODY)
+        self.headers_ask_response = pb.ProcessingResponse(request_headers=strip, mode_override=_ASK_RESPONSE_HEADERS)
 
     async def Process(self, request_iterator, context):
         try:
@@ -324,12 +107,12 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     path = _header(hdrs, ":path") or ""
                     method = _header(hdrs, ":method") or ""
                     if method != "POST" or api_for_path(path) == "unknown" or hdrs.end_of_stream:
-                        resp = r.headers_skip  # not an LLM call: no buffering
+                        resp = self.headers_skip  # not an LLM call: no buffering
                     elif r.may_inject():
                         may_inject = True
-                        resp = r.headers_ask_response
+                        resp = self.headers_ask_response
                     else:
-                        resp = r.headers_plain
+                        resp = self.headers_plain
                     r.metrics.phase["request_headers"].observe(time.perf_counter() - t0)
                     yield resp
                 elif kind == "request_body":

@@ -10,7 +10,7 @@ from service_harness import chat, long_text
 from extproc.budget import BudgetRouter
 from extproc.config import parse_config
 from extproc.service.metrics import Metrics
-from extproc.service.processor import Router
+from extproc.service.router import Router
 
 
 def _router(**service) -> Router:
