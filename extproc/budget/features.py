@@ -175,38 +175,63 @@ FEATURE_NAMES: tuple[str, ...] = (
 )
 N_FEATURES = len(FEATURE_NAMES)
 
-# Matrices that turn run statistics into features with one matmul each.
-_TOTALS_W = np.zeros((_K, len(TOTALS)))
+# Tables and matrices that turn the per-call counts into features, built once at import.
+# _measure_exact costs a fixed ~1 µs per numpy call, which on a 1 KB text outweighs the data,
+# so it is written as few calls as possible: one bincount + one matmul per group of features.
+_NT, _NTR, _NR = len(TOTALS), len(TRANSITIONS), len(RUN_STEPS)
+_CLASS_END = _NT + _NTR + _NR  # totals, transitions and run steps come first in FEATURE_NAMES
+_END_PAD = bytes([_K])  # a sentinel class padding the class codes at both ends
+# Runs are binned by (class, L mod 24): 24 is a multiple of every run-step k, so a run of
+# length 24q + b has b letters of the class and ⌊b/k⌋ steps from its bin, plus 24q and 24q/k
+# from the quotient (added separately, only when a run is 24 or longer).
+_CAP = 24
+assert all(_CAP % k == 0 for _, k in RUN_STEPS)
+_HIST_W = np.zeros(((_K + 1) * _CAP, _CLASS_END))
+_QUOT_W = np.zeros((_K + 1, _CLASS_END))
 for _j, _c in enumerate(TOTALS):
-    _TOTALS_W[_CODE[_c], _j] = 1.0
-_TRANS_W = np.zeros((_K * _K, len(TRANSITIONS)))
+    _HIST_W[_CODE[_c] * _CAP:(_CODE[_c] + 1) * _CAP, _j] = np.arange(_CAP)
+    _QUOT_W[_CODE[_c], _j] = _CAP
+for _j, (_c, _k) in enumerate(RUN_STEPS):
+    _HIST_W[_CODE[_c] * _CAP:(_CODE[_c] + 1) * _CAP, _NT + _NTR + _j] = np.arange(_CAP) // _k
+    _QUOT_W[_CODE[_c], _NT + _NTR + _j] = _CAP // _k
+# class pair (a * 24 + b) -> its transition, or _NTR for none (no pair is in two transitions)
+_PAIR = np.full((_K + 1) * _CAP, _NTR, np.uint8)
 for _j, (_n, _src, _dst) in enumerate(TRANSITIONS):
     for _a in _src:
         for _b in _dst:
-            _TRANS_W[_CODE[_a] * _K + _CODE[_b], _j] = 1.0
-_RUN_KS = sorted({k for _, k in RUN_STEPS})
-_RUN_INDEX = [(_RUN_KS.index(k), _CODE[c]) for c, k in RUN_STEPS]
-_RUN_ROWS = np.array([i for i, _ in _RUN_INDEX])
-_RUN_COLS = np.array([c for _, c in _RUN_INDEX])
+            assert _PAIR[_CODE[_a] * _CAP + _CODE[_b]] == _NTR, "transitions overlap"
+            _PAIR[_CODE[_a] * _CAP + _CODE[_b]] = _j
+# Lexical and character keys share one bincount: a letter 4-gram maps to its leading
+# trigram's value (_TRIGRAM, < 32) * 4 + its own level (< 4), so < 128; a code point maps to
+# 128 + script * 4 + level (script 0 = none, else 1 + its index in SCRIPTS; the script is the
+# second UTF-8 byte after an 0xE0/0xE1 lead, i.e. bits 6..11 of code points U+0800..U+1FFF).
+_LEX = (np.repeat(_TRIGRAM, 27) * 4 + QUADGRAM_LEVEL).astype(np.uint8)
+_CHAR = (128 + CHAR_LEVEL).astype(np.uint8)
+_cps = np.arange(0x800, 0x2000)
+for _j, (_n, _vals) in enumerate(SCRIPTS):
+    _CHAR[_cps[np.isin(0x80 | ((_cps >> 6) & 0x3F), list(_vals))]] += 4 * (_j + 1)
+_NKEYS = 128 + 4 * (len(SCRIPTS) + 1)
+_SCRIPTS_AT, _BITS_AT, _QUAD_AT, _CHARS_AT = 0, len(SCRIPTS), len(SCRIPTS) + 6, len(SCRIPTS) + 9
+# looked-up trigram value -> rare, tri, vow, then the vocabulary depth: level >= 1, >= 2, == 3
+_BITS = np.array([[(v >> 2) & 1, v & 1, (v >> 1) & 1, v >= 8, v >= 16, v >= 24] for v in range(32)], float)
+_AT_LEAST = np.array([[v >= 1, v >= 2, v >= 3] for v in range(4)], float)
+_KEYS_W = np.zeros((_NKEYS, N_FEATURES - _CLASS_END))
+for _v in range(128):
+    _KEYS_W[_v, _BITS_AT:_QUAD_AT] = _BITS[_v >> 2]
+    _KEYS_W[_v, _QUAD_AT:_CHARS_AT] = _AT_LEAST[_v & 3]
+for _s in range(len(SCRIPTS) + 1):
+    for _lv in range(4):
+        if _s:
+            _KEYS_W[128 + 4 * _s + _lv, _SCRIPTS_AT + _s - 1] = 1.0
+        _KEYS_W[128 + 4 * _s + _lv, _CHARS_AT:] = _AT_LEAST[_lv]
+# On long texts one count per code point in the shared bincount costs more than counting the
+# levels with three comparisons and the scripts from the (few) 0xE0/0xE1 lead bytes.
+_LONG_BYTES = 4096
 _SCRIPT_W = np.zeros((256, len(SCRIPTS)))
 for _j, (_n, _vals) in enumerate(SCRIPTS):
     for _v in _vals:
         _SCRIPT_W[_v, _j] = 1.0
 _LEAD_E = _CODE["i"]
-# looked-up value -> rare, tri, vow, then the vocabulary depth: level >= 1, >= 2, == 3
-_NO_CHARS = np.zeros(3)
-# looked-up trigram value -> rare, tri, vow, then the vocabulary depth: level >= 1, >= 2, == 3
-_BITS = np.array([[(v >> 2) & 1, v & 1, (v >> 1) & 1, v >= 8, v >= 16, v >= 24] for v in range(32)], float)
-_AT_LEAST = np.array([[v >= 1, v >= 2, v >= 3] for v in range(4)], float)
-
-
-def _at_least(levels: np.ndarray) -> np.ndarray:
-    """How many of the levels (0..3) are at least 1, 2, 3: one bincount on short texts (fewer
-    calls), three comparisons on long ones (bincount of a long uint8 array is the slower)."""
-    if len(levels) < 8192:
-        return np.bincount(levels, minlength=4) @ _AT_LEAST
-    return np.array([np.count_nonzero(levels >= k) for k in (1, 2, 3)], float)
-
 # Group of each feature, for the calibrator (content groups in calibrate.CONTENT_GROUPS).
 def _group(name: str) -> str:
     kind, what = name.split(":", 1)
@@ -241,35 +266,44 @@ def _measure_exact(text: str) -> np.ndarray:
     n = len(raw)
     if n == 0:
         return _EMPTY.copy()
-    codes = np.frombuffer(raw.translate(CLASS_TABLE), np.uint8)
-    starts = np.flatnonzero(codes[1:] != codes[:-1]) + 1
-    starts = np.concatenate(([0], starts))
-    lens = np.diff(np.append(starts, n))
-    cls = codes[starts].astype(np.intp)
-    totals = np.bincount(cls, weights=lens, minlength=_K) @ _TOTALS_W
-    trans = np.bincount(cls[:-1] * _K + cls[1:], minlength=_K * _K) @ _TRANS_W
-    long_runs = lens >= 2
-    lr, lc = lens[long_runs], cls[long_runs]
-    steps = np.array([np.bincount(lc, weights=lr // k, minlength=_K) for k in _RUN_KS])
-    runs = steps[_RUN_ROWS, _RUN_COLS]
-    if text.isascii():
-        scripts = np.zeros(len(SCRIPTS))
-        chars = _NO_CHARS
-    else:
-        raw_a = np.frombuffer(raw, np.uint8)
-        lead = np.flatnonzero(codes[:-1] == _LEAD_E)
-        scripts = np.bincount(raw_a[lead + 1], minlength=256) @ _SCRIPT_W
-        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
-        level = CHAR_LEVEL.take(np.minimum(cps, 0xFFFF))  # (U+FFFF and up: level 0; class "4" counts them)
-        chars = _at_least(level)
-    # padded at both ends so that every byte is the middle of one trigram (exact, additive counts)
-    let = np.frombuffer(b"\x1a" + raw.translate(LETTER27) + b"\x1a", np.uint8).astype(np.uint16)
-    tri = (let[:-2] * 27 + let[1:-1]) * 27 + let[2:]
-    bits = np.bincount(_TRIGRAM.take(tri), minlength=32) @ _BITS
-    # 4-grams: each trigram and the letter after it (the one that ends in the last pad is level 0)
-    w = QUADGRAM_LEVEL.take(tri[:-1].astype(np.uint32) * 27 + let[3:])
-    quad = _at_least(w)
-    return np.concatenate((totals, trans, runs, scripts, bits, quad, chars))
+    out = np.empty(N_FEATURES)
+    # class codes between two sentinels: the changes are at 0, every run boundary, and n
+    codes = np.frombuffer(_END_PAD + raw.translate(CLASS_TABLE) + _END_PAD, np.uint8)
+    change = (codes[1:] != codes[:-1]).nonzero()[0]
+    nxt = codes[1:].take(change)  # the class of each run, then the end sentinel
+    lens = change[1:] - change[:-1]
+    cls = nxt[:-1]
+    key = np.multiply(cls, _CAP, dtype=np.intp)  # class * 24: + L mod 24, or + the next class
+    quot = None
+    if lens.max() >= _CAP:
+        big = (lens >= _CAP).nonzero()[0]  # few: long words, indentation, digit strings
+        quot, lens[big] = np.divmod(lens[big], _CAP)
+        big_cls = cls.take(big)
+    np.matmul(np.bincount(key + lens, minlength=(_K + 1) * _CAP), _HIST_W, out=out[:_CLASS_END])
+    if quot is not None:
+        out[:_CLASS_END] += np.bincount(big_cls, weights=quot, minlength=_K + 1) @ _QUOT_W
+    out[_NT:_NT + _NTR] = np.bincount(_PAIR.take(key + nxt[1:]), minlength=_NTR + 1)[:_NTR]
+    # letter 4-grams, padded so that every byte starts one (exact, additive counts); a 4-gram
+    # or trigram that holds a pad is level 0
+    let = np.frombuffer(b"\x1a" + raw.translate(LETTER27) + b"\x1a\x1a", np.uint8).astype(np.uint16)
+    pair = let[:-1] * 27 + let[1:]  # letter pairs; a 4-gram is a pair * 729 + the pair after it
+    keys = _LEX.take(np.multiply(pair[:-2], 729, dtype=np.uint32) + pair[2:])
+    long_text = False
+    if not text.isascii():
+        cps = np.minimum(np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32), 0xFFFF)
+        # (U+FFFF and up: level 0; class "4" counts them)
+        if n < _LONG_BYTES:
+            keys = np.concatenate((keys, _CHAR.take(cps)))
+        else:
+            long_text = True
+            level = CHAR_LEVEL.take(cps)
+            lead = (codes[1:-1] == _LEAD_E).nonzero()[0]
+            scripts = np.bincount(np.frombuffer(raw, np.uint8).take(lead + 1), minlength=256) @ _SCRIPT_W
+    np.matmul(np.bincount(keys, minlength=_NKEYS), _KEYS_W, out=out[_CLASS_END:])
+    if long_text:
+        out[_CLASS_END + _SCRIPTS_AT:_CLASS_END + _BITS_AT] = scripts
+        out[_CLASS_END + _CHARS_AT:] = [np.count_nonzero(level >= k) for k in (1, 2, 3)]
+    return out
 
 
 def measure(text: str) -> np.ndarray:

@@ -241,3 +241,76 @@ def test_prior_estimate_within_15_percent_on_chat(dev_texts, count_chat, categor
         d = r.route(orjson.dumps({"model": "llama", "messages": msgs, "max_tokens": 0}))
         covered += d.budget_tokens >= count_chat(msgs, "llama3")
     assert covered / len(rows) >= 0.97
+
+
+# --- the fast measure against a plain reference ---------------------------------------------------
+
+def _reference_measure(text: str) -> np.ndarray:
+    """The features computed the plain way (one bincount per feature group, run by run); the
+    fast _measure_exact must give exactly the same counts."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if not raw:
+        return np.zeros(N_FEATURES)
+    code = {c: i for i, c in enumerate(F.CLASS_LETTERS)}
+    codes = np.frombuffer(raw.translate(F.CLASS_TABLE), np.uint8).astype(np.intp)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(codes)) + 1))
+    lens = np.diff(np.append(starts, len(raw)))
+    cls = codes[starts]
+    by_class = np.bincount(cls, weights=lens, minlength=F._K)
+    pairs = np.bincount(cls[:-1] * F._K + cls[1:], minlength=F._K * F._K).reshape(F._K, F._K)
+    totals = [by_class[code[c]] for c in F.TOTALS]
+    trans = [sum(pairs[code[a], code[b]] for a in src for b in dst) for _, src, dst in F.TRANSITIONS]
+    runs = [(lens[cls == code[c]] // k).sum() for c, k in F.RUN_STEPS]
+    lead = np.flatnonzero(codes[:-1] == code["i"])
+    second = np.frombuffer(raw, np.uint8)[lead + 1]
+    scripts = [np.isin(second, list(vals)).sum() for _, vals in F.SCRIPTS]
+    cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
+    level = F.CHAR_LEVEL[np.minimum(cps, 0xFFFF)]
+    let = np.frombuffer(b"\x1a" + raw.translate(F.LETTER27) + b"\x1a", np.uint8).astype(np.intp)
+    tri = F._TRIGRAM[(let[:-2] * 27 + let[1:-1]) * 27 + let[2:]]
+    quad = F.QUADGRAM_LEVEL[((let[:-3] * 27 + let[1:-2]) * 27 + let[2:-1]) * 27 + let[3:]]
+    bits = [(tri & 4 > 0).sum(), (tri & 1).sum(), (tri & 2 > 0).sum(),
+            (tri >= 8).sum(), (tri >= 16).sum(), (tri >= 24).sum()]
+    depth = [(quad >= k).sum() for k in (1, 2, 3)] + [(level >= k).sum() for k in (1, 2, 3)]
+    return np.array(totals + trans + runs + scripts + bits + depth, float)
+
+
+EDGE_CASES = SAMPLES + [
+    "a", "1", " ", "\n", "\x00", "\x7f\x80", "😀", "😀😀 a😀", "\ud800", "ab\ud800cd", "\udfff\ud800x",
+    "中", "\uffff", "\U0010ffff", "é", "\u0800\u1fff\u0900\u0e01\u1200",
+    "x" * 23, "x" * 24, "x" * 25, "X" * 49, " " * 100, "\t" * 24, "\n" * 30, "1" * 73, "-" * 48,
+    '"' * 26, "a" * 5000, "1234567890" * 3, "    " * 12 + "return x\n",
+    "".join(chr(c) for c in range(0, 0x3000, 7)), "नमस्ते ሰላም ကမ္ဘာ สวัสดี বাংলা",
+    ("Größe — «ligatures» 中文 😀 " * 300),  # non-ASCII and over the long-text threshold
+]
+
+
+def _assert_fast_paths_agree(texts, monkeypatch):
+    for text in texts:
+        expected = _reference_measure(text)
+        for long_bytes in (0, 10 ** 9):  # character features counted the short way and the long way
+            monkeypatch.setattr(F, "_LONG_BYTES", long_bytes)
+            got = F._measure_exact(text)
+            assert np.array_equal(got, expected), (
+                text[:80], long_bytes,
+                {FEATURE_NAMES[i]: (got[i], expected[i]) for i in np.flatnonzero(got != expected)})
+
+
+def test_fast_measure_matches_reference_on_edge_cases(monkeypatch):
+    rng = random.Random(11)
+    joined = "".join(EDGE_CASES)
+    slices = [joined[i:i + rng.randrange(1, 3000)] for i in (rng.randrange(len(joined)) for _ in range(40))]
+    _assert_fast_paths_agree(EDGE_CASES + slices, monkeypatch)
+
+
+def test_fast_measure_matches_reference_on_real_texts(dev_texts, monkeypatch):
+    texts = [r["text"] for r in dev_texts]
+    rng = random.Random(13)
+    mixed = []
+    for _ in range(200):
+        a, b = rng.choice(texts), rng.choice(texts)
+        i = rng.randrange(len(a) + 1)
+        mixed.append(a[i:i + rng.randrange(1, 4000)] + b[:rng.randrange(6000)])
+    joined = "\n\n".join(texts)
+    mixed += [joined[i:i + 70_000] for i in range(0, len(joined), len(joined) // 3)]
+    _assert_fast_paths_agree(texts + mixed, monkeypatch)
