@@ -279,7 +279,9 @@ def _measure_exact(text: str) -> np.ndarray:
         big = (lens >= _CAP).nonzero()[0]  # few: long words, indentation, digit strings
         quot, lens[big] = np.divmod(lens[big], _CAP)
         big_cls = cls.take(big)
-    np.matmul(np.bincount(key + lens, minlength=(_K + 1) * _CAP), _HIST_W, out=out[:_CLASS_END])
+    hist = np.bincount(key + lens, minlength=(_K + 1) * _CAP)
+    rows = hist.nonzero()[0]  # few: only the weight rows they select are read (cache-cold servers)
+    np.matmul(hist.take(rows), _HIST_W.take(rows, axis=0), out=out[:_CLASS_END])
     if quot is not None:
         out[:_CLASS_END] += np.bincount(big_cls, weights=quot, minlength=_K + 1) @ _QUOT_W
     out[_NT:_NT + _NTR] = np.bincount(_PAIR.take(key + nxt[1:]), minlength=_NTR + 1)[:_NTR]
