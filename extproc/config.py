@@ -169,7 +169,8 @@ def _families(doc: Mapping) -> tuple[tuple[tuple[str, str], ...], str]:
     return families, default
 
 
-BUDGET_FIELDS = {"pools", "estimator", "output_reserve", "media_tokens", "families", "default_family"}
+BUDGET_FIELDS = {"pools", "estimator", "output_reserve", "media_tokens", "families", "default_family",
+                 "template_allowance_tokens"}
 TOP_FIELDS = BUDGET_FIELDS | {"service"}
 
 
@@ -271,6 +272,8 @@ def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Conf
         estimator_settings=est_settings,
         default_output_tokens=_int(reserve, "default_tokens", "output_reserve.", BudgetSettings().default_output_tokens),
         media_tokens=_int(doc, "media_tokens", "", BudgetSettings().media_tokens),
+        template_allowance_tokens=_int(doc, "template_allowance_tokens", "",
+                                       BudgetSettings().template_allowance_tokens),
         families=families,
         default_family=default_family,
     )

@@ -43,6 +43,16 @@ class Prompt:
     tools: int = 0                       # tool/function definitions (the template wraps each)
     sampled: bool = False                # features measured on a sample of a very long text
     exact_tokens: int | None = None      # token-id prompts carry their exact length
+    unmeasured: dict[str, str] | None = None  # joined text per kind until measure() (then dropped)
+
+    def measure(self) -> "Prompt":
+        """Measure the features of the gathered text (once), then let the text go."""
+        if self.unmeasured:
+            for kind, joined in self.unmeasured.items():
+                setattr(self, kind, measure(joined))
+                self.sampled |= len(joined) > SAMPLE_CHARS
+        self.unmeasured = None
+        return self
 
 
 @dataclass(slots=True)
@@ -124,16 +134,12 @@ class _Collector:
                 self.add_json(call)
 
     def finish(self) -> Prompt:
+        """The prompt with its text joined per kind (each kind is measured once, on all its
+        segments, by ``Prompt.measure``)."""
         p = Prompt(messages=self.messages, chat=self.chat, media=self.media, tools=self.tools)
-        nbytes = 0
-        for kind in ("text", "json", "schema"):  # each kind measured once, on all its segments
-            parts = getattr(self, kind)
-            if parts:
-                joined = "\n".join(parts)
-                setattr(p, kind, measure(joined))
-                p.sampled |= len(joined) > SAMPLE_CHARS
-                nbytes += utf8_len(joined)
-        p.text_bytes = nbytes
+        p.unmeasured = {kind: "\n".join(parts) for kind in ("text", "json", "schema")
+                        if (parts := getattr(self, kind))}
+        p.text_bytes = sum(utf8_len(joined) for joined in p.unmeasured.values())
         return p
 
 
@@ -299,8 +305,10 @@ def api_for_path(path: str) -> str:
     return "unknown"
 
 
-def read_request(body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> RequestShape:
-    """Parse a request body once and collect everything the budget estimate needs."""
+def read_request(body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions",
+                 measured: bool = True) -> RequestShape:
+    """Parse a request body once and collect everything the budget estimate needs.
+    ``measured=False`` leaves each prompt's features to ``Prompt.measure`` (its sizes are known)."""
     api = api_for_path(path or "")
     shape = RequestShape(api=api)
     if not body:
@@ -341,4 +349,7 @@ def read_request(body: bytes | bytearray | memoryview | str, path: str = "/v1/ch
         shape.prompts.clear()
         return shape
     _read_output_reserve(doc, shape)
+    if measured:
+        for p in shape.prompts:
+            p.measure()
     return shape

@@ -12,7 +12,9 @@ REASON_FITS = "fits"            # the smallest pool that holds the conservative 
 REASON_TOO_LARGE = "too_large"  # holds in no pool: sent to the largest
 REASON_UNREADABLE = "unreadable"  # body could not be read: sent to the largest
 REASONS = (REASON_FITS, REASON_TOO_LARGE, REASON_UNREADABLE)
-SOURCES = ("calibrated", "prior", "exact", "fixed", "fallback")
+SOURCES = ("calibrated", "prior", "exact", "fixed", "fallback", "bound")
+# Upper bound on template tokens per chat turn (role headers, separators): real templates use ~5.
+BOUND_TOKENS_PER_MESSAGE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +27,9 @@ class BudgetSettings:
     families: tuple[tuple[str, str], ...] = (("qwen", "qwen3"), ("llama", "llama3"))
     default_family: str = "llama3"
     priors_path: str | None = None
+    # What a chat template may add beyond its per-turn tokens (BOS, a default system prompt,
+    # the generation prompt): the size bound's allowance. Llama-3.1 adds ~30, Qwen3 ~10.
+    template_allowance_tokens: int = 1024
 
 
 @dataclass(slots=True)
@@ -72,35 +77,66 @@ class BudgetRouter:
                 return self.families[family]
         return self.families[self.settings.default_family]
 
-    def route(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> Decision:
-        """Choose a pool for one request. Never raises on any body."""
+    def route(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions",
+              by_size: bool = False) -> Decision:
+        """Choose a pool for one request. Never raises on any body.
+
+        ``by_size``: when the request's size alone proves that it fits the smallest pool, decide
+        on that bound (source ``bound``; ``prompt_tokens`` is then the bound, not an estimate)
+        without measuring features — most requests are short, and this is most of route()'s
+        cost. Such a decision teaches the calibrator nothing: route again without ``by_size``
+        for a request whose usage will be read."""
         try:
-            return self._route(body, path)
+            return self._route(body, path, by_size)
         except Exception as exc:  # noqa: BLE001 - a bug must cost efficiency, never the request
             return Decision(self.pools[-1].name, 0, 0, REASON_UNREADABLE, "fallback",
                             detail=f"internal error: {type(exc).__name__}")
 
-    def _route(self, body, path: str) -> Decision:
-        shape = read_request(body, path)
+    def _size_bound(self, prompts: list[Prompt]) -> int | None:
+        """Tokens the longest prompt can need at most, from sizes alone: a BPE or SentencePiece
+        token covers at least one byte of text, so tokens <= UTF-8 bytes, plus the template's
+        tokens. None where no such cheap bound holds: JSON the template re-renders (tools,
+        arguments, schemas) and media parts."""
+        bound = 0
+        for p in prompts:
+            if p.exact_tokens is not None:
+                tokens = p.exact_tokens
+            elif p.tools or p.media or (p.unmeasured and p.unmeasured.keys() - {"text"}):
+                return None
+            else:
+                tokens = (p.text_bytes + BOUND_TOKENS_PER_MESSAGE * p.messages
+                          + self.settings.template_allowance_tokens)
+            bound = max(bound, tokens)
+        return bound
+
+    def _route(self, body, path: str, by_size: bool = False) -> Decision:
+        shape = read_request(body, path, measured=False)
         largest = self.pools[-1]
         if shape.error or not shape.prompts:
             return Decision(largest.name, 0, 0, REASON_UNREADABLE, "fallback", model=shape.model,
                             api=shape.api, detail=shape.error or "no prompt")
+        out = shape.output_tokens if shape.output_tokens is not None else self.settings.default_output_tokens
+        detail = shape.output_field or "default output reserve"
+        if shape.notes:
+            detail += "; " + ", ".join(shape.notes)
+        if by_size:
+            bound = self._size_bound(shape.prompts)
+            smallest = self.pools[0]
+            if bound is not None and bound + out <= smallest.max_context:
+                return Decision(smallest.name, bound, bound + out, REASON_FITS, "bound", output_tokens=out,
+                                model=shape.model, api=shape.api, detail=detail,
+                                fits=tuple(p.name for p in pools_that_fit(self.pools, bound + out)))
         family = self.family_for(shape.model)
         media = self.settings.media_tokens
         best_point, best_cons, source = 0.0, 0, "exact"
         for p in shape.prompts:  # a batched completion needs room for its longest prompt
-            est = self.estimator.estimate(shape.model, family, p, media)
+            est = self.estimator.estimate(shape.model, family, p.measure(), media)
             if est.conservative >= best_cons:
                 best_point, best_cons = max(best_point, est.tokens), est.conservative
                 if est.source != "exact" or source == "exact":
                     source = est.source
-        out = shape.output_tokens if shape.output_tokens is not None else self.settings.default_output_tokens
         budget = best_cons + out
         pool, fits = choose_pool(self.pools, budget)
-        detail = shape.output_field or "default output reserve"
-        if shape.notes:
-            detail += "; " + ", ".join(shape.notes)
         return Decision(pool.name, int(round(best_point)), budget, REASON_FITS if fits else REASON_TOO_LARGE,
                         source, output_tokens=out, model=shape.model, api=shape.api, detail=detail,
                         fits=tuple(p.name for p in pools_that_fit(self.pools, budget)),

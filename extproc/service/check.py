@@ -158,7 +158,7 @@ class _CheckProtocol(asyncio.Protocol):
             t0 = time.perf_counter()
             try:
                 d = await asyncio.to_thread(self.r.budget.route, body, path)
-                answer = self._answer(self.r.record(d, body, ended_by_log=True))
+                answer = self._answer(self.r.record(d, body, path, ended_by_log=True))
             except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
                 self.r.metrics.stream_errors.inc()
                 log.exception("check failed")

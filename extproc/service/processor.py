@@ -130,7 +130,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                             # Keep the loop responsive for other streams: only the pure estimate runs
                             # in a thread; if this stream is cancelled meanwhile, nothing was counted.
                             d = await asyncio.to_thread(r.budget.route, body, path)
-                            routed = r.record(d, body, may_inject)
+                            routed = r.record(d, body, path, may_inject)
                         else:
                             routed = r.decide(body, path, may_inject)
                         pool = routed.pool

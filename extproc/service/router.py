@@ -121,18 +121,24 @@ class Router:
         return self._calibrating or self._rng.random() < self.s.usage_sample_rate
 
     def decide(self, body: bytes, path: str, may_inject: bool = False, ended_by_log: bool = False) -> Routed:
-        return self.record(self.budget.route(body, path), body, may_inject, ended_by_log)
+        """Route a body: by its size alone when that proves it fits the smallest pool (most
+        requests: no features measured), else by the estimate."""
+        return self.record(self.budget.route(body, path, by_size=True), body, path, may_inject, ended_by_log)
 
-    def record(self, d: Decision, body: bytes, may_inject: bool = False, ended_by_log: bool = False) -> Routed:
+    def record(self, d: Decision, body: bytes, path: str, may_inject: bool = False,
+               ended_by_log: bool = False) -> Routed:
         """Pool choice, sampling and accounting for a decision. Runs on the event loop only:
         in-flight counts and the id tables are not shared with worker threads.
 
         The request's end comes back one of two ways: the ext_proc routing stream ends with the
         request (the caller then calls ``finished``), or, for ext_authz checks
         (``ended_by_log``), Envoy's access-log stream names the decision id (``request_ended``)."""
+        sample = self.wants_sample(d, d.pool)
+        if sample and d.source == "bound":  # its usage will be read: the calibrator needs the estimate
+            d = self.budget.route(body, path)
         pool, spilled_from = self.choose(d)
         out = Routed(d, pool, spilled_from)
-        if self.wants_sample(d, pool):
+        if sample:
             if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
                 out.new_body = with_stream_usage(body)
             if out.new_body is None:

@@ -19,3 +19,16 @@ def dev_texts() -> list[dict]:
         rows = [json.loads(line) for line in f if line.strip()]
     assert len(rows) > 1000, f"dev_texts.jsonl looks truncated: {len(rows)} rows"
     return rows
+
+
+DEV_REQUESTS = DEV_TEXTS.parent.parent / "requests" / "dev_requests.jsonl"
+
+
+@pytest.fixture(scope="session")
+def dev_requests() -> list[dict]:
+    """Real chat bodies with the prompt counts vLLM reports for them (Llama-3 and Qwen3)."""
+    if not DEV_REQUESTS.is_file():
+        pytest.skip(f"shared dev requests not found at {DEV_REQUESTS} (expected ../shared/data/requests/"
+                    "dev_requests.jsonl next to the project root)")
+    with DEV_REQUESTS.open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

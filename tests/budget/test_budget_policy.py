@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 
 from extproc.budget import DEFAULT_POOLS, BudgetRouter, BudgetSettings, Pool, choose_pool
 from extproc.budget.policy import order_pools, pools_that_fit
+from extproc.budget.request import read_request
 
 UNSORTED = (Pool("xl", 131072), Pool("s", 4096), Pool("m", 16384), Pool("l", 65536))
 
@@ -124,3 +127,56 @@ def test_choose_pool_and_pools_that_fit_units():
 def test_unreadable_goes_to_the_largest_of_unsorted_pools(router):
     d = router.route(b"{not json")
     assert (d.pool, d.reason) == ("xl", "unreadable")
+
+
+# -- deciding by size alone (route(by_size=True)) ---------------------------------------------------
+
+def _chat(content: str, max_tokens: int | None = 64, **extra) -> bytes:
+    doc = {"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": [{"role": "user", "content": content}], **extra}
+    if max_tokens is not None:
+        doc["max_tokens"] = max_tokens
+    return json.dumps(doc).encode()
+
+
+def test_a_short_plain_chat_is_decided_by_its_size_and_the_bound_holds_the_real_count():
+    from extproc import chat_tokens
+
+    router = BudgetRouter()
+    text = "What is the capital of France? " * 20
+    d = router.route(_chat(text), by_size=True)
+    assert d.source == "bound" and d.pool == "short" and d.reason == "fits"
+    for family in ("llama3", "qwen3"):
+        assert d.prompt_tokens >= chat_tokens.count_chat([{"role": "user", "content": text}], family)
+    assert d.budget_tokens == d.prompt_tokens + 64
+    assert router.observe(d, 200) is None  # nothing measured: nothing to learn
+    full = router.route(_chat(text))
+    assert full.source == "prior" and full.prompt_tokens < d.prompt_tokens
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]},
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}}},
+])
+def test_json_the_template_renders_is_never_bounded_by_size(extra):
+    assert BudgetRouter().route(_chat("hi", **extra), by_size=True).source != "bound"
+
+
+def test_media_and_long_prompts_get_the_estimate():
+    router = BudgetRouter()
+    image = [{"type": "text", "text": "what is this"}, {"type": "image_url", "image_url": {"url": "data:,x"}}]
+    assert router.route(_chat(image), by_size=True).source != "bound"
+    long = router.route(_chat("word " * 5000), by_size=True)  # 25 KB: the bound cannot prove it fits 8K
+    assert long.source == "prior" and long.pool == "short"
+    assert router.route(_chat("hi", max_tokens=8000), by_size=True).source == "prior"  # the reserve too
+
+
+def test_the_size_bound_holds_every_real_request(dev_requests):
+    """On real request bodies, the bound is never below what vLLM counted, for either family."""
+    router = BudgetRouter()
+    for row in dev_requests:
+        d = router.route(json.dumps(row["body"]).encode(), by_size=True)
+        bound = router._size_bound(read_request(json.dumps(row["body"]).encode(), measured=False).prompts)
+        assert bound is not None
+        assert bound >= max(row["prompt_tokens"].values()), row["prompt_tokens"]
+        if d.source == "bound":
+            assert d.prompt_tokens == bound

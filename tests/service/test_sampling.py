@@ -43,3 +43,13 @@ def test_near_capacity_budgets_bypass_the_share_but_not_the_cap():
     time.sleep(0.05)  # let the bucket fill a little
     assert _sampled(r, near, 20) >= 1
     assert _sampled(r, chat("hi"), 200) == 0  # share 0: far from capacity is never read
+
+
+def test_unread_short_requests_are_decided_by_size_and_read_ones_are_estimated():
+    calibrated = _router(calibration_samples=0, usage_sample_rate=0.0, usage_samples_per_s=0.0)
+    routed = calibrated.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True)
+    assert routed.decision.source == "bound" and not routed.sampled and routed.pool == "short"
+    calibrating = _router()  # every response read until 50 samples: each needs the real estimate
+    routed = calibrating.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True)
+    assert routed.sampled and routed.decision.source == "prior"
+    assert calibrating.budget.observe(routed.decision, 20) is not None  # learnable
