@@ -26,6 +26,10 @@ _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "refusal", "s
                               "reasoning_text"})
 _MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "image", "input_audio", "audio",
                                "input_file", "file", "video_url", "input_video"})
+# A chat request made only of these is rendered as its text plus a few tokens per turn.
+_PLAIN_ROLES = frozenset({"system", "developer", "user", "assistant"})
+_PLAIN_MESSAGE_KEYS = frozenset({"role", "content"})
+_TEMPLATE_ARGS = ("chat_template", "chat_template_kwargs", "documents")
 _RESERVE_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
@@ -64,6 +68,10 @@ class RequestShape:
     output_field: str | None = None      # which field gave it
     notes: list[str] = field(default_factory=list)  # non-fatal oddities, e.g. an invalid max_tokens
     error: str | None = None             # why the body could not be read
+    # True when the prompt's template may render more than the text gathered here: other roles,
+    # message fields beyond role/content (tool ids, names), template arguments, documents, or
+    # the Responses API's items. The size bound does not hold then (router.py).
+    template_extras: bool = False
 
 
 class _Collector:
@@ -156,10 +164,12 @@ def _read_chat(body: dict, shape: RequestShape) -> None:
         shape.error = "messages missing or not a list"
         return
     c = _Collector(chat=1)
+    shape.template_extras |= any(key in body for key in _TEMPLATE_ARGS)
     for m in messages:
         if not isinstance(m, dict):
             shape.error = "a message is not an object"
             return
+        shape.template_extras |= m.get("role") not in _PLAIN_ROLES or not m.keys() <= _PLAIN_MESSAGE_KEYS
         c.messages += 1
         c.add_content(m.get("content"))
         for key in ("name", "reasoning_content", "reasoning"):

@@ -96,7 +96,8 @@ class BudgetRouter:
         """Tokens the longest prompt can need at most, from sizes alone: a BPE or SentencePiece
         token covers at least one byte of text, so tokens <= UTF-8 bytes, plus the template's
         tokens. None where no such cheap bound holds: JSON the template re-renders (tools,
-        arguments, schemas) and media parts."""
+        arguments, schemas) and media parts. (The caller also rules out requests whose template
+        renders more than the gathered text: ``RequestShape.template_extras``.)"""
         bound = 0
         for p in prompts:
             if p.exact_tokens is not None:
@@ -119,7 +120,7 @@ class BudgetRouter:
         detail = shape.output_field or "default output reserve"
         if shape.notes:
             detail += "; " + ", ".join(shape.notes)
-        if by_size:
+        if by_size and shape.api != "responses" and not shape.template_extras:
             bound = self._size_bound(shape.prompts)
             smallest = self.pools[0]
             if bound is not None and bound + out <= smallest.max_context:

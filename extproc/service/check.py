@@ -104,7 +104,7 @@ class _CheckProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
             # Not HTTP: Envoy's check fails (a reset), and with failure_mode_allow the request
             # goes to the default route. Nothing else to do.
             self.close()
@@ -131,8 +131,11 @@ class _CheckProtocol(asyncio.Protocol):
             self._answer_queued()
 
     # -- answers, in order -------------------------------------------------------------------------
+    def _open(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing()
+
     def _answer_queued(self) -> None:
-        while self.queue and self.transport is not None:
+        while self.queue and self._open():
             url, body, keep_alive = self.queue.popleft()
             if url == HEALTH_PATH:
                 self._send(_DRAINING if self.server.draining else _HEALTHY, keep_alive)
@@ -158,6 +161,8 @@ class _CheckProtocol(asyncio.Protocol):
             t0 = time.perf_counter()
             try:
                 d = await asyncio.to_thread(self.r.budget.route, body, path)
+                if not self._open():  # Envoy gave up (timeout) or went away: nothing will end it
+                    return
                 answer = self._answer(self.r.record(d, body, path, ended_by_log=True))
             except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
                 self.r.metrics.stream_errors.inc()
@@ -168,7 +173,7 @@ class _CheckProtocol(asyncio.Protocol):
         finally:
             self.server.busy -= 1
             self.working = False
-            if self.transport is not None:
+            if self._open():
                 self.transport.resume_reading()
                 self._answer_queued()
 
@@ -197,3 +202,4 @@ class _CheckProtocol(asyncio.Protocol):
         # the header block ends with an empty line: add "connection: close" before it
         self.transport.write(response[:response.index(b"\r\n") + 2] + _CLOSE + response[response.index(b"\r\n") + 2:])
         self.transport.close()
+        self.queue.clear()  # pipelined checks after a closing answer are never answered: not decided either

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
+import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -55,7 +55,9 @@ class Router:
         self.pending: OrderedDict[str, _Sampled] = OrderedDict()
         self.open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # checked requests not yet ended
         self._ids = itertools.count(1)
-        self._id_prefix = f"{os.getpid():x}-"
+        # unique per process start: a restarted router (pid 1 again in a container) or a replica
+        # must not take another one's late access-log entries for its own decisions
+        self._id_prefix = f"{secrets.token_hex(4)}-"
         self.pool_header = settings.pool_header
         self.h = {name: settings.provenance_header(name) for name in PROVENANCE}
         self._calibrating = True
@@ -99,6 +101,8 @@ class Router:
     def _take_sample_token(self) -> bool:
         now = time.monotonic()
         rate = self.s.usage_samples_per_s
+        if rate <= 0:
+            return False
         self._sample_tokens = min(max(rate, 1.0), self._sample_tokens + (now - self._sample_refill) * rate)
         self._sample_refill = now
         if self._sample_tokens >= 1.0:

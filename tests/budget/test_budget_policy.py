@@ -180,3 +180,22 @@ def test_the_size_bound_holds_every_real_request(dev_requests):
         assert bound >= max(row["prompt_tokens"].values()), row["prompt_tokens"]
         if d.source == "bound":
             assert d.prompt_tokens == bound
+
+
+@pytest.mark.parametrize("messages,extra", [
+    ([{"role": "1" * 40000, "content": "hi"}], {}),                              # a role the template prints
+    ([{"role": "tool", "tool_call_id": "x", "content": "<" * 6000}], {}),        # tool content: tojson-escaped
+    ([{"role": "user", "name": "n" * 30000, "content": "hi"}], {}),               # fields beyond role/content
+    ([{"role": "user", "content": "hi"}], {"chat_template_kwargs": {"date_string": "1" * 40000}}),
+    ([{"role": "user", "content": "hi"}], {"documents": [{"text": "x" * 40000}]}),
+    ([{"role": "user", "content": "hi"}], {"chat_template": "{{ messages }}"}),
+])
+def test_what_a_template_may_render_beyond_the_text_is_never_bounded_by_size(messages, extra):
+    body = json.dumps({"model": "meta-llama/Llama-3.1-8B-Instruct", "messages": messages, "max_tokens": 8,
+                       **extra}).encode()
+    assert BudgetRouter().route(body, by_size=True).source != "bound"
+
+
+def test_responses_api_bodies_are_never_bounded_by_size():
+    body = json.dumps({"model": "m", "input": "hi", "instructions": "be brief", "max_output_tokens": 8}).encode()
+    assert BudgetRouter().route(body, path="/v1/responses", by_size=True).source != "bound"

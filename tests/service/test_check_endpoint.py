@@ -151,6 +151,35 @@ def test_health_is_served_and_turns_503_while_draining():
     run(scenario())
 
 
+def test_pipelined_checks_after_a_closing_answer_are_neither_answered_nor_counted():
+    async def scenario():
+        async with running() as h:
+            reader, writer = await _connect(h)
+            h.service.check.draining = True  # every answer now closes its connection
+            writer.write(b"".join(_post("/v1/chat/completions", chat("hi", max_tokens=4)) for _ in range(3)))
+            status, hdrs, _ = await _read_response(reader)
+            assert status == 200 and hdrs["connection"] == "close"
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            assert h.value("extproc_inflight_requests", pool="short") == 1  # only the answered one
+            assert len(h.service.router.open) == 1
+            h.service.check.draining = False
+    run(scenario())
+
+
+def test_an_upgrade_request_closes_the_connection_cleanly():
+    async def scenario():
+        async with running() as h:
+            reader, writer = await _connect(h)
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: r\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+            await asyncio.wait_for(reader.read(), 10)  # answered or not, the connection ends
+            reader, writer = await _connect(h)  # and the server still serves
+            writer.write(b"GET /healthz HTTP/1.1\r\nhost: router\r\n\r\n")
+            status, _, _ = await _read_response(reader)
+            assert status == 200
+            writer.close()
+    run(scenario())
+
+
 def test_the_ext_proc_filter_config_serves_no_check_endpoint():
     async def scenario():
         async with running({"service": {"routing_filter": "ext_proc"}}) as h:

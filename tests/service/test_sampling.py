@@ -53,3 +53,15 @@ def test_unread_short_requests_are_decided_by_size_and_read_ones_are_estimated()
     routed = calibrating.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True)
     assert routed.sampled and routed.decision.source == "prior"
     assert calibrating.budget.observe(routed.decision, 20) is not None  # learnable
+
+
+def test_a_cap_of_zero_reads_nothing_after_calibration():
+    r = _router(calibration_samples=0, usage_sample_rate=1.0, usage_samples_per_s=0.0)
+    assert _sampled(r, chat("hi"), 100) == 0
+
+
+def test_decision_ids_differ_between_router_starts():
+    a, b = _router(), _router()
+    ida = a.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True).decision_id
+    idb = b.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True).decision_id
+    assert ida != idb  # a restarted router must not end requests by an old process's ids
