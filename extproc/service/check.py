@@ -25,10 +25,11 @@ import asyncio
 import logging
 import time
 from collections import deque
+from typing import Callable
 
 import httptools
 
-from .router import Router
+from .router import Routed, Router
 
 log = logging.getLogger("extproc.service")
 
@@ -159,17 +160,10 @@ class _CheckProtocol(asyncio.Protocol):
     async def _answer_offloaded(self, path: str, body: bytes, keep_alive: bool) -> None:
         try:
             t0 = time.perf_counter()
-            try:
-                d = await asyncio.to_thread(self.r.budget.route, body, path)
-                if not self._open():  # Envoy gave up (timeout) or went away: nothing will end it
-                    return
-                answer = self._answer(self.r.record(d, body, path, ended_by_log=True))
-            except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
-                self.r.metrics.stream_errors.inc()
-                log.exception("check failed")
-                answer = _EMPTY_200
-            self.r.metrics.phase["request_body"].observe(time.perf_counter() - t0)
-            self._send(answer, keep_alive)
+            d = await asyncio.to_thread(self.r.budget.route, body, path)  # (route() never raises)
+            if self._open():  # else Envoy gave up (timeout) or went away: nothing would end it
+                self._send(self._answer_or_default(lambda: self.r.record(d, body, path, ended_by_log=True), t0),
+                           keep_alive)
         finally:
             self.server.busy -= 1
             self.working = False
@@ -178,10 +172,15 @@ class _CheckProtocol(asyncio.Protocol):
                 self._answer_queued()
 
     def _decide(self, path: str, body: bytes | None) -> bytes:
-        t0 = time.perf_counter()
+        # An over-long body is decided on no body at all: unreadable, so the largest pool.
+        return self._answer_or_default(lambda: self.r.decide(body or b"", path, ended_by_log=True),
+                                       time.perf_counter())
+
+    def _answer_or_default(self, routed: Callable[[], Routed], t0: float) -> bytes:
+        """The answer for a decision; any failure still answers 200, with no pool header: Envoy's
+        default route, the largest pool."""
         try:
-            # An over-long body is decided on no body at all: unreadable, so the largest pool.
-            answer = self._answer(self.r.decide(body or b"", path, ended_by_log=True))
+            answer = self._answer(routed())
         except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
             self.r.metrics.stream_errors.inc()
             log.exception("check failed")
@@ -189,7 +188,7 @@ class _CheckProtocol(asyncio.Protocol):
         self.r.metrics.phase["request_body"].observe(time.perf_counter() - t0)
         return answer
 
-    def _answer(self, routed) -> bytes:
+    def _answer(self, routed: Routed) -> bytes:
         head = "".join(f"{k}: {v}\r\n" for k, v in self.r.decision_headers(routed))
         return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + head.encode("latin-1") + b"\r\n"
 
