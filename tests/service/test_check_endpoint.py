@@ -34,6 +34,16 @@ async def _connect(h):
     return await asyncio.open_connection("127.0.0.1", h.service.check.port)
 
 
+async def _ask(h, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request on a connection of its own."""
+    reader, writer = await _connect(h)
+    writer.write(request)
+    try:
+        return await _read_response(reader)
+    finally:
+        writer.close()
+
+
 def test_short_and_long_requests_get_their_pool_and_provenance_on_one_kept_alive_connection():
     async def scenario():
         async with running() as h:
@@ -61,11 +71,8 @@ def test_short_and_long_requests_get_their_pool_and_provenance_on_one_kept_alive
 def test_unreadable_bodies_are_answered_200_for_the_largest_pool(body):
     async def scenario():
         async with running() as h:
-            reader, writer = await _connect(h)
-            writer.write(_post("/v1/chat/completions", body))
-            status, hdrs, _ = await _read_response(reader)
+            status, hdrs, _ = await _ask(h, _post("/v1/chat/completions", body))
             assert status == 200 and hdrs["x-token-pool"] == "long"
-            writer.close()
     run(scenario())
 
 
@@ -75,11 +82,8 @@ def test_garbage_that_is_not_http_closes_that_connection_only():
             reader, writer = await _connect(h)
             writer.write(b"\x16\x03\x01 this is not HTTP\r\n\r\n")
             assert await asyncio.wait_for(reader.read(), 10) == b""  # closed, no answer
-            reader, writer = await _connect(h)
-            writer.write(_post("/v1/completions", b'{"model": "m", "prompt": "hi", "max_tokens": 4}'))
-            status, hdrs, _ = await _read_response(reader)
+            status, hdrs, _ = await _ask(h, _post("/v1/completions", b'{"model": "m", "prompt": "hi", "max_tokens": 4}'))
             assert status == 200 and hdrs["x-token-pool"] == "short"
-            writer.close()
     run(scenario())
 
 
@@ -114,12 +118,9 @@ def test_a_failure_inside_the_router_still_answers_200_with_no_pool(monkeypatch)
             def broken(*args, **kwargs):
                 raise RuntimeError("injected fault")
             monkeypatch.setattr(h.service.router, "record", broken)
-            reader, writer = await _connect(h)
-            writer.write(_post("/v1/chat/completions", chat("hi")))
-            status, hdrs, _ = await _read_response(reader)
+            status, hdrs, _ = await _ask(h, _post("/v1/chat/completions", chat("hi")))
             assert status == 200 and "x-token-pool" not in hdrs  # Envoy's default route: the largest pool
             assert h.value("extproc_stream_errors_total") == 1
-            writer.close()
     run(scenario())
 
 
@@ -128,11 +129,8 @@ def test_a_body_over_the_limit_goes_to_the_largest_pool(monkeypatch):
 
     async def scenario():
         async with running() as h:
-            reader, writer = await _connect(h)
-            writer.write(_post("/v1/chat/completions", chat("x " * 2000, max_tokens=4)))
-            status, hdrs, _ = await _read_response(reader)
+            status, hdrs, _ = await _ask(h, _post("/v1/chat/completions", chat("x " * 2000, max_tokens=4)))
             assert status == 200 and hdrs["x-token-pool"] == "long" and hdrs["x-token-reason"] == "unreadable"
-            writer.close()
     run(scenario())
 
 
