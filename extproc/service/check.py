@@ -51,6 +51,7 @@ class CheckServer:
         self.connections: set[_CheckProtocol] = set()
         self.busy = 0  # checks being answered (a large body is routed in a worker thread)
         self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task | None = None
         self.port: int | None = None
 
     async def start(self, address: str) -> int:
@@ -61,11 +62,22 @@ class CheckServer:
         except OSError as exc:
             raise OSError(f"cannot bind the HTTP check address {address}: {exc.strerror}") from None
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = asyncio.create_task(self._sweep())
         return self.port
+
+    async def _sweep(self) -> None:
+        """Count out checked requests whose end never came even while no new check arrives
+        (each check also does), so an idle router's in-flight counts come down too."""
+        period = min(10.0, self.router.s.max_request_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            self.router.expire_open()
 
     async def stop(self, grace: float) -> None:
         """Fail health checks, stop accepting, let answers in progress finish, close."""
         self.draining = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         deadline = time.monotonic() + grace

@@ -155,7 +155,7 @@ class Router:
         if ended_by_log:
             out.decision_id = out.decision_id or self._new_id()
             self.open[out.decision_id] = (pool, time.monotonic())
-            self._expire_open()
+            self.expire_open()
         self.inflight[pool] += 1
         m.child(m.decisions, pool, d.reason, d.source).inc()
         m.child(m.budget, pool).observe(d.budget_tokens)
@@ -172,7 +172,7 @@ class Router:
         if found is not None:
             self.finished(found[0])
 
-    def _expire_open(self) -> None:
+    def expire_open(self) -> None:
         """A request whose end never came back (its check answered too late for Envoy, or access
         logs lost) stops counting once it cannot still be running, or when the table is full."""
         horizon = time.monotonic() - self.s.max_request_s

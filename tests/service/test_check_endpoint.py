@@ -268,3 +268,17 @@ def test_requests_whose_end_never_comes_are_counted_out_after_max_request_s():
             assert h.value("extproc_request_ends_missed_total") == 1
             writer.close()
     run(scenario())
+
+
+def test_an_idle_router_counts_out_lost_ends_too():
+    async def scenario():
+        async with running({"service": {"max_request_s": 1}}) as h:
+            _, first, _ = await _ask(h, _post("/v1/chat/completions", chat("hi", max_tokens=4)))
+            assert h.value("extproc_inflight_requests", pool="short") == 1
+            for _ in range(100):  # no further check arrives: the sweep alone counts it out
+                if h.value("extproc_inflight_requests", pool="short") == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert h.value("extproc_inflight_requests", pool="short") == 0
+            assert h.value("extproc_request_ends_missed_total") == 1
+    run(scenario())
