@@ -40,9 +40,11 @@ class InstanceProfile:
     decode_per_seq_s: float
     decode_per_kv_token_s: float
     kv_block_tokens: int = 16
+    max_num_batched_tokens: int = 8_192  # tokens one iteration processes at most (chunked prefill budget)
 
     def __post_init__(self) -> None:
-        for field in ("gpus", "max_model_len", "max_num_seqs", "kv_capacity_tokens", "kv_block_tokens"):
+        for field in ("gpus", "max_model_len", "max_num_seqs", "kv_capacity_tokens", "kv_block_tokens",
+                      "max_num_batched_tokens"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{self.name}: {field} must be >= 1, got {getattr(self, field)}")
         if self.prefill_tokens_per_s <= 0:
