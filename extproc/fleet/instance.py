@@ -41,6 +41,7 @@ class InstanceProfile:
     decode_per_kv_token_s: float
     kv_block_tokens: int = 16
     max_num_batched_tokens: int = 8_192  # tokens one iteration processes at most (chunked prefill budget)
+    gpu: str = "A100-80GB"  # GPU type, for prices
 
     def __post_init__(self) -> None:
         for field in ("gpus", "max_model_len", "max_num_seqs", "kv_capacity_tokens", "kv_block_tokens",
@@ -111,7 +112,7 @@ def kv_capacity_tokens(*, gpus: int, gpu_memory_bytes: float, memory_utilization
                        weight_bytes: float, overhead_bytes: float, kv_bytes_per_token: float,
                        block_tokens: int = 16) -> int:
     """KV-cache tokens vLLM can allocate: what ``gpu_memory_utilization`` leaves after weights and
-    activations, in whole blocks."""
+    activations, in whole blocks. ``kv_bytes_per_token`` is for the whole instance (all GPUs)."""
     free = gpus * gpu_memory_bytes * memory_utilization - weight_bytes - overhead_bytes
     blocks = int(free // (kv_bytes_per_token * block_tokens))
     if blocks < 1:
@@ -119,40 +120,149 @@ def kv_capacity_tokens(*, gpus: int, gpu_memory_bytes: float, memory_utilization
     return blocks * block_tokens
 
 
-# Llama-3-70B-Instruct, BF16, on 8x A100-80GB with tensor parallelism 8. The papers (arXiv 2604.09613,
-# 2604.08075) name Llama-3-70B on A100 and the pool shapes below but not the per-step timings: every
-# number here is an assumption derived from public hardware and model specs, not a measurement.
-#   KV per token: 2 (K,V) x 80 layers x 8 KV heads x 128 dims x 2 bytes = 327,680 B.
-#   Memory: 8 x 80 GB x 0.90 utilization - 141 GB weights - 20 GB activations/CUDA graphs
-#     -> about 1.26M tokens, enough for both pools at full occupancy (128 x 8,192 = 16 x 65,536
-#     = 1,048,576 tokens), i.e. the paper's pool shapes do not rely on preemption.
-#   Prefill: 2 x 70.6 GFLOP per token over 8 x 312 TFLOP/s at ~50% MFU -> ~8,000 tokens/s;
-#     causal attention adds 80 layers x 2 x 8,192 x n^2 FLOP -> ~1.05e-9 s per token^2.
-#   Decode: 141 GB of weights per step over 8 x 2.0 TB/s at ~55% achieved bandwidth plus TP
-#     all-reduces -> ~22 ms base; ~0.25 ms per extra sequence; KV reads 327,680 B per cached token
-#     at ~8.8 TB/s -> ~3.7e-8 s per token. A full short pool (128 seqs, ~2K tokens each) steps in
-#     ~64 ms, inside the papers' P99 TPOT SLO of 80 ms.
-# The papers count one instance as one GPU in their cost figures ($2.21/GPU-h); ``gpus`` keeps the
-# real count so a cost model can choose its accounting explicitly.
-_LLAMA3_70B_A100X8 = dict(
-    model="meta-llama/Meta-Llama-3-70B-Instruct",
-    gpus=8,
-    kv_capacity_tokens=kv_capacity_tokens(
-        gpus=8, gpu_memory_bytes=80e9, memory_utilization=0.90, weight_bytes=141e9,
-        overhead_bytes=20e9, kv_bytes_per_token=327_680,
-    ),
-    prefill_tokens_per_s=8_000.0,
-    prefill_base_s=0.010,
-    prefill_quadratic_s=1.05e-9,
-    decode_base_s=0.022,
-    decode_per_seq_s=0.00025,
-    decode_per_kv_token_s=3.7e-8,
-)
+# --- profiles derived from the model and the GPU ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What sizes a transformer's memory and compute (from its Hugging Face config.json)."""
+
+    name: str
+    hf_id: str
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    params: float  # total parameters
+    active_params: float  # parameters one token passes through (all of them unless MoE)
+    weight_bytes: float  # checkpoint size as served
+    kv_bytes_per_value: float = 2.0  # BF16 KV cache; 1.0 with --kv-cache-dtype fp8
+
+    def kv_bytes_per_token_per_gpu(self, tp: int) -> float:
+        # Tensor parallelism splits KV heads across GPUs; with fewer KV heads than GPUs vLLM
+        # replicates them, one per GPU.
+        heads = max(1.0, self.kv_heads / tp)
+        return 2 * self.layers * heads * self.head_dim * self.kv_bytes_per_value
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    memory_bytes: float
+    bandwidth_bytes_per_s: float
+    flops: float  # dense tensor FLOP/s in the dtype the matmuls run in
+    attention_flops: float  # dense BF16 FLOP/s (attention runs in BF16)
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """The fitted part: fractions of the GPU's peak vLLM reaches, each checked against a published
+    figure (see the profile definitions)."""
+
+    prefill_mfu: float
+    attention_efficiency: float
+    weight_bandwidth: float  # fraction of HBM bandwidth streaming weights in a decode step
+    kv_bandwidth: float  # fraction of HBM bandwidth reading the KV cache
+    step_overhead_s: float  # all-reduces, kernel launches, scheduler, per decode step
+    per_seq_s: float  # extra decode time per running sequence (its matmul rows, sampling)
+    activation_bytes_per_gpu: float = 4e9  # activations and CUDA graphs outside the KV cache
+    memory_utilization: float = 0.90  # vLLM --gpu-memory-utilization
+
+
+def derive_profile(name: str, model: ModelSpec, gpu: GPUSpec, tp: int, eff: Efficiency, *,
+                   max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int = 8_192) -> InstanceProfile:
+    """An instance of ``model`` on ``tp`` GPUs from first principles plus fitted efficiencies.
+
+    * KV capacity: per GPU, ``memory_utilization`` of HBM minus its weight shard and activations,
+      over that GPU's share of a token's K and V;
+    * prefill is compute-bound: 2 x active parameters FLOP per token, and causal attention
+      2 x layers x q_heads x head_dim FLOP per token pair;
+    * a decode step streams the weight shard once, plus the KV cache of every running sequence."""
+    per_gpu_kv = model.kv_bytes_per_token_per_gpu(tp)
+    free = gpu.memory_bytes * eff.memory_utilization - model.weight_bytes / tp - eff.activation_bytes_per_gpu
+    if free <= 0:
+        raise ValueError(f"{name}: {model.name} does not fit on {tp} x {gpu.name}")
+    block = 16
+    kv = int(free // (per_gpu_kv * block)) * block
+    return InstanceProfile(
+        name=name, model=model.hf_id, gpus=tp, gpu=gpu.name,
+        max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+        kv_capacity_tokens=kv,
+        prefill_tokens_per_s=tp * gpu.flops * eff.prefill_mfu / (2 * model.active_params),
+        prefill_base_s=eff.step_overhead_s + model.weight_bytes / tp / (gpu.bandwidth_bytes_per_s * eff.weight_bandwidth),
+        prefill_quadratic_s=2 * model.layers * model.q_heads * model.head_dim
+        / (tp * gpu.attention_flops * eff.attention_efficiency),
+        decode_base_s=eff.step_overhead_s + model.weight_bytes / tp / (gpu.bandwidth_bytes_per_s * eff.weight_bandwidth),
+        decode_per_seq_s=eff.per_seq_s,
+        decode_per_kv_token_s=per_gpu_kv / (gpu.bandwidth_bytes_per_s * eff.kv_bandwidth),
+    )
+
+
+GiB = 1024 ** 3
+
+# Architecture from each model's config.json (huggingface.co/meta-llama/Meta-Llama-3-70B-Instruct,
+# huggingface.co/Qwen/Qwen3-235B-A22B-FP8).
+LLAMA3_70B = ModelSpec("Llama-3-70B", "meta-llama/Meta-Llama-3-70B-Instruct", layers=80, q_heads=64, kv_heads=8,
+                       head_dim=128, params=70.55e9, active_params=70.55e9, weight_bytes=141.1e9)
+# 128 experts, 8 active per token; FP8 weights (~236 GB) and FP8 KV cache. Its native context is
+# 32,768 tokens (max_position_embeddings 40,960): a 64K pool needs YaRN rope scaling.
+QWEN3_235B_FP8 = ModelSpec("Qwen3-235B-A22B-FP8", "Qwen/Qwen3-235B-A22B-FP8", layers=94, q_heads=64, kv_heads=4,
+                           head_dim=128, params=235.1e9, active_params=22.2e9, weight_bytes=236e9,
+                           kv_bytes_per_value=1.0)
+
+# Datasheet figures: NVIDIA A100 and H100 SXM, AMD MI300X (dense, no sparsity).
+A100_80GB = GPUSpec("A100-80GB", 80 * GiB, 2.039e12, 312e12, 312e12)
+H100_80GB = GPUSpec("H100-80GB", 80 * GiB, 3.35e12, 989.4e12, 989.4e12)
+MI300X = GPUSpec("MI300X", 192 * GiB, 5.3e12, 2614.9e12, 1307.4e12)
+
+# Efficiencies, fitted where a published measurement exists (TensorRT-LLM's Llama-70B figures are the
+# reachable ones; no vLLM BF16 70B figure on 8x A100/H100 was reachable). Checks, model vs published:
+#   A100: first-token latency of LLaMA-70B, TP4 FP16, TensorRT-LLM v0.5 performance.md: 128 tokens
+#     47 ms (model, TP4: ~50 ms), 2,048 tokens 377 ms (model ~440 ms, +17%); BS 240, 128 in / 2,048 out:
+#     525 output tok/s/GPU (model 537, +2%).
+#   H100: scaled from the A100 fit by the datasheet ratios (BF16 FLOP/s 3.2x, bandwidth 1.64x);
+#     TensorRT-LLM FP8 TP4 2,048-token first token 109 ms against the model's BF16 ~190 ms (FP8 ~1.7x
+#     faster), consistent but not a residual.
+#   MI300X Qwen3: one-stream decode 18 ms per token against 12.4 ms (SGLang, optimised, MI308) and
+#     22.6 ms (vLLM 0.8.3 BF16, 8x MI300X); prefill 40K tok/s from TensorRT-LLM H100 TP8 Qwen3-235B FP8
+#     (5,000 in / 500 out: >= 32K input tok/s) scaled by peak FLOP/s. Least certain of the three (+-50%).
+_NVIDIA_DENSE = dict(attention_efficiency=0.5, weight_bandwidth=0.8, kv_bandwidth=0.7, step_overhead_s=0.003)
+A100_EFF = Efficiency(prefill_mfu=0.45, per_seq_s=1.5e-4, **_NVIDIA_DENSE)
+H100_EFF = Efficiency(prefill_mfu=0.36, per_seq_s=6e-5, **_NVIDIA_DENSE)
+MI300X_MOE_EFF = Efficiency(prefill_mfu=0.085, attention_efficiency=0.35, weight_bandwidth=0.8, kv_bandwidth=0.7,
+                            step_overhead_s=0.011, per_seq_s=6e-5, activation_bytes_per_gpu=6e9)
+
+HARDWARE: dict[str, tuple[ModelSpec, GPUSpec, int, Efficiency]] = {
+    "llama3-70b-a100": (LLAMA3_70B, A100_80GB, 8, A100_EFF),
+    "llama3-70b-h100": (LLAMA3_70B, H100_80GB, 8, H100_EFF),
+    "qwen3-235b-mi300x": (QWEN3_235B_FP8, MI300X, 8, MI300X_MOE_EFF),
+}
+
+
+def hardware_profile(hardware: str, *, max_model_len: int, max_num_seqs: int | None = None,
+                     name: str | None = None, max_seqs_cap: int = 512) -> InstanceProfile:
+    """A profile of ``hardware`` configured for ``max_model_len``. Without ``max_num_seqs``, the largest
+    power of two whose full-length sequences the KV cache holds (the papers' 8K x 128 and 64K x 16 on
+    8x A100), capped at ``max_seqs_cap``."""
+    try:
+        model, gpu, tp, eff = HARDWARE[hardware]
+    except KeyError:
+        raise ValueError(f"unknown hardware {hardware!r}; known: {', '.join(HARDWARE)}") from None
+    probe = derive_profile(hardware, model, gpu, tp, eff, max_model_len=16, max_num_seqs=1)
+    if max_num_seqs is None:
+        fit = max(1, probe.kv_capacity_tokens // max_model_len)
+        max_num_seqs = min(max_seqs_cap, 1 << (fit.bit_length() - 1))
+    return dataclasses.replace(probe, name=name or hardware, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+
+
+# Per-GPU prices for the cost model: the papers' A100 and MI300X figures; H100 has no paper figure.
+GPU_PRICE_PER_HOUR = {"A100-80GB": 2.21, "MI300X": 3.67, "H100-80GB": 2.99}
 
 PROFILES: dict[str, InstanceProfile] = {
-    # The paper's two pools: same hardware and model, different context window and batch limit.
-    "short": InstanceProfile(name="short", max_model_len=8_192, max_num_seqs=128, **_LLAMA3_70B_A100X8),
-    "long": InstanceProfile(name="long", max_model_len=65_536, max_num_seqs=16, **_LLAMA3_70B_A100X8),
+    # The paper's two pools (arXiv 2604.09613): Llama-3-70B on 8x A100-80GB, same hardware, different
+    # context window and batch limit. The simulated engine serves these by default.
+    "short": hardware_profile("llama3-70b-a100", max_model_len=8_192, name="short"),
+    "long": hardware_profile("llama3-70b-a100", max_model_len=65_536, name="long"),
 }
 
 

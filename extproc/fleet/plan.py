@@ -1,0 +1,188 @@
+"""Sizing: the fewest instances per pool that meet a latency SLO, homogeneous against pooled.
+
+Each configuration is sized by simulation: instances are added until the pool's P99 TTFT and P99 TPOT
+(over requests after the warm-up) meet the SLO, then the fewest that still meet it is found by
+bisection. Without spillover the token-budget router's split depends only on each request's estimate,
+so the pools are independent and each is sized on its own share of the trace. Misrouted requests (the
+estimate fits the short pool, the truth does not) are rejected by the short pool at once; they are
+counted, not sized for.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import numpy as np
+
+from extproc.fleet import routing, sim
+from extproc.fleet.cost import CostModel, cost_model, dollars_per_year, load_s
+from extproc.fleet.instance import InstanceProfile
+from extproc.fleet.workload import Workload
+
+
+@dataclass(frozen=True)
+class SLO:
+    ttft_p99_s: float = 2.0
+    tpot_p99_s: float = 0.080
+
+    def met(self, result: sim.SimResult) -> bool:
+        lat = result.latency((99,))
+        return (lat["ttft_s_p99"] <= self.ttft_p99_s and lat["tpot_s_p99"] <= self.tpot_p99_s
+                and not (result.status == sim.REJECTED).any())
+
+
+@dataclass
+class Sized:
+    """The smallest pool that met the SLO, and the simulation that showed it."""
+
+    name: str
+    profile: InstanceProfile
+    instances: int
+    requests: int
+    result: sim.SimResult | None
+    simulations: int = 0
+    feasible: bool = True
+
+    @property
+    def gpus(self) -> int:
+        return self.instances * self.profile.gpus
+
+    def row(self) -> dict:
+        lat = self.result.latency() if self.result is not None else {}
+        return {"pool": self.name, "max_model_len": self.profile.max_model_len,
+                "max_num_seqs": self.profile.max_num_seqs, "requests": self.requests,
+                "instances": self.instances, "gpus": self.gpus, "feasible": self.feasible,
+                "simulations": self.simulations,
+                **{k: lat.get(k) for k in ("ttft_s_p50", "ttft_s_p99", "tpot_s_p50", "tpot_s_p99")},
+                "preemptions": int(self.result.preempted.sum()) if self.result is not None else 0,
+                "kv_util": self.result.pools[0].kv_util if self.result is not None else 0.0,
+                "seq_util": self.result.pools[0].seq_util if self.result is not None else 0.0}
+
+
+def size_pool(name: str, workload: Workload, profile: InstanceProfile, slo: SLO, *, warmup: float = 0.1,
+              max_instances: int = 20_000, on_sim: Callable[[], None] | None = None) -> Sized:
+    """Fewest instances of ``profile`` serving ``workload`` within ``slo`` (least-loaded dispatch)."""
+    if len(workload) == 0:
+        return Sized(name, profile, 0, 0, None)
+    cache: dict[int, sim.SimResult] = {}
+
+    def run(n: int) -> sim.SimResult:
+        if n not in cache:
+            cache[n] = sim.simulate(workload, [sim.PoolSpec(name, profile, n)], routing.LeastLoaded,
+                                    warmup=warmup)
+            if on_sim is not None:
+                on_sim()
+        return cache[n]
+
+    # The load at 100% busy is where the search starts; queueing needs some headroom above it.
+    guess = max(1, math.ceil(workload.rate * float(load_s(profile, workload.prompt, workload.output).mean())))
+    hi = guess
+    while not slo.met(run(hi)):
+        if hi >= max_instances:
+            return Sized(name, profile, hi, len(workload), run(hi), len(cache), feasible=False)
+        hi = min(max_instances, math.ceil(hi * 1.3) + 1)
+    lo = max(0, min(hi - 1, int(guess * 0.7)))
+    if lo >= 1 and slo.met(run(lo)):
+        hi, lo = lo, 0
+    while hi - lo > 1:  # run(lo) misses the SLO (or lo == 0), run(hi) meets it
+        mid = (lo + hi) // 2
+        if slo.met(run(mid)):
+            hi = mid
+        else:
+            lo = mid
+    return Sized(name, profile, hi, len(workload), run(hi), len(cache))
+
+
+@dataclass
+class Plan:
+    """Homogeneous against pooled for one workload: sizes, GPUs, dollars and the cost model."""
+
+    workload: str
+    rate: float
+    requests: int
+    slo: SLO
+    homogeneous: Sized
+    pools: list[Sized]
+    model: CostModel
+    price_per_gpu_hour: float
+    misrouted: int
+    too_long: int
+    error_model: str
+    short_limit: int
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def pooled_gpus(self) -> int:
+        return sum(p.gpus for p in self.pools)
+
+    @property
+    def pooled_instances(self) -> int:
+        return sum(p.instances for p in self.pools)
+
+    @property
+    def savings(self) -> float:
+        h = self.homogeneous.gpus
+        return 1.0 - self.pooled_gpus / h if h else 0.0
+
+    def as_dict(self) -> dict:
+        price = self.price_per_gpu_hour
+        return {
+            "workload": self.workload, "rate": self.rate, "requests": self.requests,
+            "slo": vars(self.slo), "short_limit": self.short_limit, "error_model": self.error_model,
+            "homogeneous": self.homogeneous.row(), "pools": [p.row() for p in self.pools],
+            "homogeneous_gpus": self.homogeneous.gpus, "pooled_gpus": self.pooled_gpus,
+            "homogeneous_instances": self.homogeneous.instances, "pooled_instances": self.pooled_instances,
+            "savings": self.savings,
+            "usd_per_year": {"homogeneous": dollars_per_year(self.homogeneous.gpus, price),
+                             "pooled": dollars_per_year(self.pooled_gpus, price),
+                             "price_per_gpu_hour": price},
+            "cost_model": self.model.as_dict(), "misrouted": self.misrouted, "too_long": self.too_long,
+            "assumptions": self.assumptions,
+        }
+
+
+def pool_shape(profile: InstanceProfile, max_model_len: int, name: str, max_seqs_cap: int = 512) -> InstanceProfile:
+    """The instance reconfigured for a context limit: the largest power-of-two batch whose full-length
+    sequences the KV cache holds (the paper's 8K x 128 and 64K x 16 on 8x A100), capped."""
+    fit = max(1, profile.kv_capacity_tokens // max_model_len)
+    seqs = min(max_seqs_cap, 1 << (fit.bit_length() - 1))
+    return replace(profile, name=name, max_model_len=max_model_len, max_num_seqs=seqs)
+
+
+def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, slo: SLO = SLO(),
+         error: routing.ErrorModel = routing.ErrorModel(), seed: int = 0, price_per_gpu_hour: float,
+         warmup: float = 0.1, on_sim: Callable[[], None] | None = None) -> Plan:
+    """Size the homogeneous fleet (every instance ``long``) and the two pools for ``workload``."""
+    ratios = error.ratios(len(workload), seed)
+    estimate = np.ceil(workload.prompt * ratios).astype(np.int64) + workload.output
+    to_short = estimate <= short.max_model_len
+    truly_fits_short = workload.total <= short.max_model_len
+    fits_long = workload.total <= long.max_model_len
+    misrouted = to_short & ~truly_fits_short
+    too_long = ~fits_long
+    servable = fits_long
+    homog = size_pool("homogeneous", workload.subset(servable), long, slo, warmup=warmup, on_sim=on_sim)
+    short_sized = size_pool("short", workload.subset(to_short & truly_fits_short), short, slo,
+                            warmup=warmup, on_sim=on_sim)
+    long_sized = size_pool("long", workload.subset(~to_short & servable), long, slo, warmup=warmup, on_sim=on_sim)
+    model = cost_model(short, long, workload.prompt[servable], workload.output[servable], to_short[servable])
+    assumptions = [
+        f"instance: {long.model} on {long.gpus} GPU(s) per instance; the same hardware in both pools",
+        f"short pool: max_model_len {short.max_model_len}, max_num_seqs {short.max_num_seqs}; "
+        f"long pool and homogeneous fleet: max_model_len {long.max_model_len}, max_num_seqs {long.max_num_seqs}",
+        f"KV cache {long.kv_capacity_tokens:,} tokens per instance",
+        f"SLO per pool: P99 TTFT <= {slo.ttft_p99_s} s, P99 TPOT <= {1000 * slo.tpot_p99_s:.0f} ms, "
+        f"over requests after the first {warmup:.0%} (the fleet starts empty)",
+        f"budget = estimated prompt + the request's real output (clients send max_tokens = what they generate); "
+        f"estimate error: {error.describe()}",
+        f"GPU cost ${price_per_gpu_hour}/GPU-h, {24 * 365} h/yr; GPUs = instances x {long.gpus}",
+        "dispatch inside a pool: least outstanding requests; no spillover when sizing",
+    ]
+    if too_long.any():
+        assumptions.append(f"{int(too_long.sum())} requests exceed the long pool's context and are rejected by "
+                           f"every fleet (not sized for)")
+    return Plan(workload.name, workload.rate, len(workload), slo, homog, [short_sized, long_sized], model,
+                price_per_gpu_hour, int(misrouted.sum()), int(too_long.sum()), error.describe(),
+                short.max_model_len, assumptions)
