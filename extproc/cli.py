@@ -191,8 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.set_defaults(func=cmd_envoy_config)
     from .engine.cli import register as register_engine
+    from .fleet.cli import register as register_fleet
 
     register_engine(sub)
+    register_fleet(sub)
     return parser
 
 

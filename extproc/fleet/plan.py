@@ -24,13 +24,43 @@ from extproc.fleet.workload import Workload
 
 @dataclass(frozen=True)
 class SLO:
+    """Latency targets each pool must meet at P99, over requests after the warm-up.
+
+    ``ttft_basis`` "queue" holds the TTFT target against TTFT minus the prompt's own unloaded prefill
+    time: what capacity can buy. A 100K-token prompt needs ~20 s of prefill on 8x A100 however many
+    instances there are, so a literal P99 TTFT of 2 s cannot be met on a trace with long prompts
+    (Mooncake); on Azure 2023 the two differ by the ~0.1-0.3 s a typical prompt's prefill takes.
+    "total" is the literal TTFT."""
+
     ttft_p99_s: float = 2.0
     tpot_p99_s: float = 0.080
+    ttft_basis: str = "queue"
 
-    def met(self, result: sim.SimResult) -> bool:
-        lat = result.latency((99,))
-        return (lat["ttft_s_p99"] <= self.ttft_p99_s and lat["tpot_s_p99"] <= self.tpot_p99_s
-                and not (result.status == sim.REJECTED).any())
+    def __post_init__(self) -> None:
+        if self.ttft_basis not in ("queue", "total"):
+            raise ValueError(f"ttft_basis must be 'queue' or 'total', got {self.ttft_basis!r}")
+
+    def ttft_measure(self, result: sim.SimResult, profile: InstanceProfile) -> np.ndarray:
+        ttft = result.ttft
+        if self.ttft_basis == "queue":
+            n = result.workload.prompt.astype(float)
+            ttft = ttft - (profile.prefill_base_s + n / profile.prefill_tokens_per_s
+                           + profile.prefill_quadratic_s * n * n)
+        return ttft
+
+    def met(self, result: sim.SimResult, profile: InstanceProfile) -> bool:
+        if (result.status == sim.REJECTED).any():
+            return False
+        m = result.measured()
+        ttft = self.ttft_measure(result, profile)[m]
+        tpot = result.tpot[m]
+        tpot = tpot[~np.isnan(tpot)]
+        return bool((not len(ttft) or np.percentile(ttft, 99) <= self.ttft_p99_s)
+                    and (not len(tpot) or np.percentile(tpot, 99) <= self.tpot_p99_s))
+
+    def describe(self) -> str:
+        basis = " beyond the prompt's own prefill" if self.ttft_basis == "queue" else ""
+        return f"P99 TTFT{basis} <= {self.ttft_p99_s} s, P99 TPOT <= {1000 * self.tpot_p99_s:.0f} ms"
 
 
 @dataclass
@@ -79,16 +109,16 @@ def size_pool(name: str, workload: Workload, profile: InstanceProfile, slo: SLO,
     # The load at 100% busy is where the search starts; queueing needs some headroom above it.
     guess = max(1, math.ceil(workload.rate * float(load_s(profile, workload.prompt, workload.output).mean())))
     hi = guess
-    while not slo.met(run(hi)):
+    while not slo.met(run(hi), profile):
         if hi >= max_instances:
             return Sized(name, profile, hi, len(workload), run(hi), len(cache), feasible=False)
         hi = min(max_instances, math.ceil(hi * 1.3) + 1)
     lo = max(0, min(hi - 1, int(guess * 0.7)))
-    if lo >= 1 and slo.met(run(lo)):
+    if lo >= 1 and slo.met(run(lo), profile):
         hi, lo = lo, 0
     while hi - lo > 1:  # run(lo) misses the SLO (or lo == 0), run(hi) meets it
         mid = (lo + hi) // 2
-        if slo.met(run(mid)):
+        if slo.met(run(mid), profile):
             hi = mid
         else:
             lo = mid
@@ -153,8 +183,10 @@ def pool_shape(profile: InstanceProfile, max_model_len: int, name: str, max_seqs
 
 def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, slo: SLO = SLO(),
          error: routing.ErrorModel = routing.ErrorModel(), seed: int = 0, price_per_gpu_hour: float,
-         warmup: float = 0.1, on_sim: Callable[[], None] | None = None) -> Plan:
-    """Size the homogeneous fleet (every instance ``long``) and the two pools for ``workload``."""
+         warmup: float = 0.1, on_sim: Callable[[], None] | None = None,
+         homogeneous: Sized | None = None) -> Plan:
+    """Size the homogeneous fleet (every instance ``long``) and the two pools for ``workload``.
+    ``homogeneous`` reuses a sizing already done for the same workload, long profile and SLO."""
     ratios = error.ratios(len(workload), seed)
     estimate = np.ceil(workload.prompt * ratios).astype(np.int64) + workload.output
     to_short = estimate <= short.max_model_len
@@ -163,7 +195,8 @@ def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, s
     misrouted = to_short & ~truly_fits_short
     too_long = ~fits_long
     servable = fits_long
-    homog = size_pool("homogeneous", workload.subset(servable), long, slo, warmup=warmup, on_sim=on_sim)
+    homog = homogeneous or size_pool("homogeneous", workload.subset(servable), long, slo, warmup=warmup,
+                                     on_sim=on_sim)
     short_sized = size_pool("short", workload.subset(to_short & truly_fits_short), short, slo,
                             warmup=warmup, on_sim=on_sim)
     long_sized = size_pool("long", workload.subset(~to_short & servable), long, slo, warmup=warmup, on_sim=on_sim)
@@ -173,8 +206,7 @@ def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, s
         f"short pool: max_model_len {short.max_model_len}, max_num_seqs {short.max_num_seqs}; "
         f"long pool and homogeneous fleet: max_model_len {long.max_model_len}, max_num_seqs {long.max_num_seqs}",
         f"KV cache {long.kv_capacity_tokens:,} tokens per instance",
-        f"SLO per pool: P99 TTFT <= {slo.ttft_p99_s} s, P99 TPOT <= {1000 * slo.tpot_p99_s:.0f} ms, "
-        f"over requests after the first {warmup:.0%} (the fleet starts empty)",
+        f"SLO per pool: {slo.describe()}, over requests after the first {warmup:.0%} (the fleet starts empty)",
         f"budget = estimated prompt + the request's real output (clients send max_tokens = what they generate); "
         f"estimate error: {error.describe()}",
         f"GPU cost ${price_per_gpu_hour}/GPU-h, {24 * 365} h/yr; GPUs = instances x {long.gpus}",
@@ -186,3 +218,29 @@ def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, s
     return Plan(workload.name, workload.rate, len(workload), slo, homog, [short_sized, long_sized], model,
                 price_per_gpu_hour, int(misrouted.sum()), int(too_long.sum()), error.describe(),
                 short.max_model_len, assumptions)
+
+
+def sweep(workload: Workload, hardware: str, limits: list[int], long: InstanceProfile, **kwargs) -> list[Plan]:
+    """One plan per short-pool context limit (the long pool and the homogeneous fleet fixed)."""
+    from extproc.fleet.instance import hardware_profile
+
+    plans: list[Plan] = []
+    for limit in limits:
+        if limit >= long.max_model_len:
+            raise ValueError(f"short-pool limit {limit} must be below the long pool's {long.max_model_len}")
+        short = hardware_profile(hardware, max_model_len=limit, name="short")
+        plans.append(plan(workload, short, long, homogeneous=plans[0].homogeneous if plans else None, **kwargs))
+    return plans
+
+
+def fleet_ttft_p50(p: Plan) -> float:
+    """Median TTFT over every request the pools served (requests weighted, not pools)."""
+    parts = [s.result.ttft[s.result.measured()] for s in p.pools if s.result is not None]
+    values = np.concatenate(parts) if parts else np.array([np.nan])
+    return float(np.median(values))
+
+
+def pareto_front(plans: list[Plan]) -> list[bool]:
+    """Plans no other plan beats on both GPUs and fleet median TTFT."""
+    points = [(p.pooled_gpus, fleet_ttft_p50(p)) for p in plans]
+    return [not any(o[0] <= g and o[1] <= t and o != (g, t) for o in points) for g, t in points]
