@@ -61,44 +61,56 @@ def _long_requests(rows: list[dict], count: int = 4) -> list[dict]:
     return out
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
-    from . import chat_tokens
-    from .budget import BudgetRouter
-
-    router = BudgetRouter(_config(args.config).budget)
-    rows, label = _request_rows(args.files)
-    rows = rows[: args.limit] + _long_requests(rows)
-    print(f"{len(rows)} requests from {label} (+ long ones stacked from them); pools: "
-          + ", ".join(f"{p.name}={p.max_context}" for p in router.pools))
-    print(f"{'#':>4} {'pool':<8} {'reason':<10} {'source':<10} {'estimate':>8} {'true':>7} {'budget':>7}  detail")
-    per_pool: dict[str, int] = {}
-    errors = []
-    for i, row in enumerate(rows):
+def _explain_requests(rows: list[dict]) -> list[tuple[bytes, str, object]]:
+    """(raw body, path, parsed body) for each row, as a client would send it."""
+    out = []
+    for row in rows:
         body = row["body"]
         raw = json.dumps(body, ensure_ascii=False).encode() if not isinstance(body, str) else body.encode()
         path = row.get("path") or ("/v1/completions" if isinstance(body, dict) and "prompt" in body
                                    else "/v1/chat/completions")
-        d = router.route(raw, path)
-        true = None
-        if isinstance(body, dict) and isinstance(body.get("messages"), list):
-            fam = chat_tokens.family_for_model(d.model)
-            true = chat_tokens.count_chat(body["messages"], fam, body.get("tools"))
-        per_pool[d.pool] = per_pool.get(d.pool, 0) + 1
-        if true:
-            err = router.observe(d, true)
-            if err is not None:
-                errors.append(abs(d.prompt_tokens - true) / true)
-        print(f"{i:>4} {d.pool:<8} {d.reason:<10} {d.source:<10} {d.prompt_tokens:>8} "
-              f"{true if true is not None else '-':>7} {d.budget_tokens:>7}  {d.detail}")
-    print("\nrequests per pool: " + ", ".join(f"{k}={v}" for k, v in sorted(per_pool.items())))
-    if errors:
-        print(f"prompt estimate MAPE over {len(errors)} requests with a true count: "
-              f"{100 * sum(errors) / len(errors):.2f}%")
-    models = sorted({r["body"].get("model", "") for r in rows if isinstance(r["body"], dict)})
-    for model in models:
-        cal = router.calibration(model)
-        if cal:
-            print(f"calibration {model}: {json.dumps(cal)}")
+        out.append((raw, path, body))
+    return out
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .explain import LocalExplainer, RemoteExplainer, calibration_keys, explain_all, format_explained
+
+    if args.server and (args.config or args.calibration or args.no_learn):
+        print("--server explains with the running router's config and calibration, and never learns: "
+              "--config, --calibration and --no-learn apply to a local router only", file=sys.stderr)
+        return 2
+    rows, label = _request_rows(args.files)
+    requests = _explain_requests(rows[: args.limit] + _long_requests(rows))
+    if args.server:
+        explainer = RemoteExplainer(args.server)
+    else:
+        snapshot = None
+        if args.calibration:
+            try:
+                snapshot = pathlib.Path(args.calibration).read_bytes()
+            except OSError as exc:
+                print(f"cannot read {args.calibration}: {exc.strerror}", file=sys.stderr)
+                return 2
+        config = _config(args.config)
+        try:
+            explainer = LocalExplainer(config, learn=not args.no_learn, snapshot=snapshot)
+        except ValueError as exc:  # the snapshot: validated as the router does at start
+            print(f"{args.calibration}: {exc}", file=sys.stderr)
+            return 2
+    try:
+        explained = explain_all(explainer, requests)
+        calibration = {} if args.json else explainer.calibration(calibration_keys(explained))
+    except grpc.RpcError as exc:  # a router that cannot be reached, or answers an error: say so, no traceback
+        print(f"cannot explain with {explainer.origin}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        if args.server:
+            explainer.close()
+    for line in format_explained(explained, label, explainer.origin, calibration, as_json=args.json):
+        print(line)
     return 0
 
 
@@ -162,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: ../shared/data/requests, else a bundled sample)")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
     p.add_argument("--limit", type=int, default=40, help="at most this many requests from the files")
+    p.add_argument("--server", metavar="HOST:PORT", help="ask a running router (its service.grpc_address) "
+                   "through the operator API instead of a local router; it does not learn from these")
+    p.add_argument("--no-learn", action="store_true", help="the local router does not learn from the true "
+                   "counts as it goes (what --server does)")
+    p.add_argument("--calibration", metavar="SNAPSHOT", help="start the local router from this calibration "
+                   "snapshot (a file service.snapshot_path wrote, or GetCalibration's snapshot_json)")
+    p.add_argument("--json", action="store_true", help="one JSON object per request with every number")
     p.set_defaults(func=cmd_explain)
     p = sub.add_parser("check-config", help="validate a config file (and EXTPROC_* overrides)")
     p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")

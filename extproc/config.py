@@ -23,6 +23,7 @@ from .budget.router import BudgetSettings
 
 ENV_PREFIX = "EXTPROC_"
 ROUTING_FILTERS = ("ext_authz", "ext_proc")
+OPERATOR_API_MODES = ("read_only", "read_write", "off")
 PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow", "spilled")
 
 
@@ -58,6 +59,10 @@ class ServiceSettings:
     max_request_s: float = 600.0          # Envoy's upstream timeout: no request runs longer
     offload_bytes: int = 262_144          # bodies above this are routed in a worker thread
     inject_stream_usage: bool = False     # sampled streams without include_usage: ask for usage, strip it
+    # The operator gRPC API on grpc_address: Explain and GetCalibration read; RestoreCalibration
+    # replaces the calibration, so it waits for read_write (whoever reaches the port could
+    # otherwise steer every estimate).
+    operator_api: str = "read_only"
 
     def spillover_limit(self, pool: str) -> int | None:
         return dict(self.spillover).get(pool)
@@ -233,6 +238,9 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         if svc.get("inject_stream_usage", False):
             raise ConfigError("service.inject_stream_usage", "needs service.routing_filter: ext_proc (the "
                               "routing stream reads the injected usage and keeps it from the client)")
+    operator_api = svc.get("operator_api", d.operator_api)
+    if operator_api not in OPERATOR_API_MODES:
+        raise ConfigError("service.operator_api", f"must be one of {', '.join(OPERATOR_API_MODES)}, got {operator_api!r}")
     if pool_header.startswith(prefix) and pool_header[len(prefix):] in PROVENANCE:
         raise ConfigError("service.pool_header", f"collides with a provenance header under {prefix!r}")
     return ServiceSettings(
@@ -254,6 +262,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         max_request_s=_number(svc, "max_request_s", d.max_request_s, 1.0, 86400.0),
         offload_bytes=_int(svc, "offload_bytes", "service.", d.offload_bytes, lo=1024),
         inject_stream_usage=svc.get("inject_stream_usage", d.inject_stream_usage),
+        operator_api=operator_api,
     )
 
 

@@ -17,6 +17,7 @@ def test_no_file_is_the_built_in_defaults():
     assert [(p.name, p.max_context) for p in cfg.budget.pools] == [("short", 8192), ("long", 65536)]
     assert cfg.budget.estimator == "feature-kalman"
     assert cfg.service.grpc_address == "127.0.0.1:50051" and cfg.service.shadow is False
+    assert cfg.service.operator_api == "read_only"  # RestoreCalibration only when asked for
 
 
 def test_file_and_environment_overrides(tmp_path):
@@ -66,6 +67,8 @@ def test_file_and_environment_overrides(tmp_path):
     ({"service": {"usage_sample_rate": 2}}, "service.usage_sample_rate"),
     ({"service": {"inject_stream_usage": 1}}, "service.inject_stream_usage"),
     ({"service": {"snapshot_path": ""}}, "service.snapshot_path"),
+    ({"service": {"operator_api": "on"}}, "service.operator_api"),
+    ({"service": {"operator_api": True}}, "service.operator_api"),
 ])
 def test_invalid_values_name_their_field(doc, field):
     with pytest.raises(ConfigError) as err:

@@ -3,10 +3,10 @@
 from .calibrate import ESTIMATORS, Estimate, FeatureKalman, FixedRatio, PaperEMA
 from .policy import DEFAULT_POOLS, Pool, choose_pool
 from .request import Prompt, RequestShape, read_request
-from .router import REASONS, SOURCES, BudgetRouter, BudgetSettings, Decision
+from .router import REASONS, SOURCES, BudgetRouter, BudgetSettings, Decision, Explanation
 
 __all__ = [
-    "BudgetRouter", "BudgetSettings", "Decision", "Pool", "DEFAULT_POOLS", "choose_pool",
+    "BudgetRouter", "BudgetSettings", "Decision", "Explanation", "Pool", "DEFAULT_POOLS", "choose_pool",
     "read_request", "RequestShape", "Prompt", "Estimate", "FeatureKalman", "PaperEMA", "FixedRatio",
     "ESTIMATORS", "REASONS", "SOURCES",
 ]

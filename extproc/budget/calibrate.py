@@ -98,6 +98,8 @@ class Estimate:
     tokens: float        # point estimate of the prompt's tokens
     conservative: int    # what routing uses: the estimate plus the safety margin
     source: str          # "calibrated", "prior", "exact"
+    margin: float = 0.0  # relative safety margin in ``conservative`` (for explanations)
+    kind: str = ""       # the kind of content whose margin applied; "" where one margin covers all
 
 
 class Estimator(Protocol):
@@ -128,6 +130,14 @@ class KeyTable:
         if st is None and len(self.states) >= self.max_keys - 1:
             st = self.states.get(OVERFLOW_KEY)
         return st
+
+    def resolve(self, key: str) -> str | None:
+        """Which stored key ``get`` reads for a name: its own, the overflow key, or None (priors)."""
+        if key in self.states:
+            return key
+        if len(self.states) >= self.max_keys - 1 and OVERFLOW_KEY in self.states:
+            return OVERFLOW_KEY
+        return None
 
     def slot(self, key: str, family: str) -> str:
         """The key a new observation is stored under: its own while there is room (one slot
@@ -274,13 +284,14 @@ class FeatureKalman:
         g = group_vector(prompt, family)
         if st is None:
             theta, _ = self._prior(family)
-            margin, source = family.margin, "prior"
+            margin, source, kind = family.margin, "prior", ""
         else:
             theta = st.theta
-            margin = max(self.s.margin_floor, st.errors.margin(error_bucket(g)))
+            kind = error_bucket(g)
+            margin = max(self.s.margin_floor, st.errors.margin(kind))
             source = "calibrated" if st.n >= self.s.calibrated_after else "prior"
         point = max(0.0, sum(t * x for t, x in zip(theta, g)))
-        return Estimate(point + extra, math.ceil(point * (1.0 + margin)) + extra, source)
+        return Estimate(point + extra, math.ceil(point * (1.0 + margin)) + extra, source, margin, kind)
 
     def observe(self, key: str, family: Family, prompts: list[Prompt], prompt_tokens: int,
                 media_tokens: int) -> float | None:
@@ -460,10 +471,11 @@ class PaperEMA:
         extra = prompt.media * media_tokens
         if prompt.exact_tokens is not None:
             return Estimate(prompt.exact_tokens + extra, prompt.exact_tokens + extra, "exact")
-        c, sigma, n = self._ratio(key, paper_category(prompt))
+        category = paper_category(prompt)
+        c, sigma, n = self._ratio(key, category)
         c_star = max(0.5, c - self.s.gamma * sigma)
         return Estimate(prompt.text_bytes / c + extra, math.ceil(prompt.text_bytes / c_star) + extra,
-                        "calibrated" if n >= self.s.calibrated_after else "prior")
+                        "calibrated" if n >= self.s.calibrated_after else "prior", c / c_star - 1.0, category)
 
     def observe(self, key, family, prompts, prompt_tokens, media_tokens):
         text = [p for p in prompts if p.exact_tokens is None]

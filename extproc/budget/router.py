@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from .calibrate import Estimator, Family, load_priors, make_estimator
@@ -44,8 +45,22 @@ class Decision:
     api: str = "unknown"
     detail: str = ""            # free text for logs: why unreadable, which reserve field…
     fits: tuple[str, ...] = ()  # every pool that can hold the budget, smallest first
+    margin: float = 0.0         # relative safety margin of the estimate in the budget
+    content_kind: str = ""      # the kind of content whose margin applied ("" where one covers all)
     _prompts: list[Prompt] | None = None
     _family: Family | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    """A decision with every number behind it, for operators (``extproc explain``, the operator
+    gRPC API)."""
+
+    decision: Decision               # the full estimate: what a sampled request is routed on
+    family: str                      # tokenizer family whose priors the estimate starts from ("" if unread)
+    calibration_key: str | None      # learned state read: the model's key, the shared overflow key, or None (priors)
+    calibration_samples: int         # usage counts that state learned from
+    size_bound_tokens: int | None    # set when the request path decides on the size bound alone (source "bound")
 
 
 class BudgetRouter:
@@ -129,19 +144,27 @@ class BudgetRouter:
                                 fits=tuple(p.name for p in pools_that_fit(self.pools, bound + out)))
         family = self.family_for(shape.model)
         media = self.settings.media_tokens
-        best_point, best_cons, source = 0.0, 0, "exact"
+        best_point, best_cons, source, margin, kind = 0.0, 0, "exact", 0.0, ""
         for p in shape.prompts:  # a batched completion needs room for its longest prompt
             est = self.estimator.estimate(shape.model, family, p.measure(), media)
             if est.conservative >= best_cons:
-                best_point, best_cons = max(best_point, est.tokens), est.conservative
+                best_point, best_cons, margin, kind = max(best_point, est.tokens), est.conservative, est.margin, est.kind
                 if est.source != "exact" or source == "exact":
                     source = est.source
         budget = best_cons + out
         pool, fits = choose_pool(self.pools, budget)
         return Decision(pool.name, int(round(best_point)), budget, REASON_FITS if fits else REASON_TOO_LARGE,
                         source, output_tokens=out, model=shape.model, api=shape.api, detail=detail,
-                        fits=tuple(p.name for p in pools_that_fit(self.pools, budget)),
-                        _prompts=shape.prompts, _family=family)
+                        fits=tuple(p.name for p in pools_that_fit(self.pools, budget)), margin=margin,
+                        content_kind=kind, _prompts=shape.prompts, _family=family)
+
+    def explain(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> Explanation:
+        """What ``route`` decides for a body and why; a dry run that changes no state. Never raises."""
+        d = self.route(body, path)
+        quick = self.route(body, path, by_size=True)
+        return Explanation(d, d._family.name if d._family is not None else "", self.calibration_key(d.model),
+                           self.estimator.samples(d.model) if d.model else 0,
+                           quick.prompt_tokens if quick.source == "bound" else None)
 
     def observe(self, decision: Decision, prompt_tokens: int) -> float | None:
         """Learn from the prompt count a response reported; returns the estimate's relative
@@ -162,8 +185,28 @@ class BudgetRouter:
         keys = list(table.states) if table is not None else []
         return [(k, st) for k in keys if (st := self.estimator.describe(k)) is not None]
 
+    def calibration_key(self, model: str) -> str | None:
+        """The estimator state a model's estimates read, if any (see ``KeyTable.resolve``)."""
+        table = getattr(self.estimator, "table", None)
+        return table.resolve(model) if table is not None else None
+
     def snapshot(self) -> dict:
         return self.estimator.snapshot()
 
     def restore(self, doc: dict) -> None:
         self.estimator.restore(doc)
+
+    def restore_json(self, text: str | bytes) -> None:
+        """Apply a snapshot document (the JSON of ``snapshot()``), as at start-up or from the
+        operator API. ValueError saying why when this router cannot use it; the calibration then
+        stays as it was (estimators swap their table in whole)."""
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise ValueError(f"snapshot is not JSON: {exc}") from None
+        try:
+            self.restore(doc)
+        except ValueError:
+            raise
+        except (KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
+            raise ValueError(f"snapshot is malformed: {type(exc).__name__} {exc}") from None

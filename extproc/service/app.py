@@ -1,5 +1,5 @@
 """``extproc serve``: the gRPC ext_proc service (and the ext_authz HTTP check endpoint) with health,
-metrics, snapshots and a graceful stop."""
+metrics, snapshots, the operator API (service/operator.py) and a graceful stop."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ..budget import BudgetRouter
 from ..config import Config
 from .check import CheckServer
 from .metrics import Metrics
+from .operator import add_to_server as add_operator_api
 from .processor import ExtProcServicer, RequestEndsServicer
 from .router import Router
 
@@ -73,8 +74,8 @@ def save_snapshot(budget: BudgetRouter, path: str) -> None:
 
 def restore_snapshot(budget: BudgetRouter, path: str) -> bool:
     try:
-        with open(path) as f:
-            budget.restore(json.load(f))
+        with open(path, "rb") as f:
+            budget.restore_json(f.read())  # the operator API's RestoreCalibration validates the same way
         return True
     except FileNotFoundError:
         return False
@@ -116,6 +117,7 @@ class Service:
         pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.router), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(RequestEndsServicer(self.router), self.server)
+        add_operator_api(self.router, s.operator_api, self.server)
         address = grpc_address or s.grpc_address
         try:
             self.port = self.server.add_insecure_port(address)
@@ -138,8 +140,10 @@ class Service:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.snapshot_path:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop())
-        log.info("serving ext_proc on %s (port %d)%s, metrics on %s, pools %s%s", grpc_address or s.grpc_address,
-                 self.port, f", ext_authz checks on port {self.check.port}" if self.check else "", maddr or "-", ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools),
+        log.info("serving ext_proc on %s (port %d)%s, metrics on %s, pools %s, operator API %s%s",
+                 grpc_address or s.grpc_address, self.port,
+                 f", ext_authz checks on port {self.check.port}" if self.check else "", maddr or "-",
+                 ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools), s.operator_api,
                  " [shadow]" if s.shadow else "")
 
     async def _snapshot_loop(self) -> None:

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..budget import BudgetRouter, Decision
+from ..budget import BudgetRouter, Decision, Explanation, Pool
 from ..budget.usage import parse_context_error, with_stream_usage
 from ..config import PROVENANCE, ServiceSettings
 from .metrics import Metrics
@@ -39,6 +39,24 @@ class Routed:
     decision_id: str | None = None      # names the request to the usage filter and the access-log stream
     sampled: bool = False               # its usage is read (the usage filter runs on its route)
     new_body: bytes | None = None       # include_usage injected: the routing stream reads usage
+
+
+@dataclass(frozen=True, slots=True)
+class PoolLoad:
+    pool: Pool
+    in_flight: int
+    spillover_limit: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where the router would send an explained request now (``Router.place``)."""
+
+    explanation: Explanation
+    pool: str                     # spillover and shadow mode applied
+    spilled_from: str | None
+    shadow: bool
+    loads: tuple[PoolLoad, ...]   # every pool, smallest first, as the choice saw it
 
 
 class Router:
@@ -83,6 +101,13 @@ class Router:
             if other is None or self.inflight[name] < other:
                 return name, pool
         return pool, None  # every pool that holds it is at its limit: stay (never to one too small)
+
+    def place(self, explanation: Explanation) -> Placement:
+        """A dry run of ``decide`` for an explained body: the pool it would go to now, with the
+        load that choice read. Counts nothing and draws no sample."""
+        pool, spilled_from = self.choose(explanation.decision)
+        loads = tuple(PoolLoad(p, self.inflight[p.name], self.s.spillover_limit(p.name)) for p in self.pools)
+        return Placement(explanation, pool, spilled_from, self.s.shadow, loads)
 
     def wants_sample(self, d: Decision, pool: str) -> bool:
         """Read this response's usage? Every one while the model calibrates; after that a share
