@@ -135,7 +135,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     try:
         layout = layout_from_config(config, listen_port=args.listen_port, admin_port=args.admin_port,
                                     upstreams=args.upstream, listen_address=args.listen_address, router=args.router,
-                                    router_http=args.router_http)
+                                    router_http=args.router_http, admin_address=args.admin_address)
     except ValueError as exc:
         print(f"invalid arguments: {exc}", file=sys.stderr)
         return 2
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-http", help="host:port of the router's ext_authz check endpoint "
                    "(default: service.http_address)")
     p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--admin-address", default="127.0.0.1",
+                   help="address of Envoy's admin endpoint (stats); 0.0.0.0 only inside a private network")
     p.add_argument("--upstream", action="append", default=[], metavar="POOL=HOST:PORT",
                    help="address of a pool's vLLM service (default: 127.0.0.1:8001, 8002, … in pool order)")
     p.add_argument("-o", "--output", help="write here instead of stdout")
