@@ -147,6 +147,16 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_manifests(args: argparse.Namespace) -> int:
+    from .service.manifests import write_all
+
+    root = pathlib.Path(args.root)
+    stale = write_all(root, check=args.check)
+    for rel in stale:
+        print(f"{'differs' if args.check else 'wrote'}: {rel}")
+    return 1 if args.check and stale else 0
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from .demo import up
 
@@ -192,6 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address of a pool's vLLM service (default: 127.0.0.1:8001, 8002, … in pool order)")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.set_defaults(func=cmd_envoy_config)
+    p = sub.add_parser("deploy-manifests", help="render the compose Envoy config, Istio, Envoy Gateway and "
+                       "Kubernetes files from config/router.yaml")
+    p.add_argument("--root", default=".", help="the repository checkout (default: the current directory)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed file differs")
+    p.set_defaults(func=cmd_deploy_manifests)
     from .engine.cli import register as register_engine
 
     register_engine(sub)
