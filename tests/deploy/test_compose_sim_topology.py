@@ -16,9 +16,8 @@ SHORT_PROMPT = "Say hello in one short sentence."
 
 
 def _chat(topology: Topology, content: str, max_tokens: int = 16) -> http.client.HTTPResponse:
-    body = {"model": topology.doc["services"]["pool-short-sim"]["command"][
-        topology.doc["services"]["pool-short-sim"]["command"].index("--model") + 1],
-        "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+    engine = topology.doc["services"]["pool-short-sim"]["command"]
+    body = {"model": engine[engine.index("--model") + 1], "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
     conn = http.client.HTTPConnection("127.0.0.1", topology.local("envoy", 10000), timeout=60)
     conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"content-type": "application/json"})
     resp = conn.getresponse()

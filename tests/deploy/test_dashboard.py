@@ -9,7 +9,7 @@ import re
 import promql_parser
 import pytest
 import yaml
-from compose_topology import REPO, Topology
+from compose_topology import REPO, Topology, dotenv
 
 DASHBOARD = REPO / "envoy" / "compose" / "grafana" / "dashboards" / "extproc.json"
 PROVISIONING = REPO / "envoy" / "compose" / "grafana" / "provisioning"
@@ -118,9 +118,11 @@ def test_every_metric_a_query_names_is_exported(sim_topology: Topology, tmp_path
     for content in ("Say hello.", "Name three rivers."):
         conn = http.client.HTTPConnection("127.0.0.1", sim_topology.local("envoy", 10000), timeout=30)
         conn.request("POST", "/v1/chat/completions", body=json.dumps(
-            {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 4}),
+            {"model": dotenv()["MODEL"], "messages": [{"role": "user", "content": content}], "max_tokens": 4}),
             headers={"content-type": "application/json"})
-        conn.getresponse().read()
+        resp = conn.getresponse()
+        assert resp.status == 200, resp.read()[:300]
+        resp.read()
         conn.close()
     exported: dict[str, list[dict]] = {}
     prometheus = yaml.safe_load((REPO / "envoy" / "compose" / "prometheus.yml").read_text())
