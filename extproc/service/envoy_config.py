@@ -47,7 +47,7 @@ _PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtP
 _EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 _AUTHZ_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
 AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz puts allowed response headers
-_BUFFER_LIMIT = 50 * 1024 * 1024  # 8 MiB prompts and their JSON escapes pass with room
+BUFFER_LIMIT = 50 * 1024 * 1024  # 8 MiB prompts and their JSON escapes pass with room
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def _cluster(name: str, host: str, port: int, http2: bool = False, health_path: 
         "name": name,
         "type": "STATIC" if _is_ip(host) else "STRICT_DNS",  # service names (compose, k8s) resolve
         "connect_timeout": "0.25s",
-        "per_connection_buffer_limit_bytes": _BUFFER_LIMIT,
+        "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _socket(host, port)}}]}]},
     }
@@ -164,7 +164,7 @@ def http_filters(lay: EnvoyLayout) -> list[dict]:
             "@type": _EXT_AUTHZ, "transport_api_version": "V3", "failure_mode_allow": True, "clear_route_cache": True,
             # partial: a body over the limit reaches the router truncated (unreadable: the largest
             # pool) instead of being refused with a 413
-            "with_request_body": {"max_request_bytes": _BUFFER_LIMIT, "allow_partial_message": True},
+            "with_request_body": {"max_request_bytes": BUFFER_LIMIT, "allow_partial_message": True},
             # the router needs the path and the body, never the client's credentials
             "disallowed_headers": {"patterns": [{"exact": h} for h in ("authorization", "proxy-authorization", "cookie")]},
             "http_service": {
@@ -275,7 +275,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
             "listeners": [{
                 "name": "llm",
                 "address": _socket(lay.listen_address, lay.listen_port),
-                "per_connection_buffer_limit_bytes": _BUFFER_LIMIT,
+                "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": hcm}]}],
             }],

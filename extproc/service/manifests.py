@@ -23,7 +23,7 @@ import yaml
 
 from ..config import Config, load_config
 from .envoy_config import (
-    _BUFFER_LIMIT,
+    BUFFER_LIMIT,
     LLM_PATHS,
     METADATA_NAMESPACE,
     EnvoyLayout,
@@ -147,12 +147,12 @@ def istio_envoy_filter(config: Config, names: ClusterNames, routing_filter: str)
                                       "value": {"typed_per_filter_config": copy.deepcopy(per_route[kind])}}})
     # Bodies up to the routing filter's limit are buffered, not refused with a 413.
     patches.append({"applyTo": "LISTENER", "match": gateway,
-                    "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": _BUFFER_LIMIT}}})
+                    "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": BUFFER_LIMIT}}})
     for host, port in [(h, p) for _, h, p in lay.pools] + [lay.router_address, lay.router_http_address]:
         if routing_filter != "ext_authz" and (host, port) == lay.router_http_address:
             continue
         patches.append({"applyTo": "CLUSTER", "match": {**gateway, "cluster": {"service": host, "portNumber": port}},
-                        "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": _BUFFER_LIMIT}}})
+                        "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": BUFFER_LIMIT}}})
     return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
             "metadata": {"name": f"extproc-{routing_filter.replace('_', '-')}", "namespace": names.gateway_namespace},
             "spec": {"workloadSelector": {"labels": dict(names.gateway_selector)}, "configPatches": patches}}
@@ -259,12 +259,12 @@ def envoy_gateway(config: Config, names: ClusterNames) -> list[dict]:
     client = {"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "ClientTrafficPolicy",
               "metadata": {"name": "llm-buffers", "namespace": ns},
               "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "llm-gateway"}],
-                       "connection": {"bufferLimit": f"{_BUFFER_LIMIT >> 20}Mi"}}}
+                       "connection": {"bufferLimit": f"{BUFFER_LIMIT >> 20}Mi"}}}
     backend_policy = {"apiVersion": "gateway.envoyproxy.io/v1alpha1", "kind": "BackendTrafficPolicy",
                       "metadata": {"name": "llm-buffers", "namespace": ns},
                       "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
                                                "name": "llm-pools"}],
-                               "connection": {"bufferLimit": f"{_BUFFER_LIMIT >> 20}Mi"}}}
+                               "connection": {"bufferLimit": f"{BUFFER_LIMIT >> 20}Mi"}}}
     return [gateway_class, gateway, llm_route, other_route, extension, client, backend_policy]
 
 

@@ -89,14 +89,11 @@ def test_kubernetes_manifests_pass_the_kubernetes_schemas():
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc}")
 
 
-def test_the_configmap_holds_a_config_the_router_accepts():
+def test_the_configmap_holds_a_config_the_router_accepts(tmp_path):
     configmap = _kind(_k8s_docs(), "ConfigMap", "extproc-router-config")
-    path = REPO / "build-test-configmap.yaml"
-    try:
-        path.write_text(configmap["data"]["router.yaml"])
-        config = load_config(str(path), environ=dockerfile_env())  # as the image runs it
-    finally:
-        path.unlink()
+    path = tmp_path / "router.yaml"
+    path.write_text(configmap["data"]["router.yaml"])
+    config = load_config(str(path), environ=dockerfile_env())  # as the image runs it
     assert config.service.grpc_address.endswith(f":{NAMES.grpc_port}")
     assert config.service.http_address.endswith(f":{NAMES.http_port}")
     assert configmap["data"]["router.yaml"] == (REPO / "config" / "router.yaml").read_text()
@@ -121,6 +118,14 @@ def test_router_deployment_probes_health_over_grpc_and_mounts_its_config():
     assert volumes[mounts[config_dir]]["configMap"]["name"] == "extproc-router-config"
     snapshot_dir = dockerfile_env()["EXTPROC_SERVICE__SNAPSHOT_PATH"].rsplit("/", 1)[0]
     assert snapshot_dir in mounts  # the root filesystem is read-only: the snapshot needs a volume
+    # several replicas: no spillover on per-replica in-flight counts (README, "Several router replicas")
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    configmap = _kind(docs, "ConfigMap", "extproc-router-config")
+    assert deploy["spec"]["replicas"] > 1
+    config_file = REPO / "config" / "router.yaml"
+    assert configmap["data"]["router.yaml"] == config_file.read_text()
+    assert load_config(str(config_file), {}).service.spillover  # compose (one router) spills over ...
+    assert not load_config(str(config_file), {**dockerfile_env(), **env}).service.spillover  # ... Kubernetes not
     # the grace period outlasts the router's own drain (service.grace_period_s)
     drain = load_config(None, {}).service.grace_period_s
     assert pod["terminationGracePeriodSeconds"] > drain
