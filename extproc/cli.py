@@ -147,7 +147,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     try:
         layout = layout_from_config(config, listen_port=args.listen_port, admin_port=args.admin_port,
                                     upstreams=args.upstream, listen_address=args.listen_address, router=args.router,
-                                    router_http=args.router_http)
+                                    router_http=args.router_http, admin_address=args.admin_address)
     except ValueError as exc:
         print(f"invalid arguments: {exc}", file=sys.stderr)
         return 2
@@ -157,6 +157,16 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def cmd_deploy_manifests(args: argparse.Namespace) -> int:
+    from .service.manifests import write_all
+
+    root = pathlib.Path(args.root)
+    stale = write_all(root, check=args.check)
+    for rel in stale:
+        print(f"{'differs' if args.check else 'wrote'}: {rel}")
+    return 1 if args.check and stale else 0
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -205,10 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router-http", help="host:port of the router's ext_authz check endpoint "
                    "(default: service.http_address)")
     p.add_argument("--admin-port", type=int, default=9901)
+    p.add_argument("--admin-address", default="127.0.0.1",
+                   help="address of Envoy's admin endpoint (stats); 0.0.0.0 only inside a private network")
     p.add_argument("--upstream", action="append", default=[], metavar="POOL=HOST:PORT",
                    help="address of a pool's vLLM service (default: 127.0.0.1:8001, 8002, … in pool order)")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.set_defaults(func=cmd_envoy_config)
+    p = sub.add_parser("deploy-manifests", help="render the compose Envoy config, Istio, Envoy Gateway and "
+                       "Kubernetes files from config/router.yaml")
+    p.add_argument("--root", default=".", help="the repository checkout (default: the current directory)")
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed file differs")
+    p.set_defaults(func=cmd_deploy_manifests)
     from .engine.cli import register as register_engine
     from .fleet.cli import register as register_fleet
 

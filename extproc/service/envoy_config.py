@@ -30,6 +30,7 @@ goes to the largest pool with both ext_proc filters disabled (no buffering, no g
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import yaml
@@ -46,13 +47,14 @@ _PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtP
 _EXT_AUTHZ = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz"
 _AUTHZ_PER_ROUTE = "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute"
 AUTHZ_METADATA_NAMESPACE = "envoy.filters.http.ext_authz"  # where ext_authz puts allowed response headers
-_BUFFER_LIMIT = 50 * 1024 * 1024  # 8 MiB prompts and their JSON escapes pass with room
+BUFFER_LIMIT = 50 * 1024 * 1024  # 8 MiB prompts and their JSON escapes pass with room
 
 
 @dataclass(frozen=True)
 class EnvoyLayout:
     listen_address: str = "127.0.0.1"
     listen_port: int = 10000
+    admin_address: str = "127.0.0.1"  # 0.0.0.0 where a Prometheus in another container scrapes it
     admin_port: int = 9901
     router_address: tuple[str, int] = ("127.0.0.1", 50051)
     router_http_address: tuple[str, int] = ("127.0.0.1", 50052)
@@ -63,6 +65,10 @@ class EnvoyLayout:
     message_timeout_ms: int = 1000
     upstream_timeout_s: int = 600
     access_log_path: str = "/dev/stdout"
+    # Names of the clusters that reach the router: our own bootstrap defines them; a gateway
+    # (Istio) names the clusters it builds for the router's Service its own way.
+    router_cluster: str = "extproc"
+    router_http_cluster: str = "extproc_http"
 
 
 def _socket(host: str, port: int) -> dict:
@@ -84,7 +90,7 @@ def _cluster(name: str, host: str, port: int, http2: bool = False, health_path: 
         "name": name,
         "type": "STATIC" if _is_ip(host) else "STRICT_DNS",  # service names (compose, k8s) resolve
         "connect_timeout": "0.25s",
-        "per_connection_buffer_limit_bytes": _BUFFER_LIMIT,
+        "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _socket(host, port)}}]}]},
     }
@@ -114,11 +120,97 @@ def _cluster(name: str, host: str, port: int, http2: bool = False, health_path: 
 
 def _route(match: dict, cluster: str, timeout_s: int, per_filter: dict) -> dict:
     return {"match": match, "route": {"cluster": cluster, "timeout": f"{timeout_s}s"},
-            "typed_per_filter_config": per_filter}
+            "typed_per_filter_config": copy.deepcopy(per_filter)}  # shared dicts would turn into YAML anchors
 
 
 def _disabled(kind: str = "ext_proc") -> dict:
     return {"@type": _AUTHZ_PER_ROUTE if kind == "ext_authz" else _PER_ROUTE, "disabled": True}
+
+
+def per_route_filters(lay: EnvoyLayout) -> dict[str, dict]:
+    """``typed_per_filter_config`` for each kind of route: ``sampled`` (a pool's route for requests
+    the router marked for a usage read), ``unsampled``, ``undecided`` (an LLM call without a pool
+    header: router down or slow) and ``other`` (no LLM call: neither filter runs)."""
+    return {"sampled": {}, "unsampled": {USAGE_FILTER: _disabled()}, "undecided": {USAGE_FILTER: _disabled()},
+            "other": {ROUTE_FILTER: _disabled(lay.routing_filter), USAGE_FILTER: _disabled()}}
+
+
+LLM_PATH_REGEX = "^(" + "|".join(LLM_PATHS) + ")/?(\\?.*)?$"
+
+
+def _seconds(ms: int) -> str:
+    return f"{ms / 1000:g}s"
+
+
+def _ext_proc(lay: EnvoyLayout, modes: tuple[str, str, str, str], stat_prefix: str, **extra) -> dict:
+    """An ext_proc filter on the router's cluster: (request headers, request body, response
+    headers, response body) modes; fails open, with an explicit message timeout. Its own stat
+    prefix keeps the routing and the usage filter apart in Envoy's stats (fail-open counts)."""
+    keys = ("request_header_mode", "request_body_mode", "response_header_mode", "response_body_mode")
+    return {"@type": _EXT_PROC,
+            "grpc_service": {"envoy_grpc": {"cluster_name": lay.router_cluster}, "timeout": _seconds(lay.message_timeout_ms)},
+            "failure_mode_allow": True, "message_timeout": _seconds(lay.message_timeout_ms),
+            "processing_mode": {**dict(zip(keys, modes)), "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
+            "stat_prefix": stat_prefix, **extra}
+
+
+def http_filters(lay: EnvoyLayout) -> list[dict]:
+    """The router's two HTTP filters, in decode order, to go before Envoy's router filter: the
+    routing filter (``service.routing_filter``) and the usage filter (observability mode)."""
+    ours = router_headers(lay)
+    if lay.routing_filter == "ext_authz":
+        names = {"patterns": [{"exact": h} for h in ours]}
+        route_filter = {
+            "@type": _EXT_AUTHZ, "transport_api_version": "V3", "failure_mode_allow": True, "clear_route_cache": True,
+            # partial: a body over the limit reaches the router truncated (unreadable: the largest
+            # pool) instead of being refused with a 413
+            "with_request_body": {"max_request_bytes": BUFFER_LIMIT, "allow_partial_message": True},
+            # the router needs the path and the body, never the client's credentials
+            "disallowed_headers": {"patterns": [{"exact": h} for h in ("authorization", "proxy-authorization", "cookie")]},
+            "http_service": {
+                "server_uri": {"uri": "http://%s:%d" % lay.router_http_address, "cluster": lay.router_http_cluster,
+                               "timeout": _seconds(lay.message_timeout_ms)},
+                "path_prefix": CHECK_PREFIX,
+                "authorization_response": {"allowed_upstream_headers": names, "dynamic_metadata_from_headers": names}},
+        }
+    else:
+        route_filter = _ext_proc(lay, ("SEND", "BUFFERED", "SKIP", "NONE"), "route", allow_mode_override=True,
+                                 mutation_rules={"disallow_system": True},
+                                 metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}})
+    return [{"name": ROUTE_FILTER, "typed_config": route_filter},
+            {"name": USAGE_FILTER, "typed_config": _ext_proc(lay, ("SEND", "NONE", "SEND", "STREAMED"), "usage",
+                                                             observability_mode=True)}]
+
+
+def router_headers(lay: EnvoyLayout) -> list[str]:
+    return ServiceSettings(pool_header=lay.pool_header, header_prefix=lay.header_prefix).router_headers()
+
+
+def header_strip(lay: EnvoyLayout) -> dict:
+    """The early header mutation that removes every client copy of the router's headers before
+    the route is chosen (an HTTP filter would run after the route is cached)."""
+    return {"name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                "mutations": [{"remove": h} for h in router_headers(lay)]}}
+
+
+def request_ends_log(lay: EnvoyLayout) -> list[dict]:
+    """With ext_authz, a check does not see its request end; Envoy's gRPC access log tells the
+    router, in batches, which decision ids have ended (in-flight counts, spillover). The ext_proc
+    routing stream ends with the request: nothing to log."""
+    if lay.routing_filter != "ext_authz":
+        return []
+    decision_header = f"{lay.header_prefix}decision"
+    return [{
+        "name": "envoy.access_loggers.http_grpc",
+        "filter": {"header_filter": {"header": {"name": decision_header, "present_match": True}}},
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+            "common_config": {"log_name": "extproc.ends", "transport_api_version": "V3",
+                              "grpc_service": {"envoy_grpc": {"cluster_name": lay.router_cluster}},
+                              "buffer_flush_interval": "0.05s", "buffer_size_bytes": 16384},
+            "additional_request_headers_to_log": [decision_header]}}]
 
 
 def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
@@ -128,67 +220,21 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
     lay = layout or EnvoyLayout()
     largest = lay.pools[-1][0]
     sample_header = f"{lay.header_prefix}sample"
-    llm_regex = "^(" + "|".join(LLM_PATHS) + ")/?(\\?.*)?$"
+    per_route = per_route_filters(lay)
     routes = []
     for name, _, _ in lay.pools:
         pool_match = {"name": lay.pool_header, "string_match": {"exact": name}}
         routes.append(_route(
             {"prefix": "/", "headers": [pool_match, {"name": sample_header, "string_match": {"exact": "1"}}]},
-            f"pool_{name}", lay.upstream_timeout_s, {}))
+            f"pool_{name}", lay.upstream_timeout_s, per_route["sampled"]))
         routes.append(_route({"prefix": "/", "headers": [pool_match]}, f"pool_{name}",
-                             lay.upstream_timeout_s, {USAGE_FILTER: _disabled()}))
-    routes.append(_route({"safe_regex": {"regex": llm_regex},
+                             lay.upstream_timeout_s, per_route["unsampled"]))
+    routes.append(_route({"safe_regex": {"regex": LLM_PATH_REGEX},
                           "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
-                         f"pool_{largest}", lay.upstream_timeout_s, {USAGE_FILTER: _disabled()}))
-    routes.append(_route({"prefix": "/"}, f"pool_{largest}", lay.upstream_timeout_s,
-                         {ROUTE_FILTER: _disabled(lay.routing_filter), USAGE_FILTER: _disabled()}))
+                         f"pool_{largest}", lay.upstream_timeout_s, per_route["undecided"]))
+    routes.append(_route({"prefix": "/"}, f"pool_{largest}", lay.upstream_timeout_s, per_route["other"]))
 
-    grpc_service = {"envoy_grpc": {"cluster_name": "extproc"}, "timeout": f"{lay.message_timeout_ms / 1000:g}s"}
-
-    def ext_proc(modes: tuple[str, str, str, str], **extra) -> dict:
-        """An ext_proc filter on the router's cluster: (request headers, request body, response
-        headers, response body) modes; fails open, with an explicit message timeout."""
-        keys = ("request_header_mode", "request_body_mode", "response_header_mode", "response_body_mode")
-        return {"@type": _EXT_PROC, "grpc_service": grpc_service, "failure_mode_allow": True,
-                "message_timeout": f"{lay.message_timeout_ms / 1000:g}s",
-                "processing_mode": {**dict(zip(keys, modes)),
-                                    "request_trailer_mode": "SKIP", "response_trailer_mode": "SKIP"},
-                **extra}
-    ours = ServiceSettings(pool_header=lay.pool_header, header_prefix=lay.header_prefix).router_headers()
-    if lay.routing_filter == "ext_authz":
-        names = {"patterns": [{"exact": h} for h in ours]}
-        route_filter = {
-            "@type": _EXT_AUTHZ, "transport_api_version": "V3", "failure_mode_allow": True, "clear_route_cache": True,
-            # partial: a body over the limit reaches the router truncated (unreadable: the largest
-            # pool) instead of being refused with a 413
-            "with_request_body": {"max_request_bytes": _BUFFER_LIMIT, "allow_partial_message": True},
-            # the router needs the path and the body, never the client's credentials
-            "disallowed_headers": {"patterns": [{"exact": h} for h in ("authorization", "proxy-authorization", "cookie")]},
-            "http_service": {
-                "server_uri": {"uri": "http://%s:%d" % lay.router_http_address, "cluster": "extproc_http",
-                               "timeout": f"{lay.message_timeout_ms / 1000:g}s"},
-                "path_prefix": CHECK_PREFIX,
-                "authorization_response": {"allowed_upstream_headers": names, "dynamic_metadata_from_headers": names}},
-        }
-        decision_namespace = AUTHZ_METADATA_NAMESPACE
-        # A check does not see its request end; Envoy's gRPC access log tells the router, in
-        # batches, which decision ids have ended (in-flight counts, spillover).
-        decision_header = f"{lay.header_prefix}decision"
-        ends_log = [{
-            "name": "envoy.access_loggers.http_grpc",
-            "filter": {"header_filter": {"header": {"name": decision_header, "present_match": True}}},
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
-                "common_config": {"log_name": "extproc.ends", "transport_api_version": "V3",
-                                  "grpc_service": {"envoy_grpc": {"cluster_name": "extproc"}},
-                                  "buffer_flush_interval": "0.05s", "buffer_size_bytes": 16384},
-                "additional_request_headers_to_log": [decision_header]}}]
-    else:
-        route_filter = ext_proc(("SEND", "BUFFERED", "SKIP", "NONE"), allow_mode_override=True,
-                                mutation_rules={"disallow_system": True},
-                                metadata_options={"receiving_namespaces": {"untyped": [METADATA_NAMESPACE]}})
-        decision_namespace = METADATA_NAMESPACE
-        ends_log = []  # the routing stream ends with the request
+    decision_namespace = AUTHZ_METADATA_NAMESPACE if lay.routing_filter == "ext_authz" else METADATA_NAMESPACE
     fmt = ("[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%\" %RESPONSE_CODE% "
            "id=%REQ(X-REQUEST-ID)% "
            "%BYTES_RECEIVED% %BYTES_SENT% %DURATION%ms upstream=%UPSTREAM_CLUSTER% "
@@ -204,16 +250,11 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
         "request_timeout": "0s",
         "access_log": [{"name": "envoy.access_loggers.file", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": lay.access_log_path, "log_format": {"text_format_source": {"inline_string": fmt}}}}] + ends_log,
+            "path": lay.access_log_path, "log_format": {"text_format_source": {"inline_string": fmt}}}}]
+        + request_ends_log(lay),
         "route_config": {"name": "pools", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
-        "early_header_mutation_extensions": [{
-            "name": "envoy.http.early_header_mutation.header_mutation",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                "mutations": [{"remove": h} for h in ours]}}],
-        "http_filters": [
-            {"name": ROUTE_FILTER, "typed_config": route_filter},
-            {"name": USAGE_FILTER, "typed_config": ext_proc(("SEND", "NONE", "SEND", "STREAMED"), observability_mode=True)},
+        "early_header_mutation_extensions": [header_strip(lay)],
+        "http_filters": http_filters(lay) + [
             {"name": "envoy.filters.http.router", "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}},
         ],
@@ -225,16 +266,16 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
         for route in routes:
             route["typed_per_filter_config"] = {}
     clusters = [_cluster(f"pool_{name}", host, port) for name, host, port in lay.pools]
-    clusters.append(_cluster("extproc", *lay.router_address, http2=True))
+    clusters.append(_cluster(lay.router_cluster, *lay.router_address, http2=True))
     if with_router and lay.routing_filter == "ext_authz":
-        clusters.append(_cluster("extproc_http", *lay.router_http_address, health_path=HEALTH_PATH.decode()))
+        clusters.append(_cluster(lay.router_http_cluster, *lay.router_http_address, health_path=HEALTH_PATH.decode()))
     return {
-        "admin": {"address": _socket("127.0.0.1", lay.admin_port)},
+        "admin": {"address": _socket(lay.admin_address, lay.admin_port)},
         "static_resources": {
             "listeners": [{
                 "name": "llm",
                 "address": _socket(lay.listen_address, lay.listen_port),
-                "per_connection_buffer_limit_bytes": _BUFFER_LIMIT,
+                "per_connection_buffer_limit_bytes": BUFFER_LIMIT,
                 "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                                 "typed_config": hcm}]}],
             }],
@@ -246,7 +287,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
 def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
                        upstreams: list[str] | tuple[str, ...] = (), message_timeout_ms: int = 1000,
                        listen_address: str = "127.0.0.1", router: str | None = None,
-                       router_http: str | None = None) -> EnvoyLayout:
+                       router_http: str | None = None, admin_address: str = "127.0.0.1") -> EnvoyLayout:
     """The Envoy layout for a router config; ``upstreams`` are ``pool=host:port`` (default:
     127.0.0.1:8001, 8002, … in pool order)."""
     given = {}
@@ -268,7 +309,8 @@ def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
     hhost, _, hport = (router_http or config.service.http_address).rpartition(":")
     if not hhost or not hport.isdigit():
         raise ValueError(f"router HTTP address must be host:port, got {router_http!r}")
-    return EnvoyLayout(listen_address=listen_address, listen_port=listen_port, admin_port=admin_port, router_address=(rhost, int(rport)),
+    return EnvoyLayout(listen_address=listen_address, listen_port=listen_port, admin_address=admin_address,
+                       admin_port=admin_port, router_address=(rhost, int(rport)),
                        router_http_address=(hhost, int(hport)), routing_filter=config.service.routing_filter,
                        upstream_timeout_s=max(1, int(config.service.max_request_s)),
                        pools=tuple(pools), pool_header=config.service.pool_header,
