@@ -6,6 +6,7 @@ Tables for people by default, ``--json`` for machines, ``--plot FILE.png`` for t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import pathlib
@@ -41,6 +42,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--error", default="exact",
                    help="router estimate error: exact | lognormal:BIAS:SD | replay[:REQUESTS.jsonl] "
                         "(replay runs the budget core on real bodies; default: %(default)s)")
+    p.add_argument("--dispatch", choices=sorted(routing.DISPATCH), default="least-requests",
+                   help="instance choice inside a pool: outstanding requests (Envoy's LEAST_REQUEST) or prompt "
+                        "tokens not yet prefilled (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=0.1,
                    help="leading fraction of requests left out of latency statistics (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -145,7 +149,7 @@ def cmd_simulate(args) -> int:
         n_short, n_long = args.short_instances, args.long_instances
         if n_short is None or n_long is None:
             sized = planner.plan(wl, short, long, error=err, seed=args.seed, warmup=args.warmup,
-                                 price_per_gpu_hour=0.0)
+                                 price_per_gpu_hour=0.0, dispatch=args.dispatch)
             n_short = n_short or max(sized.pools[0].instances, 1)
             n_long = n_long or max(sized.pools[1].instances, 1)
             notes.append(f"pool sizes from the SLO planner: short {n_short}, long {n_long}")
@@ -153,15 +157,18 @@ def cmd_simulate(args) -> int:
         spill = [args.spill_at, None] if args.spill_at else None
 
         def factory(inst, w):
-            return routing.TokenBudget(inst, w, ratios=ratios, spill_at=spill)
+            return routing.TokenBudget(inst, w, ratios=ratios, spill_at=spill, dispatch=args.dispatch)
     else:
         n = args.instances
         if n is None:
             n = max(planner.size_pool("homogeneous", wl.subset(wl.total <= long.max_model_len), long,
-                                      planner.SLO(), warmup=args.warmup).instances, 1)
+                                      planner.SLO(), warmup=args.warmup, dispatch=args.dispatch).instances, 1)
             notes.append(f"fleet size from the SLO planner: {n}")
         pools = [sim.PoolSpec("homogeneous", long, n)]
-        factory = routing.LeastLoaded if args.router == "least-loaded" else routing.RoundRobin
+        if args.router == "least-loaded":
+            factory = functools.partial(routing.LeastLoaded, dispatch=args.dispatch)
+        else:
+            factory = routing.RoundRobin
     result = _run_with_progress(wl, pools, factory, args.warmup)
     summary = result.summary()
     summary.update(workload=wl.name, rate=wl.rate, router=args.router, error_model=err.describe(), notes=notes,
@@ -236,7 +243,7 @@ def cmd_plan(args) -> int:
             _fail(f"--sweep takes comma-separated token counts, got {args.sweep!r}")
     with tqdm(desc="sizing (simulations)", unit="sim", disable=None, leave=False) as bar:
         kwargs = dict(slo=slo, error=err, seed=args.seed, price_per_gpu_hour=price, warmup=args.warmup,
-                      on_sim=lambda: bar.update(1))
+                      on_sim=lambda: bar.update(1), dispatch=args.dispatch)
         try:
             plans = planner.sweep(wl, args.hardware, limits, long, **kwargs)
         except ValueError as exc:

@@ -10,6 +10,7 @@ counted, not sized for.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -92,16 +93,17 @@ class Sized:
 
 
 def size_pool(name: str, workload: Workload, profile: InstanceProfile, slo: SLO, *, warmup: float = 0.1,
-              max_instances: int = 20_000, on_sim: Callable[[], None] | None = None) -> Sized:
-    """Fewest instances of ``profile`` serving ``workload`` within ``slo`` (least-loaded dispatch)."""
+              max_instances: int = 20_000, on_sim: Callable[[], None] | None = None,
+              dispatch: str = "least-requests") -> Sized:
+    """Fewest instances of ``profile`` serving ``workload`` within ``slo``, least loaded first."""
+    factory = functools.partial(routing.LeastLoaded, dispatch=dispatch)
     if len(workload) == 0:
         return Sized(name, profile, 0, 0, None)
     cache: dict[int, sim.SimResult] = {}
 
     def run(n: int) -> sim.SimResult:
         if n not in cache:
-            cache[n] = sim.simulate(workload, [sim.PoolSpec(name, profile, n)], routing.LeastLoaded,
-                                    warmup=warmup)
+            cache[n] = sim.simulate(workload, [sim.PoolSpec(name, profile, n)], factory, warmup=warmup)
             if on_sim is not None:
                 on_sim()
         return cache[n]
@@ -184,7 +186,7 @@ def pool_shape(profile: InstanceProfile, max_model_len: int, name: str, max_seqs
 def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, slo: SLO = SLO(),
          error: routing.ErrorModel = routing.ErrorModel(), seed: int = 0, price_per_gpu_hour: float,
          warmup: float = 0.1, on_sim: Callable[[], None] | None = None,
-         homogeneous: Sized | None = None) -> Plan:
+         homogeneous: Sized | None = None, dispatch: str = "least-requests") -> Plan:
     """Size the homogeneous fleet (every instance ``long``) and the two pools for ``workload``.
     ``homogeneous`` reuses a sizing already done for the same workload, long profile and SLO."""
     ratios = error.ratios(len(workload), seed)
@@ -195,11 +197,10 @@ def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, s
     misrouted = to_short & ~truly_fits_short
     too_long = ~fits_long
     servable = fits_long
-    homog = homogeneous or size_pool("homogeneous", workload.subset(servable), long, slo, warmup=warmup,
-                                     on_sim=on_sim)
-    short_sized = size_pool("short", workload.subset(to_short & truly_fits_short), short, slo,
-                            warmup=warmup, on_sim=on_sim)
-    long_sized = size_pool("long", workload.subset(~to_short & servable), long, slo, warmup=warmup, on_sim=on_sim)
+    kw = dict(warmup=warmup, on_sim=on_sim, dispatch=dispatch)
+    homog = homogeneous or size_pool("homogeneous", workload.subset(servable), long, slo, **kw)
+    short_sized = size_pool("short", workload.subset(to_short & truly_fits_short), short, slo, **kw)
+    long_sized = size_pool("long", workload.subset(~to_short & servable), long, slo, **kw)
     model = cost_model(short, long, workload.prompt[servable], workload.output[servable], to_short[servable])
     assumptions = [
         f"instance: {long.model} on {long.gpus} GPU(s) per instance; the same hardware in both pools",
@@ -210,7 +211,9 @@ def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, s
         f"budget = estimated prompt + the request's real output (clients send max_tokens = what they generate); "
         f"estimate error: {error.describe()}",
         f"GPU cost ${price_per_gpu_hour}/GPU-h, {24 * 365} h/yr; GPUs = instances x {long.gpus}",
-        "dispatch inside a pool: least outstanding requests; no spillover when sizing",
+        f"dispatch inside a pool: {dispatch} ("
+        + ("outstanding requests, as Envoy's LEAST_REQUEST" if dispatch == "least-requests"
+           else "prompt tokens not yet prefilled, then outstanding requests") + "); no spillover when sizing",
     ]
     if too_long.any():
         assumptions.append(f"{int(too_long.sum())} requests exceed the long pool's context and are rejected by "

@@ -1,9 +1,11 @@
 """Fleet routers for the simulator and the error the token-budget router makes.
 
 A router picks an instance for each arriving request. ``simulate`` calls ``choose(i)`` on arrival,
-``placed(instance)`` once the request is queued there and ``done(instance)`` when it finishes.
+``placed(instance, prompt_tokens)`` once the request is queued there, ``prefilled(instance, tokens)``
+when prompts finish prefilling and ``done(instance)`` when a request finishes.
 
-* ``RoundRobin`` and ``LeastLoaded`` are the homogeneous baselines;
+* ``RoundRobin`` and ``LeastLoaded`` are the homogeneous baselines; inside a pool, instances are
+  picked by outstanding requests (Envoy's LEAST_REQUEST) or by prompt tokens not yet prefilled;
 * ``TokenBudget`` is the router this project ships, in the simulator's terms: the smallest pool whose
   context holds the *estimated* budget (prompt estimate + output reserve), least loaded within the
   pool, optionally spilling to a larger pool when every instance of the preferred pool is full.
@@ -15,6 +17,7 @@ request to a pool that cannot hold it: vLLM answers 400 and the simulator counts
 
 from __future__ import annotations
 
+import heapq
 import math
 import pathlib
 from dataclasses import dataclass
@@ -24,12 +27,12 @@ import numpy as np
 from extproc.fleet.workload import Workload
 
 
-class LoadIndex:
+class RequestCount:
     """Instances by outstanding requests (a bucket queue): least loaded in O(1); among equals, the one
-    that reached that load first (deterministic, and it spreads work like round robin)."""
+    that reached that load first (deterministic, and it spreads work like round robin). This is what
+    Envoy's LEAST_REQUEST balancer does inside a pool's cluster."""
 
     def __init__(self, members: list) -> None:
-        self.members = members
         self.load: dict[int, int] = {m.idx: 0 for m in members}
         self.buckets: list[dict[int, object]] = [{m.idx: m for m in members}]
         self.low = 0
@@ -44,7 +47,7 @@ class LoadIndex:
         self.least()
         return self.low
 
-    def move(self, inst, delta: int) -> None:
+    def _move(self, inst, delta: int) -> None:
         old = self.load[inst.idx]
         new = old + delta
         self.load[inst.idx] = new
@@ -54,6 +57,72 @@ class LoadIndex:
         self.buckets[new][inst.idx] = inst
         if new < self.low:
             self.low = new
+
+    def placed(self, inst, tokens: int) -> None:
+        self._move(inst, 1)
+
+    def prefilled(self, inst, tokens: int) -> None:
+        pass
+
+    def done(self, inst) -> None:
+        self._move(inst, -1)
+
+
+class PendingPrefill:
+    """Instances by prompt tokens routed there and not yet prefilled, then by outstanding requests.
+
+    A new request's time to first token is mostly the prefill work queued ahead of it; counting
+    requests cannot tell an instance idling from one in the middle of a 100K-token prompt. A
+    token-aware router knows each request's estimate, so it can dispatch on this."""
+
+    def __init__(self, members: list) -> None:
+        self.pending: dict[int, int] = {m.idx: 0 for m in members}
+        self.count: dict[int, int] = {m.idx: 0 for m in members}
+        self.inst = {m.idx: m for m in members}
+        self.heap: list[tuple[int, int, int]] = [(0, 0, m.idx) for m in members]
+        heapq.heapify(self.heap)
+
+    def least(self):
+        heap, pending, count = self.heap, self.pending, self.count
+        while True:
+            p, c, idx = heap[0]
+            if pending[idx] == p and count[idx] == c:
+                return self.inst[idx]
+            heapq.heappop(heap)
+
+    def least_load(self) -> int:
+        return self.count[self.least().idx]
+
+    def _push(self, idx: int) -> None:
+        heap = self.heap
+        if len(heap) > 4 * len(self.inst) + 1024:  # drop stale entries now and then: bounded memory
+            heap[:] = [(self.pending[i], self.count[i], i) for i in self.inst]
+            heapq.heapify(heap)
+        else:
+            heapq.heappush(heap, (self.pending[idx], self.count[idx], idx))
+
+    def placed(self, inst, tokens: int) -> None:
+        self.pending[inst.idx] += tokens
+        self.count[inst.idx] += 1
+        self._push(inst.idx)
+
+    def prefilled(self, inst, tokens: int) -> None:
+        self.pending[inst.idx] -= tokens
+        self._push(inst.idx)
+
+    def done(self, inst) -> None:
+        self.count[inst.idx] -= 1
+        self._push(inst.idx)
+
+
+DISPATCH = {"least-requests": RequestCount, "least-prefill": PendingPrefill}
+
+
+def _dispatch(name: str):
+    try:
+        return DISPATCH[name]
+    except KeyError:
+        raise ValueError(f"unknown dispatch {name!r}; known: {', '.join(DISPATCH)}") from None
 
 
 class RoundRobin:
@@ -66,7 +135,10 @@ class RoundRobin:
         self.next = (k + 1) % self.n
         return k
 
-    def placed(self, inst) -> None:
+    def placed(self, inst, tokens: int) -> None:
+        pass
+
+    def prefilled(self, inst, tokens: int) -> None:
         pass
 
     def done(self, inst) -> None:
@@ -74,19 +146,16 @@ class RoundRobin:
 
 
 class LeastLoaded:
-    """Join the shortest queue: the instance with the fewest outstanding requests."""
+    """One homogeneous pool, least loaded first (``dispatch``: least-requests or least-prefill)."""
 
-    def __init__(self, instances: list, workload: Workload) -> None:
-        self.index = LoadIndex(instances)
+    def __init__(self, instances: list, workload: Workload, dispatch: str = "least-requests") -> None:
+        self.index = _dispatch(dispatch)(instances)
+        self.placed = self.index.placed
+        self.prefilled = self.index.prefilled
+        self.done = self.index.done
 
     def choose(self, i: int) -> int:
         return self.index.least().idx
-
-    def placed(self, inst) -> None:
-        self.index.move(inst, 1)
-
-    def done(self, inst) -> None:
-        self.index.move(inst, -1)
 
 
 @dataclass(frozen=True)
@@ -153,13 +222,13 @@ class TokenBudget:
     that holds its estimate when every instance of the preferred pool has that many."""
 
     def __init__(self, instances: list, workload: Workload, *, ratios: np.ndarray,
-                 spill_at: list[int | None] | None = None) -> None:
+                 spill_at: list[int | None] | None = None, dispatch: str = "least-requests") -> None:
         by_pool: dict[int, list] = {}
         for inst in instances:
             by_pool.setdefault(inst.pool, []).append(inst)
         self.pools = sorted(by_pool.values(), key=lambda members: members[0].profile.max_model_len)
         self.limits = [members[0].profile.max_model_len for members in self.pools]
-        self.index = [LoadIndex(members) for members in self.pools]
+        self.index = [_dispatch(dispatch)(members) for members in self.pools]
         self.index_of = {inst.idx: k for k, members in enumerate(self.pools) for inst in members}
         spill = spill_at or [None] * len(self.pools)
         self.spill_at = [math.inf if s is None else s for s in spill]
@@ -174,7 +243,7 @@ class TokenBudget:
         k = self.preferred[i]
         index = self.index[k]
         inst = index.least()
-        if index.low >= self.spill_at[k]:
+        if self.spill_at[k] != math.inf and index.least_load() >= self.spill_at[k]:
             est = self.estimate[i]
             for j in range(k + 1, len(self.pools)):
                 if self.limits[j] >= est and self.index[j].least_load() < self.spill_at[j]:
@@ -182,8 +251,11 @@ class TokenBudget:
                     return self.index[j].least().idx
         return inst.idx
 
-    def placed(self, inst) -> None:
-        self.index[self.index_of[inst.idx]].move(inst, 1)
+    def placed(self, inst, tokens: int) -> None:
+        self.index[self.index_of[inst.idx]].placed(inst, tokens)
+
+    def prefilled(self, inst, tokens: int) -> None:
+        self.index[self.index_of[inst.idx]].prefilled(inst, tokens)
 
     def done(self, inst) -> None:
-        self.index[self.index_of[inst.idx]].move(inst, -1)
+        self.index[self.index_of[inst.idx]].done(inst)

@@ -183,9 +183,6 @@ class SimResult:
         }
 
 
-Router = Callable[[int], int]  # request index -> instance index, or -1 to reject
-
-
 @dataclass(frozen=True)
 class PoolSpec:
     name: str
@@ -197,8 +194,7 @@ def simulate(workload: Workload, pools: list[PoolSpec], router_factory, *, warmu
              progress: Callable[[int, int], None] | None = None) -> SimResult:
     """Replay ``workload`` through the fleet; every request completes or is counted as rejected.
 
-    ``router_factory(instances, workload)`` returns an object with ``choose(i) -> instance index or -1``
-    and ``done(instance)`` (called when a request routed there finishes). ``warmup`` is the leading
+    ``router_factory(instances, workload)`` returns a router (see ``extproc.fleet.routing``). ``warmup`` is the leading
     fraction of requests left out of latency statistics (the fleet starts empty).
     """
     started = _time.perf_counter()
@@ -294,10 +290,12 @@ def simulate(workload: Workload, pools: list[PoolSpec], router_factory, *, warmu
         steps = inst.steps
         dec = inst.dec
         if inst.group and inst.group_end <= steps:
+            fresh = 0
             for s in inst.group:
                 gen = resume[s] + 1
                 if first[s] != first[s]:  # NaN: the first token of this request
                     first[s] = t
+                    fresh += prompt[s]
                 if gen >= output[s]:
                     complete(s, t)
                     continue
@@ -307,6 +305,7 @@ def simulate(workload: Workload, pools: list[PoolSpec], router_factory, *, warmu
                 heapq.heappush(inst.heap, (fs, s))
             inst.group = []
             inst.group_tokens = 0
+            router.prefilled(inst, fresh)
         heap = inst.heap
         while heap and heap[0][0] <= steps:
             fs, s = heapq.heappop(heap)
@@ -379,7 +378,7 @@ def simulate(workload: Workload, pools: list[PoolSpec], router_factory, *, warmu
             placed[i] = target
             in_system += 1
             inst.outstanding += 1
-            router.placed(inst)
+            router.placed(inst, prompt[i])
             idle = not inst.dec and not inst.group
             was_empty = not inst.waiting
             inst.waiting.append(i)
