@@ -232,10 +232,26 @@ H100_EFF = Efficiency(prefill_mfu=0.36, per_seq_s=6e-5, **_NVIDIA_DENSE)
 MI300X_MOE_EFF = Efficiency(prefill_mfu=0.085, attention_efficiency=0.35, weight_bandwidth=0.8, kv_bandwidth=0.7,
                             step_overhead_s=0.011, per_seq_s=6e-5, activation_bytes_per_gpu=6e9)
 
-HARDWARE: dict[str, tuple[ModelSpec, GPUSpec, int, Efficiency]] = {
+_DERIVED = {
     "llama3-70b-a100": (LLAMA3_70B, A100_80GB, 8, A100_EFF),
     "llama3-70b-h100": (LLAMA3_70B, H100_80GB, 8, H100_EFF),
     "qwen3-235b-mi300x": (QWEN3_235B_FP8, MI300X, 8, MI300X_MOE_EFF),
+}
+
+# The authors' simulator's A100 profile (vllm-sr-sim 0.1.0, fleet_sim/gpu_profiles/profiles.py), in our
+# terms, to show what our simulator says under their assumptions: an iteration costs W = 8 ms plus
+# H = 0.65 ms per sequence scaled by its length / 8,192, i.e. 0.65 ms / 8,192 per KV token; 65,536
+# blocks of 16 tokens; prefill costs other sequences nothing (their prefill only lengthens the
+# request's own service time), which we approximate with a free prefill.
+AUTHORS_A100 = InstanceProfile(
+    name="authors-a100", model=LLAMA3_70B.hf_id, gpus=8, gpu=A100_80GB.name, max_model_len=16, max_num_seqs=1,
+    kv_capacity_tokens=65_536 * 16, prefill_tokens_per_s=1e12, prefill_base_s=0.0, prefill_quadratic_s=0.0,
+    decode_base_s=0.008, decode_per_seq_s=0.0, decode_per_kv_token_s=0.00065 / 8_192,
+)
+
+HARDWARE: dict[str, InstanceProfile] = {
+    **{name: derive_profile(name, *spec, max_model_len=16, max_num_seqs=1) for name, spec in _DERIVED.items()},
+    "authors-a100": AUTHORS_A100,
 }
 
 
@@ -245,14 +261,13 @@ def hardware_profile(hardware: str, *, max_model_len: int, max_num_seqs: int | N
     power of two whose full-length sequences the KV cache holds (the papers' 8K x 128 and 64K x 16 on
     8x A100), capped at ``max_seqs_cap``."""
     try:
-        model, gpu, tp, eff = HARDWARE[hardware]
+        base = HARDWARE[hardware]
     except KeyError:
         raise ValueError(f"unknown hardware {hardware!r}; known: {', '.join(HARDWARE)}") from None
-    probe = derive_profile(hardware, model, gpu, tp, eff, max_model_len=16, max_num_seqs=1)
     if max_num_seqs is None:
-        fit = max(1, probe.kv_capacity_tokens // max_model_len)
+        fit = max(1, base.kv_capacity_tokens // max_model_len)
         max_num_seqs = min(max_seqs_cap, 1 << (fit.bit_length() - 1))
-    return dataclasses.replace(probe, name=name or hardware, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
+    return dataclasses.replace(base, name=name or hardware, max_model_len=max_model_len, max_num_seqs=max_num_seqs)
 
 
 # Per-GPU prices for the cost model: the papers' A100 and MI300X figures; H100 has no paper figure.

@@ -175,14 +175,6 @@ class Plan:
         }
 
 
-def pool_shape(profile: InstanceProfile, max_model_len: int, name: str, max_seqs_cap: int = 512) -> InstanceProfile:
-    """The instance reconfigured for a context limit: the largest power-of-two batch whose full-length
-    sequences the KV cache holds (the paper's 8K x 128 and 64K x 16 on 8x A100), capped."""
-    fit = max(1, profile.kv_capacity_tokens // max_model_len)
-    seqs = min(max_seqs_cap, 1 << (fit.bit_length() - 1))
-    return replace(profile, name=name, max_model_len=max_model_len, max_num_seqs=seqs)
-
-
 def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, slo: SLO = SLO(),
          error: routing.ErrorModel = routing.ErrorModel(), seed: int = 0, price_per_gpu_hour: float,
          warmup: float = 0.1, on_sim: Callable[[], None] | None = None,
