@@ -145,3 +145,33 @@ def _trace_or_skip(name: str) -> workload.Trace:
         return workload.load_trace(name)
     except workload.TraceUnavailable as exc:
         pytest.skip(f"shared traces absent: {exc}")
+
+
+def test_dispatch_by_pending_prefill_avoids_instances_busy_with_long_prompts():
+    trace = _trace_or_skip("mooncake")
+    wl = workload.from_trace(trace, rate=10, count=4_000)
+    prof = profile_named("long").with_overrides(max_model_len=131_072, max_num_seqs=8)
+    indexes = []
+
+    def factory(dispatch):
+        def make(inst, w):
+            router = routing.LeastLoaded(inst, w, dispatch=dispatch)
+            indexes.append(router.index)
+            return router
+        return make
+
+    by_count = sim.simulate(wl, [sim.PoolSpec("p", prof, 60)], factory("least-requests"))
+    by_tokens = sim.simulate(wl, [sim.PoolSpec("p", prof, 60)], factory("least-prefill"))
+    assert (by_tokens.status == sim.DONE).all() and (by_count.status == sim.DONE).all()
+    # The wait beyond a prompt's own prefill is what dispatch can change.
+    from extproc.fleet.plan import SLO
+
+    def wait_p99(res):
+        return np.percentile(SLO().ttft_measure(res, prof)[res.measured()], 99)
+    assert wait_p99(by_tokens) < 0.8 * wait_p99(by_count)
+    # Every prompt routed was prefilled and every request finished: the index is back to zero.
+    tokens_index = indexes[1]
+    assert set(tokens_index.pending.values()) == {0} and set(tokens_index.count.values()) == {0}
+    assert set(indexes[0].load.values()) == {0}
+    with pytest.raises(ValueError, match="unknown dispatch"):
+        routing.LeastLoaded([], wl, dispatch="random")
