@@ -58,8 +58,11 @@ def register(sub) -> None:
     p.add_argument("--short-instances", type=int, help="short pool size (default: sized for the SLO)")
     p.add_argument("--long-instances", type=int, help="long pool size (default: sized for the SLO)")
     p.add_argument("--instances", type=int, help="homogeneous fleet size (default: sized for the SLO)")
-    p.add_argument("--spill-at", type=int, help="spill to the long pool when every short instance has this "
-                   "many requests outstanding (default: no spillover)")
+    p.add_argument("--pool", action="append", default=[], metavar="CONTEXT:INSTANCES",
+                   help="N pools instead of --short/--long: repeat, e.g. --pool 4096:40 --pool 16384:60 "
+                        "--pool 65536:10 (each shaped by --hardware for its context)")
+    p.add_argument("--spill-at", type=int, help="spill to the next larger pool when every instance of the preferred "
+                   "one has this many requests outstanding (default: no spillover)")
     p.set_defaults(func=cmd_simulate)
     p = sub.add_parser("plan", help="fewest GPUs meeting the SLO: homogeneous against token-budget pools")
     _common(p)
@@ -145,7 +148,23 @@ def cmd_simulate(args) -> int:
     short, long, notes = profiles(args, wl)
     err = error_model(args.error, args.seed)
     ratios = err.ratios(len(wl), args.seed)
-    if args.router == "pools":
+    if args.router == "pools" and args.pool:
+        notes = []  # --short/--long do not apply
+        pools = []
+        for spec in args.pool:
+            try:
+                ctx, count = (int(x) for x in spec.split(":"))
+                prof = hardware_profile(args.hardware, max_model_len=ctx, name=f"{ctx // 1024}K")
+            except ValueError:
+                _fail(f"--pool takes CONTEXT:INSTANCES with a context the hardware holds, got {spec!r}")
+            pools.append(sim.PoolSpec(prof.name, prof.with_overrides(max_num_batched_tokens=args.max_num_batched_tokens),
+                                      count))
+        pools.sort(key=lambda p: p.profile.max_model_len)
+        spill = [args.spill_at] * (len(pools) - 1) + [None] if args.spill_at else None
+
+        def factory(inst, w):
+            return routing.TokenBudget(inst, w, ratios=ratios, spill_at=spill, dispatch=args.dispatch)
+    elif args.router == "pools":
         n_short, n_long = args.short_instances, args.long_instances
         if n_short is None or n_long is None:
             sized = planner.plan(wl, short, long, error=err, seed=args.seed, warmup=args.warmup,

@@ -136,3 +136,12 @@ def test_cli_refuses_bad_input_with_the_reason(args, message):
     out = _cli("simulate", "--instances", "2", "--router", "least-loaded", *args)
     assert out.returncode == 2
     assert message in out.stderr
+
+
+def test_simulate_cli_runs_n_pools():
+    _trace_or_skip("mooncake")
+    doc = json.loads(_cli("simulate", "--trace", "mooncake", "--rate", "20", "--requests", "2000",
+                          "--pool", "8192:20", "--pool", "32768:20", "--pool", "131072:40", "--json").stdout)
+    assert [p["name"] for p in doc["pools"]] == ["8K", "32K", "128K"]
+    assert all(p["requests"] > 0 for p in doc["pools"])
+    assert doc["completed"] + doc["rejected"] == 2000
