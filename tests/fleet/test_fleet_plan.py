@@ -9,19 +9,15 @@ import sys
 import numpy as np
 import pytest
 
+from fleet_helpers import trace_or_skip
+
 from extproc.fleet import cost, plan, routing, sim, workload
 from extproc.fleet.instance import hardware_profile, profile_named
 
 
-def _trace_or_skip(name: str) -> workload.Trace:
-    try:
-        return workload.load_trace(name)
-    except workload.TraceUnavailable as exc:
-        pytest.skip(f"shared traces absent: {exc}")
-
 
 def test_time_scaling_hits_the_rate_and_tiling_keeps_the_lengths():
-    trace = _trace_or_skip("azure-conv")
+    trace = trace_or_skip("azure-conv")
     wl = workload.from_trace(trace, rate=500, count=3 * len(trace.times) + 5)
     assert abs(wl.rate - 500) / 500 < 0.01
     assert np.all(np.diff(wl.arrival) >= 0)
@@ -34,7 +30,7 @@ def test_time_scaling_hits_the_rate_and_tiling_keeps_the_lengths():
 def test_traces_match_the_shared_data_readme():
     # Share of requests <= 8,192 total tokens: code 100%, conv 99.99%, mooncake 53.7%.
     shares = {name: float((t.prompt + t.output <= 8_192).mean())
-              for name, t in ((n, _trace_or_skip(n)) for n in ("azure-code", "azure-conv", "mooncake"))}
+              for name, t in ((n, trace_or_skip(n)) for n in ("azure-code", "azure-conv", "mooncake"))}
     assert shares["azure-code"] == 1.0
     assert 0.9995 < shares["azure-conv"] < 1.0
     assert abs(shares["mooncake"] - 0.537) < 0.001
@@ -59,7 +55,7 @@ def test_alpha_of_load_makes_the_formula_exact_and_alpha_of_count_overstates_it(
 
 
 def test_sizing_returns_the_fewest_instances_that_meet_the_slo():
-    trace = _trace_or_skip("azure-conv")
+    trace = trace_or_skip("azure-conv")
     wl = workload.from_trace(trace, rate=60, count=4_000)
     prof = profile_named("short")
     slo = plan.SLO()
@@ -97,7 +93,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_plan_cli_json_table_and_plot(tmp_path):
-    _trace_or_skip("azure-conv")
+    trace_or_skip("azure-conv")
     png = tmp_path / "sweep.png"
     out = _cli("plan", "--rate", "100", "--requests", "3000", "--sweep", "4096,8192", "--plot", str(png), "--json")
     assert out.returncode == 0, out.stderr
@@ -115,7 +111,7 @@ def test_plan_cli_json_table_and_plot(tmp_path):
 
 
 def test_simulate_cli_reports_each_pool():
-    _trace_or_skip("azure-conv")
+    trace_or_skip("azure-conv")
     out = _cli("simulate", "--rate", "100", "--requests", "3000", "--short-instances", "3", "--long-instances", "1",
                "--error", "lognormal:0.02:0.03")
     assert out.returncode == 0, out.stderr
@@ -139,7 +135,7 @@ def test_cli_refuses_bad_input_with_the_reason(args, message):
 
 
 def test_simulate_cli_runs_n_pools():
-    _trace_or_skip("mooncake")
+    trace_or_skip("mooncake")
     doc = json.loads(_cli("simulate", "--trace", "mooncake", "--rate", "20", "--requests", "2000",
                           "--pool", "8192:20", "--pool", "32768:20", "--pool", "131072:40", "--json").stdout)
     assert [p["name"] for p in doc["pools"]] == ["8K", "32K", "128K"]

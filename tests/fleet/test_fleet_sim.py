@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from fleet_helpers import trace_or_skip
+
 from extproc.fleet import routing, sim, workload
 from extproc.fleet.instance import InstanceProfile, profile_named
 
@@ -61,7 +63,7 @@ def test_mmc_waiting_time_matches_erlang_c(c, rho):
 
 
 def test_littles_law_and_conservation_on_a_real_trace():
-    trace = _trace_or_skip("azure-conv")
+    trace = trace_or_skip("azure-conv")
     wl = workload.from_trace(trace, rate=200, count=20_000)
     pools = [sim.PoolSpec("short", profile_named("short"), 12), sim.PoolSpec("long", profile_named("long"), 8)]
     res = sim.simulate(wl, pools, lambda inst, w: routing.TokenBudget(inst, w, ratios=np.ones(len(w))))
@@ -80,7 +82,7 @@ def test_littles_law_and_conservation_on_a_real_trace():
 
 
 def test_a_seed_reproduces_a_run_and_another_seed_does_not():
-    trace = _trace_or_skip("azure-code")
+    trace = trace_or_skip("azure-code")
 
     def run(seed):
         wl = workload.poisson(trace, rate=100, count=5_000, seed=seed)
@@ -122,7 +124,7 @@ def test_misrouted_requests_are_rejected_by_the_short_pool_not_lost():
 
 
 def test_spillover_moves_load_to_the_long_pool_only_when_the_short_pool_is_full():
-    trace = _trace_or_skip("azure-conv")
+    trace = trace_or_skip("azure-conv")
     wl = workload.from_trace(trace, rate=300, count=6_000)
     pools = [sim.PoolSpec("short", profile_named("short"), 2), sim.PoolSpec("long", profile_named("long"), 6)]
     routers = []
@@ -140,15 +142,9 @@ def test_spillover_moves_load_to_the_long_pool_only_when_the_short_pool_is_full(
     assert spilled.latency()["ttft_s_p99"] < plain.latency()["ttft_s_p99"]
 
 
-def _trace_or_skip(name: str) -> workload.Trace:
-    try:
-        return workload.load_trace(name)
-    except workload.TraceUnavailable as exc:
-        pytest.skip(f"shared traces absent: {exc}")
-
 
 def test_dispatch_by_pending_prefill_avoids_instances_busy_with_long_prompts():
-    trace = _trace_or_skip("mooncake")
+    trace = trace_or_skip("mooncake")
     wl = workload.from_trace(trace, rate=10, count=4_000)
     prof = profile_named("long").with_overrides(max_model_len=131_072, max_num_seqs=8)
     indexes = []
