@@ -249,8 +249,24 @@ def start_stack(stack: Stack) -> Stack:
     return stack
 
 
-def ensure_router(stack: Stack) -> None:
-    """Restart the router if a test killed it, and wait until Envoy routes through it again."""
-    if not router_alive(stack):
+def ensure_router(stack: Stack, timeout: float = 15) -> None:
+    """Restart the router if a test killed it, and wait until Envoy routes through it again: healthy
+    in Envoy's checks and, after a restart, a short request really routed to the short pool (Envoy
+    may still fail open for a moment while its connection to the new router comes up)."""
+    restarted = not router_alive(stack)
+    if restarted:
         start_router(stack)
     stack.wait_router_healthy_in_envoy()
+    if not restarted:
+        return
+    deadline = time.monotonic() + timeout
+    while True:  # bounded by the deadline
+        probe = rid("router-probe")
+        assert post(stack, chat_body("hi", max_tokens=4), probe).status == 200
+        line = access_line(stack, probe)
+        if line.served_by == "short":
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Envoy still not routing through the router {timeout:.0f}s after it was healthy: "
+                               f"{line.raw}")
+        time.sleep(0.05)
