@@ -20,7 +20,7 @@ timed around ``Fleet.run`` alone), and the smallest fleet its DES passes at the 
 ``--corrected`` also the smallest fleet once a slot is held for the full service time.
 
     python3 benchmarks/authors_sim.py [--traces azure-conv ...] [--rate 1000] [--requests 20000]
-                                      [--corrected] [--demo] [--qwen] [--json out.json]
+                                      [--fleets a100 qwen] [--corrected] [--demo] [--json out.json]
 """
 
 from __future__ import annotations
@@ -244,33 +244,42 @@ def _fmt(x: object, spec: str = "") -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _sized(sized: dict, pool: str, unit: int) -> str:
+    """A sized pool's GPUs, or the P99 TTFT floor when no count meets the SLO."""
+    search = sized["searches"][pool]
+    if search.get("infeasible"):
+        return f"≥{search['p99_ttft_floor_s']:.1f}s"
+    return _fmt(search.get("instances") * unit if search.get("instances") is not None else None)
+
+
 def print_table(results: list[dict]) -> None:
     print(f"\nvllm-sr-sim {results[0]['version']} — analytical (its optimizer, CDF input) vs its DES (exact requests)")
     head = (f"{'workload':<24}{'req/s':>7}{'short%':>7} | {'ana homo':>8} {'ana pooled':>11} {'save':>6} "
             f"{'$M/yr':>12} {'ana ms':>7} | {'DES P99 TTFT':>12} {'µs/req':>7} | {'DES homo':>8} "
-            f"{'DES pooled':>11} {'save':>6}")
+            f"{'DES pooled':>12} {'save':>6}")
     corrected = any("des_sized_corrected" in r for r in results)
     if corrected:
-        head += f" | {'fixed homo':>10} {'fixed pooled':>12} {'save':>6}"
+        head += f" | {'fixed homo':>10} {'fixed pooled':>13} {'save':>6}"
     print(head)
     print("-" * len(head))
     for r in results:
-        w, a, d = r["workload"], r["analytical"], r["des_sized"]
+        w, a, d, u = r["workload"], r["analytical"], r["des_sized"], r["gpus_per_unit"]
         label = f"{w['trace']}/{w['profile'].split('-')[0]}"
         check = r["des_check"]["pooled"]
         line = (f"{label:<24}{w['rate']:>7.0f}{100 * r['short_share']:>6.1f}% | {a['homogeneous_gpus']:>8} "
                 f"{a['pooled_gpus'][0]:>5}+{a['pooled_gpus'][1]:<5} {a['savings_pct']:>5.1f}% "
                 f"{a['usd_per_year'][0] / 1e6:>5.1f}→{a['usd_per_year'][1] / 1e6:<5.1f} {a['wall_s'] * 1e3:>7.1f} | "
                 f"{_fmt(check.get('p99_ttft_s'), '>11.2f')}s {_fmt(r['des_us_per_request'], '>7.0f')} | "
-                f"{_fmt(d['homogeneous_gpus'], '>8')} {_fmt(d['pooled_gpus'][0], '>5')}+{_fmt(d['pooled_gpus'][1], '<5')} "
+                f"{_sized(d, 'homogeneous', u):>8} {_sized(d, 'short', u):>5}+{_sized(d, 'long', u):<6}"
                 f"{_fmt(d['savings_pct'], '>5.1f')}%")
         if corrected and "des_sized_corrected" in r:
             c = r["des_sized_corrected"]
-            line += (f" | {_fmt(c['homogeneous_gpus'], '>10')} {_fmt(c['pooled_gpus'][0], '>6')}+"
-                     f"{_fmt(c['pooled_gpus'][1], '<5')} {_fmt(c['savings_pct'], '>5.1f')}%")
+            line += (f" | {_sized(c, 'homogeneous', u):>10} {_sized(c, 'short', u):>6}+"
+                     f"{_sized(c, 'long', u):<6}{_fmt(c['savings_pct'], '>5.1f')}%")
         print(line)
     print("GPU counts are as vllm-sr-sim prices them: its A100 profile counts an 8-GPU instance's KV as one GPU;"
-          " the MI300X rows count 8 GPUs per instance.")
+          " the MI300X rows count 8 GPUs per instance.\n'≥Xs': no count meets the SLO, P99 TTFT stays at X s"
+          " (prefill, not queueing). DES P99 TTFT and µs/req: its DES on its analytical pooled fleet.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -283,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arrivals", choices=("poisson", "trace"), default="poisson")
     parser.add_argument("--corrected", action="store_true", help="also size with the slot held for the full service time")
     parser.add_argument("--demo", action="store_true", help="P99 TTFT vs instance count, as shipped and corrected")
-    parser.add_argument("--qwen", action="store_true", help="add Qwen3-235B FP8 on MI300X (TP8) at 10,000 req/s")
+    parser.add_argument("--fleets", nargs="+", choices=("a100", "qwen"), default=["a100", "qwen"],
+                        help="a100: Llama-3-70B on A100 at --rate; qwen: Qwen3-235B FP8 on MI300X (TP8) at 10x --rate")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per vllm-sr-sim subprocess")
     parser.add_argument("--json", type=pathlib.Path, help="write every number to this file")
     args = parser.parse_args(argv)
@@ -295,10 +305,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIP: {exc}")
         return 0
     workloads = [Workload(t, args.rate, args.requests, args.seed, args.threshold, arrivals=args.arrivals)
-                 for t in args.traces]
-    if args.qwen:
-        workloads += [Workload(t, 10_000.0, args.requests, args.seed, args.threshold, arrivals=args.arrivals,
-                               profile="mi300x-qwen3-235b-fp8") for t in args.traces]
+                 for t in args.traces if "a100" in args.fleets]
+    if "qwen" in args.fleets:
+        # Ten times the rate, ten times the requests: the same simulated window.
+        workloads += [Workload(t, 10 * args.rate, min(MAX_REQUESTS, 10 * args.requests), args.seed, args.threshold,
+                               arrivals=args.arrivals, profile="mi300x-qwen3-235b-fp8") for t in args.traces]
     started = time.monotonic()
     results = [measure(w, args.corrected, args.timeout) for w in workloads]
     print_table(results)
