@@ -175,8 +175,9 @@ def _capped(reqs: list, instances: int) -> list:
     return reqs[: max(2_000, min(len(reqs), CHECK_COST // max(1, instances)))]
 
 
-def measure(w: Workload, corrected: bool = False, timeout_s: float = 900.0) -> dict:
-    """Everything vllm-sr-sim says about one workload (see the module docstring)."""
+def measure(w: Workload, corrected: bool = False, timeout_s: float = 900.0, des_sizing: bool = True) -> dict:
+    """Everything vllm-sr-sim says about one workload (see the module docstring). ``des_sizing=False``
+    skips its DES sizing searches (tens of minutes per workload): analytical sizes and one DES run each."""
     reqs, excluded = requests(w)
     short = [r for r in reqs if r[1] + r[2] <= w.threshold]
     long_ = [r for r in reqs if r[1] + r[2] > w.threshold]
@@ -207,7 +208,8 @@ def measure(w: Workload, corrected: bool = False, timeout_s: float = 900.0) -> d
         "des_us_per_request": (sum(c["des_wall_s"] for c in checks) / sum(c["requests"] for c in checks) * 1e6
                                if checks else None),
     }
-    for key, fix in [("des_sized", False)] + ([("des_sized_corrected", True)] if corrected else []):
+    runs = [("des_sized", False)] + ([("des_sized_corrected", True)] if corrected else [])
+    for key, fix in runs if des_sizing else []:
         sized = {}
         for name, sub, ctx in [("homogeneous", reqs, w.long_ctx), ("short", short, w.threshold),
                                ("long", long_, w.long_ctx)]:

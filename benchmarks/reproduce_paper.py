@@ -50,8 +50,7 @@ CASES = [
 def run_case(case: Case, requests: int) -> dict:
     trace = workload.load_trace(case.trace)
     wl = workload.from_trace(trace, rate=case.rate, count=requests)
-    longest = int(wl.total.max())
-    long_len = max(65_536, 1 << (longest - 1).bit_length())
+    long_len = planner.long_context(wl)
     short = hardware_profile(case.hardware, max_model_len=8_192, name="short")
     long = hardware_profile(case.hardware, max_model_len=long_len, name="long")
     started = time.perf_counter()

@@ -80,36 +80,6 @@ def our_speed(w: authors_sim.Workload, fleet: list[int], hardware: str, repeats:
     return 1e6 * best / len(wl)
 
 
-def theirs_light(w: authors_sim.Workload, timeout_s: float) -> dict:
-    """vllm-sr-sim's analytical sizing and one DES run of each fleet it sizes (the speed measurement),
-    without its DES sizing search (which takes tens of minutes per workload; ``--their-des-sizing``)."""
-    reqs, excluded = authors_sim.requests(w)
-    base = {"profile": w.profile, "threshold": w.threshold, "slo_ttft_s": w.slo_ttft_s,
-            "slo_tpot_s": w.slo_tpot_s, "contexts": [w.threshold, w.long_ctx]}
-    ana = authors_sim.run_driver({**base, "job": "analytical", "rate": w.rate, "long_ctx": w.long_ctx,
-                                  "cdf": authors_sim.length_cdf(reqs, [w.threshold, w.long_ctx])}, timeout_s)
-    homo_n, pooled = ana["homogeneous"]["total"], ana["pooled"]
-    checks = []
-    for pools in ([["all", homo_n, w.long_ctx]],
-                  [["short", max(1, pooled["short"]), w.threshold], ["long", max(1, pooled["long"]), w.long_ctx]]):
-        n = sum(p[1] for p in pools)
-        run = authors_sim.run_driver({**base, "job": "des", "requests": authors_sim._capped(reqs, n),
-                                      "pools": pools}, timeout_s)
-        if "error" not in run:
-            checks.append(run)
-    unit = ana["gpus_per_unit"]
-    return {
-        "gpus_per_unit": unit, "excluded_over_long_ctx": excluded,
-        "analytical": {"homogeneous_gpus": homo_n * unit,
-                       "pooled_gpus": [pooled["short"] * unit, pooled["long"] * unit],
-                       "savings_pct": 100 * (1 - pooled["total"] / homo_n), "wall_s": ana["wall_s"]},
-        "des_check": checks,  # [homogeneous, pooled]
-        "des_sized": {"homogeneous_gpus": None},
-        "des_us_per_request": (sum(c["des_wall_s"] for c in checks) / sum(c["requests"] for c in checks) * 1e6
-                               if checks else None),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--traces", nargs="+", default=["azure-conv", "azure-code", "mooncake"],
@@ -138,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                            profile="mi300x-qwen3-235b-fp8") for t in args.traces]
     rows = []
     for w in workloads:
-        theirs = (authors_sim.measure(w, args.corrected, args.timeout) if args.their_des_sizing
-                  else theirs_light(w, args.timeout))
+        theirs = authors_sim.measure(w, args.corrected, args.timeout, des_sizing=args.their_des_sizing)
         hw = OUR_HARDWARE[w.profile]
         faithful = ours(w, hw)
         same_constants = ours(w, "authors-a100") if w.profile == "a100-llama3-70b" else None
@@ -147,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         fleets = [[theirs["analytical"]["homogeneous_gpus"] // unit],
                   [g // unit for g in theirs["analytical"]["pooled_gpus"]]]
         speed_profile = "authors-a100" if w.profile == "a100-llama3-70b" else hw
-        checks = theirs["des_check"]
-        checks = list(checks.values()) if isinstance(checks, dict) else checks
+        checks = [theirs["des_check"]["homogeneous"], theirs["des_check"]["pooled"]]
         speed = [{"fleet": f, "theirs": 1e6 * c["des_wall_s"] / c["requests"] if "des_wall_s" in c else None,
                   "requests": c.get("requests"), "ours": our_speed(w, f, speed_profile)}
                  for f, c in zip(fleets, checks)]
@@ -162,9 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(rows: list[dict]) -> None:
-    def inst(n: int | None, per: int) -> str:
-        return "–" if n is None else f"{n:,}"
-
     print("\nInstances (8 GPUs each on A100/MI300X; vllm-sr-sim prices an A100 instance as one GPU), homogeneous → pooled")
     print("| workload | theirs, analytical | theirs, DES-sized | ours (our instance model) | "
           "ours (their A100 constants) | ours: α(1−1/ρ) |")
@@ -173,7 +138,7 @@ def print_table(rows: list[dict]) -> None:
         t, o, c = r["theirs"], r["ours"], r["ours_their_constants"]
         unit = t["gpus_per_unit"]
         a = t["analytical"]
-        d = t["des_sized"]
+        d = t.get("des_sized", {})
 
         def theirs_cell(block: dict) -> str:
             if block.get("homogeneous_gpus") is None:

@@ -120,10 +120,10 @@ def error_model(spec: str, seed: int) -> routing.ErrorModel:
 def profiles(args, wl: workload.Workload) -> tuple[InstanceProfile, InstanceProfile, list[str]]:
     notes = []
     if args.long == "auto":
-        longest = int(wl.total.max())
-        long_len = max(65_536, 1 << (longest - 1).bit_length())
+        long_len = planner.long_context(wl)
         if long_len != 65_536:
-            notes.append(f"long pool context {long_len} (auto): the workload's longest request is {longest} tokens")
+            notes.append(f"long pool context {long_len} (auto): the workload's longest request is "
+                         f"{int(wl.total.max())} tokens")
     else:
         try:
             long_len = int(args.long)
@@ -200,9 +200,8 @@ def cmd_simulate(args) -> int:
     for note in notes:
         print(f"  note: {note}")
     rows = []
-    for pr in result.pools:
-        mask = np.isin(result.instance_of, [i for i, p in enumerate(_pool_index(pools)) if p == pr.name])
-        rows.append(_latency_row(pr.name, pr.instances, result, mask) | {
+    for k, pr in enumerate(result.pools):
+        rows.append(_latency_row(pr.name, pr.instances, result, result.pool_of == k) | {
             "rejected": pr.rejected, "preempted": pr.preemptions, "busy %": 100 * pr.busy,
             "seq util %": 100 * pr.seq_util, "kv util %": 100 * pr.kv_util})
     rows.append(_latency_row("fleet", sum(p.instances for p in pools), result, np.ones(len(wl), bool)) | {
@@ -210,10 +209,6 @@ def cmd_simulate(args) -> int:
     print(table(rows))
     print(f"simulated {len(wl):,} requests in {result.wall_s:.2f} s: {summary['us_per_request']:.1f} µs per request")
     return 0
-
-
-def _pool_index(pools: list[sim.PoolSpec]) -> list[str]:
-    return [spec.name for spec in pools for _ in range(spec.instances)]
 
 
 def _latency_row(name: str, instances: int, result: sim.SimResult, mask: np.ndarray) -> dict:

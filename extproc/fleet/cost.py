@@ -37,9 +37,7 @@ def load_s(profile: InstanceProfile, prompt: np.ndarray, output: np.ndarray, bat
     b = batch or steady_batch(profile, prompt, output)
     kv = b * float(np.mean(prompt + output / 2.0)) if len(prompt) else 0.0
     step = profile.decode_step_s(b, int(kv))
-    n = prompt.astype(float)
-    prefill = profile.prefill_base_s + n / profile.prefill_tokens_per_s + profile.prefill_quadratic_s * n * n
-    return prefill + output * step / b
+    return profile.prefill_s(prompt.astype(float)) + output * step / b
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,9 @@ class InstanceProfile:
 
     # --- timing ---------------------------------------------------------------------------------
 
-    def prefill_s(self, prompt_tokens: int) -> float:
-        n = max(prompt_tokens, 0)
+    def prefill_s(self, prompt_tokens):
+        """Prefill time of a prompt, or elementwise of a numpy array of (non-negative) prompt counts."""
+        n = prompt_tokens if hasattr(prompt_tokens, "shape") else max(prompt_tokens, 0)
         return self.prefill_base_s + n / self.prefill_tokens_per_s + self.prefill_quadratic_s * n * n
 
     def decode_step_s(self, batch: int, kv_tokens: int = 0) -> float:

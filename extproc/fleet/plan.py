@@ -44,9 +44,7 @@ class SLO:
     def ttft_measure(self, result: sim.SimResult, profile: InstanceProfile) -> np.ndarray:
         ttft = result.ttft
         if self.ttft_basis == "queue":
-            n = result.workload.prompt.astype(float)
-            ttft = ttft - (profile.prefill_base_s + n / profile.prefill_tokens_per_s
-                           + profile.prefill_quadratic_s * n * n)
+            ttft = ttft - profile.prefill_s(result.workload.prompt.astype(float))
         return ttft
 
     def met(self, result: sim.SimResult, profile: InstanceProfile) -> bool:
@@ -173,6 +171,11 @@ class Plan:
             "cost_model": self.model.as_dict(), "misrouted": self.misrouted, "too_long": self.too_long,
             "assumptions": self.assumptions,
         }
+
+
+def long_context(workload: Workload, floor: int = 65_536) -> int:
+    """The long pool's context: 64K, or the next power of two holding the workload's longest request."""
+    return max(floor, 1 << (int(workload.total.max()) - 1).bit_length())
 
 
 def plan(workload: Workload, short: InstanceProfile, long: InstanceProfile, *, slo: SLO = SLO(),

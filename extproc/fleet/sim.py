@@ -128,6 +128,7 @@ class SimResult:
 
     workload: Workload
     instance_of: np.ndarray  # int, -1 when rejected before routing to an instance
+    pool_of: np.ndarray  # int, index into ``pools``; -1 when rejected before routing to an instance
     status: np.ndarray  # DONE or REJECTED
     first_token: np.ndarray  # s, NaN when rejected
     finish: np.ndarray  # s, NaN when rejected
@@ -418,13 +419,13 @@ def simulate(workload: Workload, pools: list[PoolSpec], router_factory, *, warmu
         pool_results.append(pr)
     placed_arr = np.array(placed, dtype=np.int64)
     status_arr = np.array(status, dtype=np.int8)
-    pool_of = np.array([x.pool for x in instances] + [-1], dtype=np.int64)
+    pool_of = np.array([x.pool for x in instances] + [-1], dtype=np.int64)[placed_arr]
     for p_idx, pr in enumerate(pool_results):
-        in_pool = pool_of[placed_arr] == p_idx
+        in_pool = pool_of == p_idx
         pr.requests = int((in_pool & (status_arr == DONE)).sum())
         pr.rejected = int((in_pool & (status_arr == REJECTED)).sum())
     return SimResult(
-        workload=workload, instance_of=placed_arr, status=status_arr,
+        workload=workload, instance_of=placed_arr, pool_of=pool_of, status=status_arr,
         first_token=np.array(first), finish=np.array(finish), preempted=np.array(preempted),
         pools=pool_results, little_area=area, horizon_s=horizon,
         wall_s=_time.perf_counter() - started, warmup=int(n * warmup), rejected_reasons=reasons,
