@@ -105,7 +105,7 @@ def run_demo(stack: Stack, rows: list[dict]) -> None:
     spill = _sum(after, "extproc_spillovers_total") - _sum(before, "extproc_spillovers_total")
     reads = {o: int(_sum(after, "extproc_usage_reads_total", outcome=o) - _sum(before, "extproc_usage_reads_total", outcome=o))
              for o in ("json", "stream", "stream_missed", "context_error")}
-    print(f"  misroutes (context-length 400 from a chosen pool): {int(mis)}; spillovers: {int(spill)}")
+    print(f"  misroutes (a pool too small for its request: vLLM refused or clamped it): {int(mis)}; spillovers: {int(spill)}")
     print(f"  usage read from responses: {reads}")
     model = stack.model
     n0 = _sum(before, "extproc_calibration_samples", model=model)

@@ -47,6 +47,8 @@ class Decision:
     fits: tuple[str, ...] = ()  # every pool that can hold the budget, smallest first
     margin: float = 0.0         # relative safety margin of the estimate in the budget
     content_kind: str = ""      # the kind of content whose margin applied ("" where one covers all)
+    requested_output: int | None = None  # the output the body asked for (max_tokens and kin); None: none named
+    prompts: int = 1            # sequences the engine will run (a batched completion has several)
     _prompts: list[Prompt] | None = None
     _family: Family | None = None
 
@@ -141,6 +143,7 @@ class BudgetRouter:
             if bound is not None and bound + out <= smallest.max_context:
                 return Decision(smallest.name, bound, bound + out, REASON_FITS, "bound", output_tokens=out,
                                 model=shape.model, api=shape.api, detail=detail,
+                                requested_output=shape.output_tokens, prompts=len(shape.prompts),
                                 fits=tuple(p.name for p in pools_that_fit(self.pools, bound + out)))
         family = self.family_for(shape.model)
         media = self.settings.media_tokens
@@ -156,7 +159,8 @@ class BudgetRouter:
         return Decision(pool.name, int(round(best_point)), budget, REASON_FITS if fits else REASON_TOO_LARGE,
                         source, output_tokens=out, model=shape.model, api=shape.api, detail=detail,
                         fits=tuple(p.name for p in pools_that_fit(self.pools, budget)), margin=margin,
-                        content_kind=kind, _prompts=shape.prompts, _family=family)
+                        content_kind=kind, requested_output=shape.output_tokens, prompts=len(shape.prompts),
+                        _prompts=shape.prompts, _family=family)
 
     def explain(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> Explanation:
         """What ``route`` decides for a body and why; a dry run that changes no state. Never raises."""

@@ -1,7 +1,7 @@
 """Prometheus metrics of the router, on their own registry and port.
 
-Every label set is bounded: pools come from the config, reasons and sources are fixed sets,
-model labels only name keys the calibrator holds (at most ``max_keys``).
+Every label set is bounded: pools come from the config, reasons, sources and misroute kinds are
+fixed sets, model labels only name keys the calibrator holds (at most ``max_keys``).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ class Metrics:
             ["family"], buckets=_ERROR_BUCKETS, registry=r)
         self.spillovers = Counter("extproc_spillovers", "Requests sent to a larger pool because the "
                                   "preferred one was at its in-flight limit", ["from_pool", "to_pool"], registry=r)
-        self.misroutes = Counter("extproc_misroutes", "Context-length 400s from a pool the router chose",
-                                 ["pool"], registry=r)
-        self.usage = Counter("extproc_usage_reads", "Sampled responses by what their usage told",
-                             ["outcome"], registry=r)
+        self.misroutes = Counter("extproc_misroutes", "Requests sent to a pool that could not hold them, by what "
+                                 "vLLM showed (its kind: prompt_over_window, prompt_fills_window, "
+                                 "output_over_window, output_clamped)", ["pool", "kind"], registry=r)
+        self.usage = Counter("extproc_usage_reads", "Responses read, by what they told", ["outcome"], registry=r)
         self.phase_seconds = Histogram("extproc_processing_seconds", "Router time per ext_proc phase",
                                        ["phase"], buckets=_SECONDS_BUCKETS, registry=r)
         self.usage_streams = Counter("extproc_usage_streams", "Response streams the usage filter opened to the "

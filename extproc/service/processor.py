@@ -7,8 +7,8 @@ One ext_proc ``Process`` method serves both ext_proc filters (see envoy_config.p
   The stream lives until Envoy finishes the HTTP request, so its end is the request's end:
   that is where in-flight counts per pool go down (load-aware spillover needs them);
 * the usage filter's stream (``observability_mode``: Envoy does not wait for us) — only for
-  requests the routing side marked as sampled; it reads ``usage.prompt_tokens`` from the JSON
-  body or the SSE stream, or the exact count of a context-length 400, and feeds the calibrator.
+  requests the routing side marked for reading; it feeds the response's status, content type
+  and bytes to the core's ``ResponseReader`` and hands the facts to ``Router.response_read``.
 
 ``RequestEndsServicer`` reads Envoy's gRPC access log: which ext_authz-checked requests ended.
 
@@ -29,7 +29,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
 
 from ..budget.request import api_for_path
-from ..budget.usage import MAX_JSON_BODY, SSEUsageScanner, UsageEventStripper, usage_from_json
+from ..budget.response import ResponseReader
+from ..budget.stream_usage import UsageEventStripper
 from .envoy_config import METADATA_NAMESPACE
 from .router import Routed, Router
 
@@ -93,9 +94,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         pool = None
         routed: Routed | None = None
         stripper: UsageEventStripper | None = None
+        reader: ResponseReader | None = None
         may_inject = False
-        error_status = 0
-        error_chunks: list[bytes] = []
         chunks: list[bytes] = []
         try:
             req = first
@@ -142,26 +142,22 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
                 elif kind == "response_headers":
                     resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-                    if stripper is not None:
-                        status = _header(req.response_headers, ":status")
-                        ctype = _header(req.response_headers, "content-type") or ""
-                        if status == "200" and "text/event-stream" in ctype:
+                    if stripper is not None and routed is not None:  # an injected stream: read here
+                        hdrs = req.response_headers
+                        reader = ResponseReader(_status(hdrs), _header(hdrs, "content-type") or "")
+                        if hdrs.end_of_stream:
+                            r.learn_from(routed.decision, routed.pool, reader.finish())
+                            reader = stripper = None
+                        elif reader.status == 200 and reader.streamed:
                             resp.mode_override.CopyFrom(_READ_RESPONSE_BODY)
-                        else:  # not a stream: nothing to strip; a 400 may be a context-length misroute
+                        else:  # not a stream: nothing to strip, but a 400 may be a misroute
                             stripper = None
-                            if status == "400" and not req.response_headers.end_of_stream:
-                                error_status = 400
-                                resp.mode_override.CopyFrom(_READ_ERROR_BODY)
+                            resp.mode_override.CopyFrom(_READ_ERROR_BODY)
                     yield resp
                 elif kind == "response_body":
-                    if error_status and routed is not None:
-                        error_chunks.append(req.response_body.body)
-                        if req.response_body.end_of_stream:
-                            r.learn_from(routed.decision, routed.pool, error_status, None,
-                                         b"".join(error_chunks)[:MAX_JSON_BODY], False)
-                        yield pb.ProcessingResponse(response_body=pb.BodyResponse())
-                    else:
-                        yield self._strip_usage(req.response_body, routed, stripper)
+                    yield self._read_response(req.response_body, routed, reader, stripper)
+                    if req.response_body.end_of_stream:
+                        reader = stripper = None
                 elif kind == "response_trailers":
                     yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
                 try:
@@ -172,20 +168,21 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             if pool is not None:
                 r.finished(pool)
 
-    def _strip_usage(self, body: pb.HttpBody, routed: Routed | None,
-                     stripper: UsageEventStripper | None) -> pb.ProcessingResponse:
-        """Response chunks of a stream whose usage the router asked for: usage out, learned."""
-        if stripper is None or routed is None:
+    def _read_response(self, body: pb.HttpBody, routed: Routed | None, reader: ResponseReader | None,
+                       stripper: UsageEventStripper | None) -> pb.ProcessingResponse:
+        """Response chunks the routing stream reads (an injected stream, or its error body): fed
+        to the reader; the usage event the client did not ask for is stripped."""
+        if reader is None or routed is None:
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
         t0 = time.perf_counter()
-        had = stripper.prompt_tokens
-        out = stripper.feed(body.body)
+        reader.feed(body.body)
+        out = body.body
+        if stripper is not None:
+            out = stripper.feed(body.body)
+            if body.end_of_stream:
+                out += stripper.finish()
         if body.end_of_stream:
-            out += stripper.finish()
-        if had is None and stripper.prompt_tokens is not None:
-            self.r.learn_from(routed.decision, routed.pool, 200, stripper.prompt_tokens, None, True)
-        elif body.end_of_stream and stripper.prompt_tokens is None:
-            self.r.metrics.usage.labels("stream_missed").inc()
+            self.r.learn_from(routed.decision, routed.pool, reader.finish())
         self.r.metrics.phase["response"].observe(time.perf_counter() - t0)
         if out == body.body:
             return pb.ProcessingResponse(response_body=pb.BodyResponse())
@@ -209,66 +206,45 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
 
     # -- usage filter (observability mode: replies are never read) ------------------------------
     async def _observe(self, first: pb.ProcessingRequest, rest) -> None:
-        """Read usage as soon as the response has it, then drain the stream without work:
-        Envoy may hold an observability stream open after the response is complete."""
+        """Feed the response to the reader, then hand its facts over; drain the rest without
+        work (Envoy may hold an observability stream open after the response is complete)."""
         r = self.r
         r.metrics.usage_streams.inc()
-        sample_id = None
-        status = None
-        streamed = False
-        scanner: SSEUsageScanner | None = None
-        body: list[bytes] = []
-        size = 0
-        learned = False
+        decision_id = None
+        reader: ResponseReader | None = None
+        done = False
         req = first
         while True:
             kind = req.WhichOneof("request")
-            if learned:
+            if done:
                 pass
             elif kind == "request_headers":
-                sample_id = _header(req.request_headers, r.h["decision"])
-                learned = sample_id not in r.pending  # not sampled (or forgotten): nothing to read
+                decision_id = _header(req.request_headers, r.h["decision"])
+                done = decision_id not in r.pending  # not marked for reading (or forgotten)
             elif kind == "response_headers":
                 hdrs = req.response_headers
-                status_text = _header(hdrs, ":status") or "0"
-                status = int(status_text) if status_text.isdigit() else 0
-                streamed = "text/event-stream" in (_header(hdrs, "content-type") or "")
-                scanner = SSEUsageScanner() if streamed and status == 200 else None
+                reader = ResponseReader(_status(hdrs), _header(hdrs, "content-type") or "")
                 if hdrs.end_of_stream:
-                    r.learn(sample_id, status, None, None, streamed)
-                    learned = True
-            elif kind == "response_body":
+                    r.response_read(decision_id, reader.finish())
+                    done = True
+            elif kind == "response_body" and reader is not None:
                 t0 = time.perf_counter()
-                chunk = req.response_body.body
-                eos = req.response_body.end_of_stream
-                if scanner is not None:
-                    found = scanner.feed(chunk)
-                    if found is None and eos:
-                        found = scanner.finish()
-                    if found is not None or eos:
-                        r.learn(sample_id, status, found, None, streamed)
-                        learned = True
-                else:
-                    if size + len(chunk) <= MAX_JSON_BODY:
-                        body.append(chunk)
-                        size += len(chunk)
-                    if eos:
-                        raw = b"".join(body)
-                        tokens = usage_from_json(raw) if status == 200 else None
-                        r.learn(sample_id, status, tokens, raw if status == 400 else None, streamed)
-                        learned = True
+                reader.feed(req.response_body.body)
+                if req.response_body.end_of_stream:
+                    r.response_read(decision_id, reader.finish())
+                    done = True
                 r.metrics.phase["response"].observe(time.perf_counter() - t0)
             try:
                 req = await anext(rest)
             except StopAsyncIteration:
                 break
-        if not learned and sample_id:  # the stream ended before the response did (client gone)
-            if scanner is not None:
-                r.learn(sample_id, status, scanner.finish(), None, streamed)
-            else:
-                raw = b"".join(body)
-                r.learn(sample_id, status, usage_from_json(raw) if status == 200 else None,
-                        raw if status == 400 else None, streamed)
+        if not done and reader is not None:  # the stream ended before the response did (client gone)
+            r.response_read(decision_id, reader.finish())
+
+
+def _status(headers: pb.HttpHeaders) -> int:
+    text = _header(headers, ":status") or ""
+    return int(text) if text.isdigit() else 0
 
 
 class RequestEndsServicer(als_pb2_grpc.AccessLogServiceServicer):

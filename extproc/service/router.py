@@ -1,5 +1,6 @@
 """The router's state between the protocols: pool choice with load-aware spillover, which
-responses to read for usage, in-flight counts per pool, and what a response teaches.
+responses to read, in-flight counts per pool, and what a response teaches: its usage, and
+whether its request was misrouted (extproc.budget.response judges; this counts and learns).
 
 Both routing filters call it (service/check.py for ext_authz, service/processor.py for ext_proc);
 it knows no protocol. Runs on the event loop only: nothing here is shared with worker threads.
@@ -16,7 +17,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from ..budget import BudgetRouter, Decision, Explanation, Pool
-from ..budget.usage import parse_context_error, with_stream_usage
+from ..budget.response import ResponseFacts, judge
+from ..budget.stream_usage import with_stream_usage
 from ..config import PROVENANCE, ServiceSettings
 from .metrics import Metrics
 
@@ -24,7 +26,9 @@ log = logging.getLogger("extproc.service")
 
 
 @dataclass(slots=True)
-class _Sampled:
+class _Awaited:
+    """A decision whose response will be read."""
+
     decision: Decision
     pool: str
 
@@ -37,8 +41,8 @@ class Routed:
     pool: str
     spilled_from: str | None = None
     decision_id: str | None = None      # names the request to the usage filter and the access-log stream
-    sampled: bool = False               # its usage is read (the usage filter runs on its route)
-    new_body: bytes | None = None       # include_usage injected: the routing stream reads usage
+    read: bool = False                  # its response is read (the usage filter runs on its route)
+    new_body: bytes | None = None       # include_usage injected: the routing stream reads the response
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +64,7 @@ class Placement:
 
 
 class Router:
-    """Decisions, in-flight counts and the sampled decisions awaiting their responses."""
+    """Decisions, in-flight counts and the decisions awaiting their responses."""
 
     def __init__(self, budget: BudgetRouter, settings: ServiceSettings, metrics: Metrics) -> None:
         self.budget = budget
@@ -70,7 +74,7 @@ class Router:
         self.largest = budget.pools[-1].name
         self.inflight = {p.name: 0 for p in budget.pools}
         metrics.watch_inflight(lambda: self.inflight)
-        self.pending: OrderedDict[str, _Sampled] = OrderedDict()
+        self.pending: OrderedDict[str, _Awaited] = OrderedDict()
         self.open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # checked requests not yet ended
         self._ids = itertools.count(1)
         # unique per process start: a restarted router (pid 1 again in a container) or a replica
@@ -109,17 +113,21 @@ class Router:
         loads = tuple(PoolLoad(p, self.inflight[p.name], self.s.spillover_limit(p.name)) for p in self.pools)
         return Placement(explanation, pool, spilled_from, self.s.shadow, loads)
 
-    def wants_sample(self, d: Decision, pool: str) -> bool:
-        """Read this response's usage? Every one while the model calibrates; after that a share
-        (``usage_sample_rate``), plus every budget near its pool's capacity (misroutes can only
-        come from those) — all under a cap per second, since each read costs a gRPC stream."""
+    def at_risk(self, d: Decision, pool: str) -> bool:
+        """Could this request not fit the pool it goes to? Only where a larger pool exists and
+        nothing proved the fit: the size bound (source ``bound``) is a true upper bound, the
+        estimate is not. Every such response is read, so that every misroute is counted."""
+        return pool != self.largest and d.reason == "fits" and d.source != "bound"
+
+    def wants_read(self, d: Decision, pool: str) -> bool:
+        """Read this response? Every one at risk of a misroute (``at_risk``), every one while the
+        model calibrates; after that a share (``usage_sample_rate``) under a cap per second,
+        since each read costs a gRPC stream."""
         if d.reason == "unreadable" or not d.model:
             return False
-        if self.budget.estimator.samples(d.model) < self.s.calibration_samples:
+        if self.at_risk(d, pool) or self.budget.estimator.samples(d.model) < self.s.calibration_samples:
             return True
-        capacity = self._capacity[pool]
-        near = d.reason == "fits" and d.budget_tokens >= 0.85 * capacity
-        if not near and self._rng.random() >= self.s.usage_sample_rate:
+        if self._rng.random() >= self.s.usage_sample_rate:
             return False
         return self._take_sample_token()
 
@@ -162,18 +170,19 @@ class Router:
         The request's end comes back one of two ways: the ext_proc routing stream ends with the
         request (the caller then calls ``finished``), or, for ext_authz checks
         (``ended_by_log``), Envoy's access-log stream names the decision id (``request_ended``)."""
-        sample = self.wants_sample(d, d.pool)
-        if sample and d.source == "bound":  # its usage will be read: the calibrator needs the estimate
-            d = self.budget.route(body, path)
         pool, spilled_from = self.choose(d)
+        read = self.wants_read(d, pool)
+        if read and d.source == "bound":  # its usage will be learned: the calibrator needs the estimate
+            d = self.budget.route(body, path)
+            pool, spilled_from = self.choose(d)
         out = Routed(d, pool, spilled_from)
-        if sample:
+        if read:
             if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
                 out.new_body = with_stream_usage(body)
             if out.new_body is None:
-                out.sampled = True
+                out.read = True
                 out.decision_id = self._new_id()
-                self.pending[out.decision_id] = _Sampled(d, pool)
+                self.pending[out.decision_id] = _Awaited(d, pool)
                 while len(self.pending) > self.s.max_pending:
                     self.pending.popitem(last=False)
         m = self.metrics
@@ -216,7 +225,7 @@ class Router:
                   (h["estimate"], str(d.prompt_tokens)), (h["source"], d.source), (h["reason"], d.reason)]
         if routed.decision_id:
             values.append((h["decision"], routed.decision_id))
-        if routed.sampled:
+        if routed.read:
             values.append((h["sample"], "1"))
         if self.s.shadow:
             values.append((h["shadow"], d.pool))
@@ -237,32 +246,44 @@ class Router:
         self.inflight[pool] -= 1
 
     # -- response side -------------------------------------------------------------------------
-    def learn(self, sample_id: str | None, status: int | None, prompt_tokens: int | None,
-              error_body: bytes | None, streamed: bool) -> None:
-        sampled = self.pending.pop(sample_id, None) if sample_id else None
-        if sampled is not None:
-            self.learn_from(sampled.decision, sampled.pool, status, prompt_tokens, error_body, streamed)
+    def response_read(self, decision_id: str | None, facts: ResponseFacts) -> None:
+        """The usage filter read the response of a request marked for reading."""
+        awaited = self.pending.pop(decision_id, None) if decision_id else None
+        if awaited is not None:
+            self.learn_from(awaited.decision, awaited.pool, facts)
 
-    def learn_from(self, d: Decision, pool: str, status: int | None, prompt_tokens: int | None,
-                   error_body: bytes | None, streamed: bool) -> None:
+    def learn_from(self, d: Decision, pool: str, facts: ResponseFacts) -> None:
+        """Count what a response shows (a misroute of its kind, the usage read) and learn the
+        prompt's true count where the response states it."""
         m = self.metrics
-        if status == 200:
-            if prompt_tokens is None:
-                m.usage.labels("stream_missed" if streamed else "json_missed").inc()
+        miss = judge(facts, self._capacity[pool], d.requested_output, d.prompts)
+        if miss is not None and pool != self.largest:  # the largest pool is where nothing else fits
+            m.child(m.misroutes, pool, miss.kind).inc()
+            log.warning("misroute: kind=%s pool=%s model_key=%s budget=%d estimate=%d vllm_prompt=%s%s limit=%d",
+                        miss.kind, pool, d.model[:64], d.budget_tokens, d.prompt_tokens,
+                        "?" if miss.prompt_tokens is None else miss.prompt_tokens, "" if miss.exact else "+",
+                        self._capacity[pool])
+        if facts.status == 200:
+            if facts.prompt_tokens is None:
+                m.usage.labels("stream_missed" if facts.streamed else "json_missed").inc()
                 return
-            m.usage.labels("stream" if streamed else "json").inc()
-            err = self.budget.observe(d, prompt_tokens)
-            if err is not None and d._family is not None:
-                m.estimate_error.labels(d._family.name).observe(err)
+            m.usage.labels("stream" if facts.streamed else "json").inc()
+            self._learn(d, facts.prompt_tokens)
             return
-        ctx = parse_context_error(error_body) if status == 400 and error_body else None
-        if ctx is None:
+        if miss is None:
             m.usage.labels("other_status").inc()
             return
         m.usage.labels("context_error").inc()
-        if d.reason == "fits":  # a too_large request was sent where it had the best chance
-            m.misroutes.labels(pool).inc()
-        log.warning("misroute: pool=%s model_key=%s budget=%d vllm_prompt=%d%s limit=%d", pool,
-                    d.model[:64], d.budget_tokens, ctx.prompt_tokens, "" if ctx.exact else "+", ctx.max_context)
-        if ctx.exact:
-            self.budget.observe(d, ctx.prompt_tokens)
+        if miss.prompt_tokens is None:
+            return
+        if miss.exact:
+            self._learn(d, miss.prompt_tokens)
+        elif miss.prompt_tokens > d.prompt_tokens:
+            # "at least N": the truth is N or more. Learned only where it is above the estimate,
+            # so it can move the estimate towards the truth and never past it.
+            self._learn(d, miss.prompt_tokens)
+
+    def _learn(self, d: Decision, prompt_tokens: int) -> None:
+        err = self.budget.observe(d, prompt_tokens)
+        if err is not None and d._family is not None:
+            self.metrics.estimate_error.labels(d._family.name).observe(err)

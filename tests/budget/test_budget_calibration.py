@@ -330,3 +330,21 @@ def test_restore_into_a_smaller_table_stays_bounded(estimator):
     d = b.route(chat("hello there", "a-new-name"))
     b.observe(d, d.prompt_tokens + 1)
     assert len(b.estimator.table.states) <= 8
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda v: v.update(theta=[float("nan")] * len(v["theta"])),
+    lambda v: v.update(errors=[]),
+    lambda v: v["margins"].update(prose=float("inf")),
+    lambda v: v.update(P="x"),
+])
+def test_corrupt_snapshots_are_refused_not_half_restored(corrupt):
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hello there " * 300}]})
+    router = BudgetRouter()
+    router.observe(router.route(body), 1000)
+    doc = json.loads(json.dumps(router.snapshot()))
+    corrupt(doc["keys"]["m"])
+    fresh = BudgetRouter()
+    with pytest.raises((ValueError, TypeError, KeyError, AttributeError)):
+        fresh.restore(doc)
+    assert fresh.route(body).budget_tokens > 1024  # still estimating from the prior, not from NaN

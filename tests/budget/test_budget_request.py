@@ -334,3 +334,19 @@ def test_path_query_and_trailing_slash():
 
 def test_model_name_truncated():
     assert read_request(body({**BASE, "model": "m" * 1000})).model == "m" * 200
+
+
+@pytest.mark.parametrize("part_type", [["text"], {"a": 1}, 3, None])
+def test_content_part_type_of_any_json_type_routes(router, part_type):
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": [{"type": part_type, "text": "hi"}]}]})
+    d = router.route(body)
+    assert (d.reason, d.pool) == ("fits", "short")
+    d = router.route(orjson.dumps({"model": "m", "input": [{"content": [{"type": part_type}]}]}), "/v1/responses")
+    assert d.reason in ("fits", "unreadable")
+
+
+@pytest.mark.parametrize("field", ["previous_response_id", "conversation"])
+def test_responses_continuing_stored_state_go_to_the_largest_pool(router, field):
+    d = router.route(orjson.dumps({"model": "m", "input": "and then?", field: "resp_123"}), "/v1/responses")
+    assert (d.pool, d.reason) == ("long", "unreadable")
+    assert "stored state" in d.detail

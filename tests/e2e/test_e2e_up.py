@@ -21,7 +21,7 @@ def test_up_demo_reports_pools_misroutes_and_calibration(tmp_path):
     short = int(re.search(r"routed to short\s+(\d+)", text).group(1))
     long_ = int(re.search(r"routed to long\s+(\d+)", text).group(1))
     assert short > 0 and long_ > 0, text  # both pools used: short prompts and the stacked long ones
-    assert re.search(r"misroutes \(context-length 400 from a chosen pool\): 0;", text), text
+    assert re.search(r"misroutes \(a pool too small for its request: vLLM refused or clamped it\): 0;", text), text
     before, after = map(int, re.search(r"samples (\d+) -> (\d+)", text).groups())
     assert after > before, text  # calibration learned from the responses
     # everything it started is gone

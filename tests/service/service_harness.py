@@ -77,7 +77,10 @@ class Harness:
         return self.service.metrics.registry
 
     def value(self, name: str, **labels) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
+        """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
+        want = set(labels.items())
+        return sum(s.value for metric in self.registry.collect() for s in metric.samples
+                   if s.name == name and want <= set(s.labels.items()))
 
     def samples(self, model: str = MODEL) -> int:
         return self.service.budget.estimator.samples(model)

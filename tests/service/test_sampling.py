@@ -1,5 +1,6 @@
-"""Which responses the router reads for usage: all while a model calibrates, then a share plus the
-budgets near a pool's capacity, under a cap per second."""
+"""Which responses the router reads: every one that could show a misroute (sent to a smaller pool
+on an estimate, not proven by the size bound), all while a model calibrates, then a share under a
+cap per second."""
 
 from __future__ import annotations
 
@@ -18,46 +19,48 @@ def _router(**service) -> Router:
     return Router(BudgetRouter(cfg.budget), cfg.service, Metrics())
 
 
-def _sampled(r: Router, body: bytes, n: int) -> int:
-    return sum(r.decide(body, "/v1/chat/completions", ended_by_log=True).sampled for _ in range(n))
+def _read(r: Router, body: bytes, n: int) -> int:
+    return sum(r.decide(body, "/v1/chat/completions", ended_by_log=True).read for _ in range(n))
 
 
 def test_every_response_is_read_while_calibrating():
     r = _router(calibration_samples=50, usage_sample_rate=0.0, usage_samples_per_s=0.0)
-    assert _sampled(r, chat("hi"), 200) == 200  # nothing learned yet: the model has no samples
+    assert _read(r, chat("hi"), 200) == 200  # nothing learned yet: the model has no samples
 
 
 def test_after_calibration_reads_are_capped_per_second():
     r = _router(calibration_samples=0, usage_sample_rate=1.0, usage_samples_per_s=5.0)
     t0 = time.monotonic()
-    got = _sampled(r, chat("hi"), 2000)
+    got = _read(r, chat("hi"), 2000)
     elapsed = time.monotonic() - t0
     assert 0 < got <= 5.0 * elapsed + 1, (got, elapsed)
 
 
-def test_near_capacity_budgets_bypass_the_share_but_not_the_cap():
-    r = _router(calibration_samples=0, usage_sample_rate=0.0, usage_samples_per_s=1000.0)
-    near = chat(long_text(6400), max_tokens=1024)  # a budget near the short pool's 8,192
-    d = r.budget.route(near, "/v1/chat/completions")
-    assert d.pool == "short" and d.budget_tokens >= 0.85 * 8192, d
-    time.sleep(0.05)  # let the bucket fill a little
-    assert _sampled(r, near, 20) >= 1
-    assert _sampled(r, chat("hi"), 200) == 0  # share 0: far from capacity is never read
+def test_every_request_at_risk_of_a_misroute_is_read_whatever_the_share_and_cap():
+    r = _router(calibration_samples=0, usage_sample_rate=0.0, usage_samples_per_s=0.0)
+    near = chat(long_text(6400), max_tokens=1024)  # the size bound cannot prove it fits the short pool
+    d = r.budget.route(near, "/v1/chat/completions", by_size=True)
+    assert d.pool == "short" and d.source != "bound", d
+    assert _read(r, near, 50) == 50
+    assert _read(r, chat("hi"), 200) == 0  # proven to fit by its size: never misrouted, not read
+    far = chat(long_text(40_000), max_tokens=64)  # the largest pool: nothing larger to send it to
+    assert r.decide(far, "/v1/chat/completions").pool == "long"
+    assert _read(r, far, 20) == 0
 
 
 def test_unread_short_requests_are_decided_by_size_and_read_ones_are_estimated():
     calibrated = _router(calibration_samples=0, usage_sample_rate=0.0, usage_samples_per_s=0.0)
     routed = calibrated.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True)
-    assert routed.decision.source == "bound" and not routed.sampled and routed.pool == "short"
+    assert routed.decision.source == "bound" and not routed.read and routed.pool == "short"
     calibrating = _router()  # every response read until 50 samples: each needs the real estimate
     routed = calibrating.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True)
-    assert routed.sampled and routed.decision.source == "prior"
+    assert routed.read and routed.decision.source == "prior"
     assert calibrating.budget.observe(routed.decision, 20) is not None  # learnable
 
 
 def test_a_cap_of_zero_reads_nothing_after_calibration():
     r = _router(calibration_samples=0, usage_sample_rate=1.0, usage_samples_per_s=0.0)
-    assert _sampled(r, chat("hi"), 100) == 0
+    assert _read(r, chat("hi"), 100) == 0
 
 
 def test_decision_ids_differ_between_router_starts():

@@ -4,7 +4,10 @@ usage (observability-mode) stream, and malformed message sequences."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +19,7 @@ from service_harness import (MODEL, chat, header_map, request_body, request_head
 from service_harness import running as _running
 
 NONE = processing_mode_pb2.ProcessingMode.NONE
+VLLM_DATA = Path(__file__).resolve().parents[2].parent / "shared/data/vllm"
 ROUTER_HEADERS = {"x-token-pool", "x-token-budget", "x-token-estimate", "x-token-source", "x-token-reason",
                   "x-token-sample", "x-token-decision", "x-token-shadow"}
 
@@ -235,7 +239,9 @@ def test_context_length_400_counts_a_misroute_and_learns_the_exact_count(variant
             await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
                               response_headers(400, "application/json"),
                               response_body(err[:50]), response_body(err[50:], eos=True)])
-            assert h.value("extproc_misroutes_total", pool="short") == 1
+            kind = "prompt_over_window" if true_count >= 8192 else "output_over_window"
+            assert h.value("extproc_misroutes_total", pool="short", kind=kind) == 1
+            assert h.value("extproc_misroutes_total") == 1
             assert h.value("extproc_usage_reads_total", outcome="context_error") == 1
             assert h.samples() == 1  # the exact count was learned
             # and it moved the estimate towards the truth for the same body
@@ -244,16 +250,70 @@ def test_context_length_400_counts_a_misroute_and_learns_the_exact_count(variant
     run(scenario())
 
 
-def test_context_length_400_with_a_lower_bound_is_a_misroute_but_not_learned():
+@pytest.mark.parametrize("ratio, learned", [(1.3, 1), (0.7, 0)])
+def test_context_length_400_with_a_lower_bound_is_a_misroute_learned_only_above_the_estimate(ratio, learned):
+    """"At least N" proves the truth is N or more: above the estimate it is learned (it can only
+    move the estimate towards the truth), below it teaches nothing."""
     async def scenario():
         async with running() as h:
             sample_id, hdrs = await _sampled_decision(h, chat(long_text(4_000), max_tokens=16))
-            err = _context_error(int(int(hdrs["x-token-estimate"]) * 1.3), 16, at_least=True)
+            err = _context_error(int(int(hdrs["x-token-estimate"]) * ratio), 16, at_least=True)
             await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
                               response_headers(400, "application/json"), response_body(err, eos=True)])
             assert h.value("extproc_misroutes_total", pool="short") == 1
-            assert h.samples() == 0
+            assert h.samples() == learned
     run(scenario())
+
+
+def _vllm_body(folder: str, case: str) -> tuple[int, str, bytes]:
+    base = VLLM_DATA / folder
+    if not base.is_dir():
+        pytest.skip(f"real vLLM answers not found at {base}")
+    meta = json.loads((base / f"{case}.meta.json").read_text())
+    return meta["status"], meta["headers"]["content-type"], (base / f"{case}.body").read_bytes()
+
+
+@pytest.mark.parametrize("case, kind", [("chat_prompt9000_max64", "prompt_over_window"),
+                                        ("chat_prompt8192_max1", "prompt_fills_window"),
+                                        ("chat_prompt8000_max500", "output_clamped"),
+                                        ("chat_prompt8182_max1", None)])
+def test_real_vllm_answers_count_each_misroute_once_with_its_kind(case, kind):
+    """Real 0.32 bytes through the usage stream: a 400 of each kind, the silent clamp (a 200),
+    and a near-limit 200 that fit. The log line appears exactly when the metric counts."""
+    async def scenario():
+        async with running() as h:
+            max_tokens = int(case.rsplit("max", 1)[1])
+            sample_id, _ = await _sampled_decision(h, chat("What is the capital of France?", max_tokens=max_tokens))
+            status, ctype, body = _vllm_body("errors_8k", case)
+            with _captured_log() as records:
+                await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
+                                  response_headers(status, ctype)]
+                                 + [response_body(body[i:i + 4096], eos=i + 4096 >= len(body))
+                                    for i in range(0, len(body), 4096)])
+            assert h.value("extproc_misroutes_total") == (0 if kind is None else 1)
+            if kind is not None:
+                assert h.value("extproc_misroutes_total", pool="short", kind=kind) == 1
+            lines = [r.getMessage() for r in records if r.getMessage().startswith("misroute:")]
+            assert len(lines) == (0 if kind is None else 1), lines
+            assert all(f"kind={kind}" in line for line in lines)
+    run(scenario())
+
+
+@contextlib.contextmanager
+def _captured_log():
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Keep()
+    logger = logging.getLogger("extproc.service")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_other_400_is_not_a_misroute():
