@@ -24,7 +24,7 @@ from .budget.router import BudgetSettings
 ENV_PREFIX = "EXTPROC_"
 ROUTING_FILTERS = ("ext_authz", "ext_proc")
 OPERATOR_API_MODES = ("read_only", "read_write", "off")
-PROVENANCE = ("budget", "estimate", "source", "reason", "sample", "decision", "shadow", "spilled")
+PROVENANCE = ("budget", "estimate", "source", "reason", "read", "decision", "shadow", "spilled")
 
 
 class ConfigError(ValueError):
@@ -55,10 +55,10 @@ class ServiceSettings:
     snapshot_path: str | None = None      # calibration snapshot: restored at start, saved periodically
     snapshot_interval_s: float = 60.0
     grace_period_s: float = 30.0          # SIGTERM: in-flight streams get this long to finish
-    max_pending: int = 10_000             # sampled decisions awaiting their response
+    max_pending: int = 10_000             # decisions awaiting their response (to be read)
     max_request_s: float = 600.0          # Envoy's upstream timeout: no request runs longer
     offload_bytes: int = 262_144          # bodies above this are routed in a worker thread
-    inject_stream_usage: bool = False     # sampled streams without include_usage: ask for usage, strip it
+    inject_stream_usage: bool = False     # read streams without include_usage: ask for usage, strip it
     # The operator gRPC API on grpc_address: Explain and GetCalibration read; RestoreCalibration
     # replaces the calibration, so it waits for read_write (whoever reaches the port could
     # otherwise steer every estimate).

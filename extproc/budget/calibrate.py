@@ -318,8 +318,8 @@ class FeatureKalman:
             # neither moves the margin (one such sample would switch the short pool off) nor,
             # beyond the clipped step below, the scales.
             st.implausible += 1
-        elif y >= self.s.margin_min_tokens and not any(p.sampled for p in prompts):
-            # (errors of sampled, approximate measurements say nothing about requests near a limit)
+        elif y >= self.s.margin_min_tokens and not any(p.measured_on_sample for p in prompts):
+            # (errors of approximate measurements on a sample of the text say nothing about requests near a limit)
             st.errors.add(error_bucket(g), rel_error, family.margin, self.s.margin_quantile,
                           self.s.margin_prior_weight)
         self._kalman_update(st, family, [v / y for v in g])

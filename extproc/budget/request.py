@@ -45,7 +45,7 @@ class Prompt:
     chat: int = 0                        # 1 when a chat template wraps the prompt
     media: int = 0                       # image/audio/file parts
     tools: int = 0                       # tool/function definitions (the template wraps each)
-    sampled: bool = False                # features measured on a sample of a very long text
+    measured_on_sample: bool = False     # features measured on a sample of a very long text
     exact_tokens: int | None = None      # token-id prompts carry their exact length
     unmeasured: dict[str, str] | None = None  # joined text per kind until measure() (then dropped)
 
@@ -54,7 +54,7 @@ class Prompt:
         if self.unmeasured:
             for kind, joined in self.unmeasured.items():
                 setattr(self, kind, measure(joined))
-                self.sampled |= len(joined) > SAMPLE_CHARS
+                self.measured_on_sample |= len(joined) > SAMPLE_CHARS
         self.unmeasured = None
         return self
 

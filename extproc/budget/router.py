@@ -58,7 +58,7 @@ class Explanation:
     """A decision with every number behind it, for operators (``extproc explain``, the operator
     gRPC API)."""
 
-    decision: Decision               # the full estimate: what a sampled request is routed on
+    decision: Decision               # the full estimate: what a request whose response is read is routed on
     family: str                      # tokenizer family whose priors the estimate starts from ("" if unread)
     calibration_key: str | None      # learned state read: the model's key, the shared overflow key, or None (priors)
     calibration_samples: int         # usage counts that state learned from

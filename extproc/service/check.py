@@ -9,7 +9,7 @@ here about 5x less router CPU than the ext_proc stream (benchmarks/overhead.py).
 
 What it cannot do is see the request end, so in-flight counts (spillover) and include_usage
 injection need the ext_proc routing filter (``service.routing_filter: ext_proc``). The usage filter
-(ext_proc, observability mode, sampled requests only) is the same for both.
+(ext_proc, observability mode, only requests whose response is read) is the same for both.
 
 Never answers anything but 200 to a check: an ext_authz answer of 4xx would be sent to the client.
 A request it cannot read, or any bug, gets a 200 with no pool header — the default route, the

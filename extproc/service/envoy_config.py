@@ -20,10 +20,11 @@ Filter chain (decode order):
      sets the headers. The stream lives until the request ends, which spillover needs.
 3. ``ext_proc`` (usage) in ``observability_mode``: Envoy sends the response headers and body
    chunks without waiting for replies (no added latency). It is enabled only on the routes of
-   requests the router marked as sampled (``<prefix>sample: 1``), so router CPU on the response
-   path is bounded by the sample rate, not by every chunk of every stream.
+   requests the router marked for reading (``<prefix>read: 1``: those at risk of a misroute and a
+   share for calibration), so router CPU on the response path is bounded by that share, not by
+   every chunk of every stream.
 
-Routes: for each pool, a sampled and an unsampled route matching the pool header; LLM paths
+Routes: for each pool, a read and an unread route matching the pool header; LLM paths
 without a pool header (router down, or not yet decided) go to the largest pool; anything else
 goes to the largest pool with both ext_proc filters disabled (no buffering, no gRPC).
 """
@@ -128,10 +129,10 @@ def _disabled(kind: str = "ext_proc") -> dict:
 
 
 def per_route_filters(lay: EnvoyLayout) -> dict[str, dict]:
-    """``typed_per_filter_config`` for each kind of route: ``sampled`` (a pool's route for requests
-    the router marked for a usage read), ``unsampled``, ``undecided`` (an LLM call without a pool
+    """``typed_per_filter_config`` for each kind of route: ``read`` (a pool's route for requests
+    whose response the router reads), ``unread``, ``undecided`` (an LLM call without a pool
     header: router down or slow) and ``other`` (no LLM call: neither filter runs)."""
-    return {"sampled": {}, "unsampled": {USAGE_FILTER: _disabled()}, "undecided": {USAGE_FILTER: _disabled()},
+    return {"read": {}, "unread": {USAGE_FILTER: _disabled()}, "undecided": {USAGE_FILTER: _disabled()},
             "other": {ROUTE_FILTER: _disabled(lay.routing_filter), USAGE_FILTER: _disabled()}}
 
 
@@ -219,16 +220,16 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
     measured against."""
     lay = layout or EnvoyLayout()
     largest = lay.pools[-1][0]
-    sample_header = f"{lay.header_prefix}sample"
+    read_header = f"{lay.header_prefix}read"
     per_route = per_route_filters(lay)
     routes = []
     for name, _, _ in lay.pools:
         pool_match = {"name": lay.pool_header, "string_match": {"exact": name}}
         routes.append(_route(
-            {"prefix": "/", "headers": [pool_match, {"name": sample_header, "string_match": {"exact": "1"}}]},
-            f"pool_{name}", lay.upstream_timeout_s, per_route["sampled"]))
+            {"prefix": "/", "headers": [pool_match, {"name": read_header, "string_match": {"exact": "1"}}]},
+            f"pool_{name}", lay.upstream_timeout_s, per_route["read"]))
         routes.append(_route({"prefix": "/", "headers": [pool_match]}, f"pool_{name}",
-                             lay.upstream_timeout_s, per_route["unsampled"]))
+                             lay.upstream_timeout_s, per_route["unread"]))
     routes.append(_route({"safe_regex": {"regex": LLM_PATH_REGEX},
                           "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]},
                          f"pool_{largest}", lay.upstream_timeout_s, per_route["undecided"]))

@@ -100,7 +100,7 @@ def _docs(*docs: dict) -> str:
 
 def _route_names(pools: list[str]) -> dict[str, list[str]]:
     """VirtualService route names by kind of route (the EnvoyFilter's per-route patches match them)."""
-    return {"sampled": [f"pool-{p}-sampled" for p in pools], "unsampled": [f"pool-{p}" for p in pools],
+    return {"read": [f"pool-{p}-read" for p in pools], "unread": [f"pool-{p}" for p in pools],
             "undecided": ["llm-undecided"], "other": ["other"]}
 
 
@@ -164,7 +164,7 @@ def istio_routing(config: Config, names: ClusterNames) -> list[dict]:
     pools = [p.name for p in config.budget.pools]
     largest = pools[-1]
     header = config.service.pool_header
-    sample = f"{config.service.header_prefix}sample"
+    read = f"{config.service.header_prefix}read"
     route_names = _route_names(pools)
     timeout = f"{names.upstream_timeout_s}s"
 
@@ -172,10 +172,10 @@ def istio_routing(config: Config, names: ClusterNames) -> list[dict]:
         return [{"destination": {"host": names.fqdn(names.pool_service(pool)), "port": {"number": names.pool_port}}}]
 
     http = []
-    for pool, sampled, unsampled in zip(pools, route_names["sampled"], route_names["unsampled"]):
-        http.append({"name": sampled, "match": [{"headers": {header: {"exact": pool}, sample: {"exact": "1"}}}],
+    for pool, read_route, unread_route in zip(pools, route_names["read"], route_names["unread"]):
+        http.append({"name": read_route, "match": [{"headers": {header: {"exact": pool}, read: {"exact": "1"}}}],
                      "route": to(pool), "timeout": timeout})
-        http.append({"name": unsampled, "match": [{"headers": {header: {"exact": pool}}}],
+        http.append({"name": unread_route, "match": [{"headers": {header: {"exact": pool}}}],
                      "route": to(pool), "timeout": timeout})
     http.append({"name": route_names["undecided"][0],
                  "match": [{"uri": {"exact": path}, "method": {"exact": "POST"}} for path in LLM_PATHS],

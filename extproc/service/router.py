@@ -226,7 +226,7 @@ class Router:
         if routed.decision_id:
             values.append((h["decision"], routed.decision_id))
         if routed.read:
-            values.append((h["sample"], "1"))
+            values.append((h["read"], "1"))
         if self.s.shadow:
             values.append((h["shadow"], d.pool))
         if routed.spilled_from:

@@ -12,7 +12,7 @@ from e2e_helpers import access_line, chat_body, post, rid
 def test_prompt_text_is_in_no_log_and_no_metric(stack):
     marker = f"zebra{uuid.uuid4().hex}quokka"
     bodies = [
-        json.dumps(chat_body(f"Please repeat {marker} back to me.", max_tokens=4)).encode(),  # routed, sampled
+        json.dumps(chat_body(f"Please repeat {marker} back to me.", max_tokens=4)).encode(),  # routed, its response read
         json.dumps(chat_body(f"{marker} " * 20000, max_tokens=4)).encode(),                  # long pool
         ('{"model": "' + marker + '", "messages": [{"role": "user", "content": "' + marker).encode(),  # malformed
     ]

@@ -52,7 +52,7 @@ def test_short_prompt_with_large_output_reserve_is_served_by_long(stack):
 def test_spoofed_router_headers_are_ignored(stack):
     """A client cannot pick its pool or fake provenance: the router's values win."""
     spoof = {"x-token-pool": "short", "x-token-budget": "1", "x-token-estimate": "1", "x-token-source": "exact",
-             "x-token-reason": "fits", "x-token-sample": "1", "x-token-decision": "spoofed-id"}
+             "x-token-reason": "fits", "x-token-read": "1", "x-token-decision": "spoofed-id"}
     r = rid("spoof")
     reply = post(stack, chat_body(real_text(12_000), max_tokens=16), r, headers=spoof)
     assert reply.status == 200, reply.body[:300]

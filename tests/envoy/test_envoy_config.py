@@ -72,7 +72,7 @@ def test_bootstrap_fails_open_to_the_largest_pool_and_strips_client_headers(rout
     assert filters == ["extproc.route", "extproc.usage", "envoy.filters.http.router"]
     # removed before the route is chosen (an HTTP filter would run after it is cached)
     removed = {m["remove"] for m in hcm["early_header_mutation_extensions"][0]["typed_config"]["mutations"]}
-    assert {"x-token-pool", "x-token-budget", "x-token-sample", "x-token-decision", "x-token-shadow"} <= removed
+    assert {"x-token-pool", "x-token-budget", "x-token-read", "x-token-decision", "x-token-shadow"} <= removed
     route_filter = hcm["http_filters"][0]["typed_config"]
     assert route_filter["failure_mode_allow"] is True
     if routing_filter == "ext_proc":

@@ -54,7 +54,7 @@ def test_short_and_long_requests_get_their_pool_and_provenance_on_one_kept_alive
             assert hdrs["x-token-pool"] == "short" and hdrs["x-token-reason"] == "fits"
             assert int(hdrs["x-token-budget"]) >= 32 and int(hdrs["x-token-estimate"]) > 0
             assert hdrs["x-token-source"] == "prior"
-            assert hdrs["x-token-sample"] == "1" and hdrs["x-token-decision"]  # uncalibrated: read every response
+            assert hdrs["x-token-read"] == "1" and hdrs["x-token-decision"]  # uncalibrated: read every response
             assert "connection" not in hdrs  # kept alive
             writer.write(_post("/v1/chat/completions", chat(long_text(12_000))))
             status, hdrs, _ = await _read_response(reader)
@@ -186,7 +186,7 @@ def test_the_ext_proc_filter_config_serves_no_check_endpoint():
 
 
 def test_model_calibration_is_shared_with_the_usage_stream():
-    """A check marks the request sampled; the usage filter's stream (gRPC) then learns from it."""
+    """A check marks the request for reading; the usage filter's stream (gRPC) then learns from it."""
     from service_harness import request_headers, response_body, response_headers
 
     async def scenario():

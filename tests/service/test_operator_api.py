@@ -91,7 +91,7 @@ def _assert_same_decision(resp: pb.ExplainResponse, local: BudgetRouter, body: b
 
 
 async def _teach(h, body: bytes, true_tokens: int) -> None:
-    """Calibrate the way a router really learns: a routing stream marks the request as sampled,
+    """Calibrate the way a router really learns: a routing stream marks the request for reading,
     then the usage stream brings the response's usage.prompt_tokens."""
     _, routed = await h.exchange([request_headers(CHAT), request_body(body)])
     sample_id = set_headers(routed).get("x-token-decision")

@@ -21,7 +21,7 @@ from service_harness import running as _running
 NONE = processing_mode_pb2.ProcessingMode.NONE
 VLLM_DATA = Path(__file__).resolve().parents[2].parent / "shared/data/vllm"
 ROUTER_HEADERS = {"x-token-pool", "x-token-budget", "x-token-estimate", "x-token-source", "x-token-reason",
-                  "x-token-sample", "x-token-decision", "x-token-shadow"}
+                  "x-token-read", "x-token-decision", "x-token-shadow"}
 
 
 def running(doc: dict | None = None):
@@ -55,7 +55,7 @@ def test_headers_then_buffered_body():
             assert int(hdrs["x-token-estimate"]) > 0
             assert hdrs["x-token-source"] == "prior"
             assert hdrs["x-token-reason"] == "fits"
-            assert hdrs["x-token-sample"] == "1" and hdrs["x-token-decision"]  # uncalibrated: every response read
+            assert hdrs["x-token-read"] == "1" and hdrs["x-token-decision"]  # uncalibrated: every response read
             assert "x-token-shadow" not in hdrs
             meta = json_format.MessageToDict(resp.dynamic_metadata)["extproc.route"]
             assert meta["pool"] == "short" and meta["decided_pool"] == "short"
@@ -161,9 +161,9 @@ def _sse_with_split_usage(prompt_tokens: int) -> list[bytes]:
     return [raw[:20], raw[20:cut], raw[cut:cut + 4], raw[cut + 4:]]
 
 
-async def _sampled_decision(h, body: bytes) -> tuple[str, dict]:
+async def _read_decision(h, body: bytes) -> tuple[str, dict]:
     hdrs = set_headers(await h.route(body))
-    assert hdrs.get("x-token-sample") == "1", hdrs
+    assert hdrs.get("x-token-read") == "1", hdrs
     return hdrs["x-token-decision"], hdrs
 
 
@@ -171,7 +171,7 @@ def test_observability_stream_feeds_split_sse_usage_into_calibration():
     async def scenario():
         async with running() as h:
             body = chat("Please describe the water cycle for a school report, in three short paragraphs.")
-            sample_id, hdrs = await _sampled_decision(h, body)
+            sample_id, hdrs = await _read_decision(h, body)
             estimate = int(hdrs["x-token-estimate"])
             parts = _sse_with_split_usage(estimate + 3)
             msgs = [request_headers(extra={"x-token-decision": sample_id}, observability=True),
@@ -194,7 +194,7 @@ def test_observability_stream_feeds_split_sse_usage_into_calibration():
 def test_observability_stream_json_body_and_eos_on_headers():
     async def scenario():
         async with running() as h:
-            sample_id, hdrs = await _sampled_decision(h, chat("Name three rivers in Europe and one fact about each."))
+            sample_id, hdrs = await _read_decision(h, chat("Name three rivers in Europe and one fact about each."))
             doc = json.dumps({"id": "x", "object": "chat.completion", "model": MODEL, "choices": [],
                               "usage": {"prompt_tokens": int(hdrs["x-token-estimate"]) + 2,
                                         "completion_tokens": 5, "total_tokens": 9}}).encode()
@@ -205,7 +205,7 @@ def test_observability_stream_json_body_and_eos_on_headers():
             assert h.samples() == 1
 
             # a response without a body (headers end the stream) is counted, not learned
-            sample_id, _ = await _sampled_decision(h, chat("Another question about rivers."))
+            sample_id, _ = await _read_decision(h, chat("Another question about rivers."))
             await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
                               response_headers(200, "application/json", eos=True)])
             assert h.value("extproc_usage_reads_total", outcome="json_missed") == 1
@@ -231,7 +231,7 @@ def _context_error(prompt: int, output: int, limit: int = 8192, at_least: bool =
 def test_context_length_400_counts_a_misroute_and_learns_the_exact_count(variant):
     async def scenario():
         async with running() as h:
-            sample_id, hdrs = await _sampled_decision(h, chat(long_text(4_000), max_tokens=16))
+            sample_id, hdrs = await _read_decision(h, chat(long_text(4_000), max_tokens=16))
             assert hdrs["x-token-pool"] == "short"
             estimate = int(hdrs["x-token-estimate"])
             true_count = int(estimate * 1.3)  # plausible: 30% more than estimated
@@ -256,7 +256,7 @@ def test_context_length_400_with_a_lower_bound_is_a_misroute_learned_only_above_
     move the estimate towards the truth), below it teaches nothing."""
     async def scenario():
         async with running() as h:
-            sample_id, hdrs = await _sampled_decision(h, chat(long_text(4_000), max_tokens=16))
+            sample_id, hdrs = await _read_decision(h, chat(long_text(4_000), max_tokens=16))
             err = _context_error(int(int(hdrs["x-token-estimate"]) * ratio), 16, at_least=True)
             await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
                               response_headers(400, "application/json"), response_body(err, eos=True)])
@@ -283,7 +283,7 @@ def test_real_vllm_answers_count_each_misroute_once_with_its_kind(case, kind):
     async def scenario():
         async with running() as h:
             max_tokens = int(case.rsplit("max", 1)[1])
-            sample_id, _ = await _sampled_decision(h, chat("What is the capital of France?", max_tokens=max_tokens))
+            sample_id, _ = await _read_decision(h, chat("What is the capital of France?", max_tokens=max_tokens))
             status, ctype, body = _vllm_body("errors_8k", case)
             with _captured_log() as records:
                 await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
@@ -319,7 +319,7 @@ def _captured_log():
 def test_other_400_is_not_a_misroute():
     async def scenario():
         async with running() as h:
-            sample_id, _ = await _sampled_decision(h, chat("hi"))
+            sample_id, _ = await _read_decision(h, chat("hi"))
             err = json.dumps({"object": "error", "message": "Invalid JSON in request body", "code": 400}).encode()
             await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
                               response_headers(400, "application/json"), response_body(err, eos=True)])
@@ -392,14 +392,14 @@ def test_response_only_streams_and_garbage_on_the_usage_side():
                               response_body(b"\xff\xfe garbage", eos=False),
                               response_headers(200, "text/event-stream"),
                               response_body(b"data: {not json\n\ndata: {\"usage\": 7}\n\n", eos=True)])
-            sample_id, _ = await _sampled_decision(h, chat("a sampled one"))
+            sample_id, _ = await _read_decision(h, chat("a sampled one"))
             await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
                               pb.ProcessingRequest(response_headers=pb.HttpHeaders(
                                   headers=header_map({":status": "abc"})), observability_mode=True),
                               response_body(b"\x00" * 1000, eos=True)])
             assert h.value("extproc_usage_reads_total", outcome="other_status") == 1
-            # a sampled stream that ends before the response (client gone): learned as missed, not crashed
-            sample_id, _ = await _sampled_decision(h, chat("a sampled one that ends early"))
+            # a read stream that ends before the response (client gone): learned as missed, not crashed
+            sample_id, _ = await _read_decision(h, chat("a sampled one that ends early"))
             await h.send_all([request_headers(extra={"x-token-decision": sample_id}, observability=True),
                               response_headers(200, "text/event-stream"), response_body(b"data: {\"choi")])
             assert h.value("extproc_usage_reads_total", outcome="stream_missed") == 1
