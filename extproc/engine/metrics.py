@@ -1,12 +1,14 @@
-"""Prometheus text exposition (format 0.0.4) of the engine's state, under vLLM's metric names."""
+"""Prometheus text exposition of the engine's state, under vLLM's metric names and labels (vLLM 0.32
+labels every engine metric ``engine="0"`` beside ``model_name``, the first served name; labels sorted
+by name as prometheus_client writes them)."""
 
 from __future__ import annotations
 
 from extproc.engine.scheduler import EngineStats, SequenceScheduler
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+CONTENT_TYPE = "text/plain; version=1.0.0; charset=utf-8"
 
-_FINISH_REASONS = ("stop", "length", "abort")
+_FINISH_REASONS = ("stop", "length", "abort", "error", "repetition")
 
 
 def _label(value: str) -> str:
@@ -15,7 +17,7 @@ def _label(value: str) -> str:
 
 def render(scheduler: SequenceScheduler, model: str) -> str:
     stats: EngineStats = scheduler.stats
-    m = f'model_name="{_label(model)}"'
+    m = f'engine="0",model_name="{_label(model)}"'
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -34,7 +36,8 @@ def render(scheduler: SequenceScheduler, model: str) -> str:
     metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.",
            [(m, stats.generation_tokens_total)])
     metric("vllm:request_success_total", "counter", "Count of successfully processed requests.",
-           [(f'finished_reason="{r}",{m}', stats.request_success_total[r]) for r in _FINISH_REASONS])
+           [(f'engine="0",finished_reason="{r}",model_name="{_label(model)}"', stats.request_success_total[r])
+            for r in _FINISH_REASONS])
     # Not a vLLM metric: requests the simulated engine refused (e.g. context_length 400s, which are
     # misroutes when a router chose this pool).
     reasons = sorted(stats.requests_rejected_total) or ["context_length"]

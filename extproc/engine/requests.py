@@ -1,42 +1,49 @@
-"""Reading OpenAI request bodies the way vLLM does: validation, exact prompt counts, the context check.
+"""Reading request bodies the way vLLM 0.32 does: field validation, the served-model check, exact prompt
+counts and the context-window rules, in vLLM's order (body validation, model 404, max_tokens over the
+window, prompt characters, prompt tokens, the max_tokens that is left).
 
-Pure functions over parsed JSON; no HTTP types. Errors are ``RequestError`` carrying vLLM's status,
-error type and message, so the HTTP layer only has to serialise them.
+Pure functions over parsed JSON; no HTTP types. Errors are ``RequestError`` (``errors``) carrying
+vLLM's status, type, param and wording; the HTTP layer only serialises them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+from extproc.engine import convert
+from extproc.engine.counting import Counted, TemplateError
+from extproc.engine.errors import RequestError, not_found_model, validation_error
+from extproc.engine.jsonbody import require_object
+from extproc.engine.versions import VllmVersion
 
-from extproc import chat_tokens
+MAX_N = 16_384  # vLLM's VLLM_MAX_N_SEQUENCES default
 
 
-class RequestError(Exception):
-    """A request vLLM would refuse, with the status and error type it would answer with."""
+@dataclass(frozen=True)
+class Serving:
+    """What reading a body needs to know about this engine."""
 
-    def __init__(self, message: str, *, status: int = 400, err_type: str = "BadRequestError",
-                 param: str | None = None, reason: str = "bad_request") -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-        self.err_type = err_type
-        self.param = param
-        self.reason = reason  # metrics label: why the engine refused it
+    served: tuple[str, ...]  # served model names; answers carry the first
+    window: int  # max_model_len
+    version: VllmVersion
+    counter: Any  # extproc.engine.counting's counter
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """What the engine needs from one request body: one entry in prompt_tokens per sequence."""
+    """One generation request: a prompt count and a sampling limit per prompt, n sequences each."""
 
-    endpoint: str  # "chat" or "completions"
+    api: str  # "chat", "completions", "responses" or "messages"
     model: str
     prompt_tokens: tuple[int, ...]
-    requested_output_tokens: int | None  # max_completion_tokens, else max_tokens; None when absent
-    stream: bool
-    include_usage: bool
+    limits: tuple[int, ...]  # max_tokens vLLM samples each prompt with (clamped to the window in 0.32+)
+    requested: int | None  # the request's own max_tokens (None: the engine's output policy decides)
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False
+    continuous_usage: bool = False
+    echo: dict = field(default_factory=dict)  # request fields an answer repeats (/v1/responses)
 
 
 @dataclass(frozen=True)
@@ -60,135 +67,277 @@ class OutputPolicy:
         except ValueError:
             raise ValueError(f"output tokens must be a positive integer or 'max', got {text!r}") from None
 
-    def output_tokens(self, requested: int | None, room: int) -> tuple[int, str]:
-        """Tokens to generate and the finish reason vLLM would report."""
-        if requested is not None:
-            return requested, "length"
-        if self.default_tokens is None or self.default_tokens >= room:
-            return room, "length"
+    def output_tokens(self, requested: int | None, limit: int) -> tuple[int, str]:
+        """Tokens to generate and the finish reason, given vLLM's sampling limit for the sequence."""
+        if requested is not None or self.default_tokens is None or self.default_tokens >= limit:
+            return limit, "length"
         return self.default_tokens, "stop"
 
 
-def parse_json(raw: bytes) -> dict:
+# --- the four generation APIs ---------------------------------------------------------------------
+
+
+def read_chat(body: Any, s: Serving) -> GenerationRequest:
+    body = require_object(body)
+    _stream_options_before_validation(body)
+    model = _str_field(body, "model")
+    messages = _list_field(body, "messages", required=True)
+    tools = _list_field(body, "tools")
+    n = _int_field(body, "n")
+    mct, mt = _int_field(body, "max_completion_tokens"), _int_field(body, "max_tokens")
+    stream, include_usage, continuous = _stream_flags(body)
+    _check_model(model, s)
+    n = _check_n(n)
+    requested, param = (mct, "max_completion_tokens") if mct is not None else (mt, "max_tokens")
+    prompt = _chat_prompt(s, messages, tools, requested, param)
+    limit = s.version.output_limit(prompt, requested, s.window)
+    return GenerationRequest("chat", s.served[0], (prompt,), (limit,), requested, n, stream, include_usage,
+                             continuous)
+
+
+def read_completion(body: Any, s: Serving) -> GenerationRequest:
+    body = require_object(body)
+    _stream_options_before_validation(body)
+    model = _str_field(body, "model")
+    prompts = _prompts(body)
+    n = _int_field(body, "n")
+    requested = _int_field(body, "max_tokens")
+    stream, include_usage, continuous = _stream_flags(body)
+    _check_model(model, s)
+    n = _check_n(n)
+    s.version.check_requested(requested, "max_tokens", s.window)
+    counts = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            counts.append(_checked(s, _count(s, lambda stop: s.counter.count_prompt(prompt, stop_after=stop)),
+                                   requested))
+        else:  # token ids go to the model as they are: exact count, no BOS
+            s.version.check_prompt(len(prompt), requested, s.window, exact=True)
+            counts.append(len(prompt))
+    limits = tuple(s.version.output_limit(c, requested, s.window) for c in counts)
+    return GenerationRequest("completions", s.served[0], tuple(counts), limits, requested, n, stream, include_usage,
+                             continuous)
+
+
+def read_responses(body: Any, s: Serving) -> GenerationRequest:
+    body = require_object(body)
+    model = _str_field(body, "model")
+    requested = _int_field(body, "max_output_tokens")
+    stream = _bool_field(body, "stream")
+    messages = convert.responses_to_chat(body)
+    tools = convert.responses_tools(body)
+    _check_model(model, s)
+    prompt = _chat_prompt(s, messages, tools, requested, "max_output_tokens")
+    limit = s.version.output_limit(prompt, requested, s.window)
+    echo = {"max_output_tokens": requested,
+            "temperature": _float_field(body, "temperature", 1.0), "top_p": _float_field(body, "top_p", 1.0)}
+    return GenerationRequest("responses", s.served[0], (prompt,), (limit,), requested, 1, stream, stream, False, echo)
+
+
+def read_messages(body: Any, s: Serving) -> GenerationRequest:
+    body = require_object(body)
+    model = _str_field(body, "model", required=True)
+    _list_field(body, "messages", required=True)
+    requested = _int_field(body, "max_tokens", required=True)
+    stream = _bool_field(body, "stream")
+    messages, tools = convert.anthropic_to_chat(body)
+    _check_model(model, s)
+    prompt = _chat_prompt(s, messages, tools, requested, "max_tokens")
+    limit = s.version.output_limit(prompt, requested, s.window)
+    # vLLM streams /v1/messages as a chat stream with include_usage and continuous_usage_stats
+    return GenerationRequest("messages", s.served[0], (prompt,), (limit,), requested, 1, stream, stream, stream)
+
+
+# --- counting only --------------------------------------------------------------------------------
+
+
+def read_count_tokens(body: Any, s: Serving) -> int:
+    """/v1/messages/count_tokens: the prompt of a Messages request, checked against the window."""
+    body = require_object(body)
+    model = _str_field(body, "model", required=True)
+    _list_field(body, "messages", required=True)
+    messages, tools = convert.anthropic_to_chat(body)
+    _check_model(model, s)
+    return _chat_prompt(s, messages, tools, None, "max_tokens")
+
+
+def read_tokenize(body: Any, s: Serving) -> list[int]:
+    """/tokenize: a chat (``messages``) or a prompt, tokenized whole (no window applies)."""
+    body = require_object(body)
+    model = _str_field(body, "model")
+    if "messages" in body:
+        messages = _list_field(body, "messages", required=True)
+        tools = _list_field(body, "tools")
+        _check_model(model, s)
+        try:
+            return s.counter.encode_chat(messages, tools)
+        except (TemplateError, ValueError) as exc:
+            raise RequestError(str(exc)) from None
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str):
+        raise validation_error("missing" if prompt is None else "string_type", ("body", "prompt"),
+                               "Field required" if prompt is None else "Input should be a valid string",
+                               body if prompt is None else prompt)
+    add_special = _bool_field(body, "add_special_tokens", True)
+    _check_model(model, s)
+    return s.counter.encode_prompt(prompt, add_special)
+
+
+# --- prompts and the window -----------------------------------------------------------------------
+
+
+def _chat_prompt(s: Serving, messages: list, tools: list | None, requested: int | None, param: str) -> int:
+    s.version.check_requested(requested, param, s.window)
+    return _checked(s, _count(s, lambda stop: s.counter.count_chat(messages, tools, stop_after=stop)), requested)
+
+
+def _count(s: Serving, count) -> Counted:
+    # 0.32+ tokenizes a text prompt only to window + 1 (and not at all past the character bound);
+    # older releases counted it whole.
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise RequestError(f"Invalid JSON in request body: {exc}") from None
-    if not isinstance(body, dict):
-        raise RequestError("The request body must be a JSON object.")
-    return body
+        return count(s.window if s.version.clamps_max_tokens else None)
+    except (TemplateError, ValueError, TypeError) as exc:
+        raise RequestError(str(exc)) from None
 
 
-def context_length_message(max_model_len: int, prompt_tokens: int, output_tokens: int) -> str:
-    """vLLM's current (≈ v0.25+) wording for a request longer than the context window."""
-    return (
-        f"This model's maximum context length is {max_model_len} tokens. However, you requested "
-        f"{output_tokens} output tokens and your prompt contains {prompt_tokens} input tokens, for a "
-        f"total of {prompt_tokens + output_tokens} tokens. Please reduce the length of the input "
-        f"prompt or the number of requested output tokens."
-    )
+def _checked(s: Serving, counted: Counted, requested: int | None) -> int:
+    s.version.check_text_length(counted.chars, s.window, s.counter.max_chars_per_token)
+    assert counted.tokens is not None  # only untokenized past the character bound, refused just above
+    stopped = s.version.clamps_max_tokens and counted.tokens > s.window  # counting stopped at window + 1
+    s.version.check_prompt(counted.tokens, requested, s.window, exact=not stopped)
+    return counted.tokens
 
 
-def check_context(prompt_tokens: int, requested_output: int | None, max_model_len: int) -> None:
-    """Raise vLLM's 400 when prompt + requested output exceeds the window, or the prompt alone fills it."""
-    output = requested_output or 0
-    if prompt_tokens >= max_model_len or prompt_tokens + output > max_model_len:
-        raise RequestError(context_length_message(max_model_len, prompt_tokens, output),
-                           param="input_tokens" if prompt_tokens >= max_model_len else None,
-                           reason="context_length")
-
-
-def read_chat(body: dict, served_model: str) -> GenerationRequest:
-    """A /v1/chat/completions body; prompt tokens counted with the served model's chat template."""
-    model = _model(body, served_model)
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("Field required: 'messages' must be a non-empty list of messages.",
-                           param="messages")
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise RequestError("Each message must be an object with a string 'role'.", param="messages")
-    _only_one_choice(body)
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise RequestError("'tools' must be a list.", param="tools")
-    family = chat_tokens.family_for_model(served_model)
-    count = chat_tokens.count_chat(messages, family, tools or None)
-    requested = _requested_output(body, ("max_completion_tokens", "max_tokens"))
-    stream, include_usage = _stream_flags(body)
-    return GenerationRequest("chat", model, (count,), requested, stream, include_usage)
-
-
-def read_completion(body: dict, served_model: str) -> GenerationRequest:
-    """A /v1/completions body: prompt as a string, strings, token ids, or lists of token ids."""
-    model = _model(body, served_model)
-    _only_one_choice(body)
-    family = chat_tokens.family_for_model(served_model)
-    counts = tuple(_prompt_counts(body.get("prompt"), family))
-    requested = _requested_output(body, ("max_tokens",))
-    stream, include_usage = _stream_flags(body)
-    return GenerationRequest("completions", model, counts, requested, stream, include_usage)
-
-
-def _prompt_counts(prompt: Any, family: str) -> list[int]:
+def _prompts(body: dict) -> list[str | list[int]]:
+    prompt = body.get("prompt")
     if isinstance(prompt, str):
-        return [chat_tokens.count_completion(prompt, family)]
+        return [prompt]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
-            return [chat_tokens.count_completion(p, family) for p in prompt]
+            return prompt
         if all(_is_token_id(t) for t in prompt):
-            return [len(prompt)]  # token ids go to the model as they are: no BOS added
+            return [prompt]
         if all(isinstance(p, list) and p and all(_is_token_id(t) for t in p) for p in prompt):
-            return [len(p) for p in prompt]
-    raise RequestError("'prompt' must be a string, a list of strings, a list of token ids, or a list "
-                       "of lists of token ids, and must not be empty.", param="prompt")
-
-
-def _only_one_choice(body: dict) -> None:
-    n = body.get("n")
-    if n is not None and n != 1:
-        # Refused rather than ignored: a client asking for n choices would get silently wrong usage.
-        raise RequestError("The simulated engine supports only n=1.", param="n")
+            return prompt
+    if prompt is None:
+        raise RequestError("Either prompt or prompt_embeds must be provided and non-empty.", param="prompt")
+    raise validation_error("string_type", ("body", "prompt"), "Input should be a valid string", prompt)
 
 
 def _is_token_id(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
-def _model(body: dict, served_model: str) -> str:
-    model = body.get("model", served_model)
-    if model is None:
-        return served_model
-    if model != served_model:
-        raise RequestError(f"The model `{model}` does not exist.", status=404, err_type="NotFoundError",
-                           param="model", reason="unknown_model")
-    return model
+# --- fields, checked as pydantic would ------------------------------------------------------------
 
 
-def _requested_output(body: dict, fields: tuple[str, ...]) -> int | None:
-    for field in fields:
-        value = body.get(field)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise RequestError(f"'{field}' must be an integer.", param=field)
-        if value < 1:
-            raise RequestError(f"max_tokens must be at least 1, got {value}.", param=field)
+def _check_model(model: str | None, s: Serving) -> None:
+    if model and model not in s.served:
+        raise not_found_model(model, s.served)
+
+
+def _check_n(n: int | None) -> int:
+    n = 1 if n is None else n
+    if n < 1:
+        raise RequestError(f"n must be at least 1, got {n}.")
+    if n > MAX_N:
+        raise RequestError(f"n must be at most {MAX_N}, got {n}. To increase this limit, set the "
+                           "VLLM_MAX_N_SEQUENCES environment variable.")
+    return n
+
+
+def _missing(body: dict, name: str) -> RequestError:
+    return validation_error("missing", ("body", name), "Field required", body)
+
+
+def _str_field(body: dict, name: str, required: bool = False) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _missing(body, name)
+        return None
+    if not isinstance(value, str):
+        raise validation_error("string_type", ("body", name), "Input should be a valid string", value)
+    return value
+
+
+def _list_field(body: dict, name: str, required: bool = False) -> list | None:
+    value = body.get(name)
+    if value is None:
+        if required and name not in body:
+            raise _missing(body, name)
+        if required:
+            raise validation_error("list_type", ("body", name), "Input should be a valid list", value)
+        return None
+    if not isinstance(value, list):
+        raise validation_error("list_type", ("body", name), "Input should be a valid list", value)
+    return value
+
+
+def _int_field(body: dict, name: str, required: bool = False) -> int | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _missing(body, name)
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int):
         return value
-    return None
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            raise validation_error("int_parsing", ("body", name),
+                                   "Input should be a valid integer, unable to parse string as an integer",
+                                   value) from None
+    if isinstance(value, float):
+        raise validation_error("int_from_float", ("body", name),
+                               "Input should be a valid integer, got a number with a fractional part", value)
+    raise validation_error("int_type", ("body", name), "Input should be a valid integer", value)
 
 
-def _stream_flags(body: dict) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be a boolean.", param="stream")
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not stream:
+def _float_field(body: dict, name: str, default: float) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise validation_error("float_type", ("body", name), "Input should be a valid number", value)
+
+
+def _bool_field(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1) and isinstance(value, int):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off", "t", "f",
+                                                       "y", "n"):
+        return value.lower() in ("true", "1", "yes", "on", "t", "y")
+    raise validation_error("bool_parsing" if isinstance(value, str) else "bool_type", ("body", name),
+                           "Input should be a valid boolean, unable to interpret input" if isinstance(value, str)
+                           else "Input should be a valid boolean", value)
+
+
+def _stream_options_before_validation(body: dict) -> None:
+    # a pydantic "before" validator in vLLM: runs ahead of every field check
+    if body.get("stream_options") and not body.get("stream"):
         raise RequestError("Stream options can only be defined when `stream=True`.", param="stream_options")
+
+
+def _stream_flags(body: dict) -> tuple[bool, bool, bool]:
+    stream = _bool_field(body, "stream")
+    options = body.get("stream_options")
+    if options is None or not stream:
+        return stream, False, False
     if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object.", param="stream_options")
-    return stream, bool(options.get("include_usage", False))
+        raise validation_error("model_type", ("body", "stream_options"),
+                               "Input should be a valid dictionary or instance of StreamOptions", options)
+    include = _bool_field(options, "include_usage", False)
+    continuous = _bool_field(options, "continuous_usage_stats", False)
+    return stream, include, include and continuous

@@ -9,17 +9,23 @@ from typing import Any
 import aiohttp
 
 from extproc.engine import EngineConfig, OutputPolicy
+from extproc.engine.versions import VllmVersion
 from extproc.fleet.instance import profile_named
 
 SHARED_REQUESTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "requests" / "dev_requests.jsonl"
 
 
 def engine_config(*, profile: str = "short", model: str | None = None, time_scale: float = 0.0,
-                  output_tokens: int | None = 256, **overrides: int) -> EngineConfig:
+                  output_tokens: int | None = 256, served_names: tuple[str, ...] = (),
+                  vllm_version: str = "0.32", tokenizer: str | None = None, max_body_bytes: int | None = None,
+                  **overrides: int) -> EngineConfig:
     p = profile_named(profile)
     if overrides:
         p = p.with_overrides(**overrides)
-    return EngineConfig(profile=p, model=model, time_scale=time_scale, output_policy=OutputPolicy(output_tokens))
+    extra = {"max_body_bytes": max_body_bytes} if max_body_bytes else {}
+    return EngineConfig(profile=p, model=model, time_scale=time_scale, output_policy=OutputPolicy(output_tokens),
+                        served_names=served_names, vllm_version=VllmVersion.parse(vllm_version), tokenizer=tokenizer,
+                        **extra)
 
 
 async def read_sse(resp: aiohttp.ClientResponse) -> list[Any]:
@@ -38,7 +44,7 @@ async def read_sse(resp: aiohttp.ClientResponse) -> list[Any]:
 
 
 async def metric_values(session: aiohttp.ClientSession) -> dict[str, float]:
-    """Samples of /metrics keyed by name plus labels, e.g. 'vllm:num_requests_waiting{model_name="m"}'."""
+    """Samples of /metrics keyed by name plus labels, e.g. 'vllm:num_requests_waiting{engine="0",model_name="m"}'."""
     async with session.get("/metrics") as resp:
         assert resp.status == 200
         text = await resp.text()

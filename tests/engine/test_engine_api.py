@@ -65,7 +65,7 @@ def test_completions_count_token_ids_strings_and_batches(serve):
     assert one == 1 + chat_tokens.count_text(text, "llama3")  # Llama-3 completions get a BOS token
     assert out["ids"]["usage"]["prompt_tokens"] == 50
     assert out["id_lists"]["usage"] == {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14,
-                                        "prompt_tokens_details": None}
+                                        "prompt_tokens_details": None, "completion_tokens_details": None}
     assert [c["index"] for c in out["id_lists"]["choices"]] == [0, 1]
     assert out["string"]["usage"]["prompt_tokens"] == one
     assert out["strings"]["usage"]["prompt_tokens"] == one + chat_tokens.count_completion(text + text, "llama3")
@@ -77,47 +77,106 @@ def test_completions_count_token_ids_strings_and_batches(serve):
 # --- context window ----------------------------------------------------------------------------------
 
 
-def _context_message(max_len: int, output: int, prompt: int) -> str:
+def _at_least(window: int) -> str:
+    return (f"This model's maximum context length is {window} tokens. However, your prompt contains at least "
+            f"{window + 1} input tokens, which exceeds this limit even without any output tokens. Please reduce the "
+            f"length of the input prompt. (parameter=input_tokens, value={window + 1})")
+
+
+def _context_message_025(max_len: int, output: int, prompt: int) -> str:
     return (f"This model's maximum context length is {max_len} tokens. However, you requested {output} "
             f"output tokens and your prompt contains {prompt} input tokens, for a total of {prompt + output} "
             "tokens. Please reduce the length of the input prompt or the number of requested output tokens.")
 
 
-def test_context_length_400_has_vllm_text_and_real_numbers(serve, shared_requests):
+def _context_message_011(max_len: int, output: int, prompt: int) -> str:
+    return (f"This model's maximum context length is {max_len} tokens. However, you requested {prompt + output} "
+            f"tokens ({prompt} in the messages, {output} in the completion). Please reduce the length of the "
+            "messages or completion.")
+
+
+def _context_cases(row: dict, count: int) -> dict:
+    return {
+        "ids": ("/v1/completions", {"prompt": [7] * 10_000, "max_tokens": 64}),
+        "chat_over_by_one": ("/v1/chat/completions", dict(row["body"], max_tokens=8192 - count + 1)),
+        "chat_exact_fit": ("/v1/chat/completions", dict(row["body"], max_tokens=8192 - count)),
+        "max_completion_tokens_wins": ("/v1/chat/completions",
+                                       dict(row["body"], max_tokens=1, max_completion_tokens=8192)),
+        "prompt_alone_fills_window": ("/v1/completions", {"prompt": [7] * 8192}),
+        "text_over_window": ("/v1/completions", {"prompt": "a" + " a" * 20_000, "max_tokens": 8}),
+    }
+
+
+async def _post_all(session, cases: dict) -> dict:
+    out = {}
+    for name, (path, body) in cases.items():
+        async with session.post(path, json=body) as resp:
+            out[name] = (resp.status, await resp.json())
+    return out
+
+
+def test_context_window_like_vllm_032(serve, shared_requests):
+    """0.32+: over the window is a 400 ("at least" for text); prompt + max_tokens over it is clamped."""
     row = shared_requests[0]
     count = row["prompt_tokens"]["llama3"]
 
     async def scenario(session, engine):
-        out = {}
-        cases = {
-            "ids": ("/v1/completions", {"prompt": [7] * 10_000, "max_tokens": 64}),
-            "chat_over_by_one": ("/v1/chat/completions", dict(row["body"], max_tokens=8192 - count + 1)),
-            "chat_exact_fit": ("/v1/chat/completions", dict(row["body"], max_tokens=8192 - count)),
-            "max_completion_tokens_wins": ("/v1/chat/completions",
-                                           dict(row["body"], max_tokens=1, max_completion_tokens=8192)),
-            "prompt_alone_fills_window": ("/v1/completions", {"prompt": [7] * 8192}),
-        }
-        for name, (path, body) in cases.items():
-            async with session.post(path, json=body) as resp:
-                out[name] = (resp.status, await resp.json())
+        out = await _post_all(session, _context_cases(row, count))
         out["metrics"] = await metric_values(session)
         return out
 
     out = serve(scenario, model=LLAMA)
     status, body = out["ids"]
     assert status == 400
-    assert body == {"object": "error", "message": _context_message(8192, 64, 10_000), "type": "BadRequestError",
-                    "param": "input_tokens", "code": 400}
+    assert body == {"error": {
+        "message": "This model's maximum context length is 8192 tokens. However, your prompt contains 10000 input "
+                   "tokens, which exceeds this limit even without any output tokens. Please reduce the length of the "
+                   "input prompt. (parameter=input_tokens, value=10000)",
+        "type": "BadRequestError", "param": "input_tokens", "code": 400}}
+    # prompt + max_tokens over the window: served, max_tokens clamped, total == window
+    for name in ("chat_over_by_one", "chat_exact_fit"):
+        status, body = out[name]
+        assert status == 200, body
+        assert body["usage"]["completion_tokens"] == 8192 - count
+        assert body["usage"]["total_tokens"] == 8192
+        assert body["choices"][0]["finish_reason"] == "length"
+    status, body = out["max_completion_tokens_wins"]
+    assert status == 200 and body["usage"]["total_tokens"] == 8192
+    status, body = out["prompt_alone_fills_window"]
+    assert status == 400
+    assert body["error"]["message"] == "max_tokens must be at least 1, got 0. (parameter=max_tokens, value=0)"
+    status, body = out["text_over_window"]
+    assert status == 400 and body["error"]["message"] == _at_least(8192)
+    rejected = {k: v for k, v in out["metrics"].items() if k.startswith("vllm_sim:requests_rejected_total")}
+    assert sum(v for k, v in rejected.items() if 'reason="context_length"' in k) == 3
+
+
+@pytest.mark.parametrize("version,wording", [("0.25", _context_message_025), ("0.11", _context_message_011)])
+def test_older_releases_refuse_prompt_plus_max_tokens_in_their_words(serve, shared_requests, version, wording):
+    row = shared_requests[0]
+    count = row["prompt_tokens"]["llama3"]
+
+    async def scenario(session, engine):
+        out = await _post_all(session, _context_cases(row, count))
+        async with session.get("/version") as resp:
+            out["version"] = await resp.json()
+        return out
+
+    out = serve(scenario, model=LLAMA, vllm_version=version)
+    assert out["version"] == {"version": f"{version}.0"}
+    assert out["ids"][0] == 400
+    assert out["ids"][1]["error"]["message"] == wording(8192, 64, 10_000)
     assert out["chat_over_by_one"][0] == 400
-    assert out["chat_over_by_one"][1]["message"] == _context_message(8192, 8192 - count + 1, count)
+    assert out["chat_over_by_one"][1]["error"]["message"] == wording(8192, 8192 - count + 1, count)
     assert out["chat_exact_fit"][0] == 200
     assert out["chat_exact_fit"][1]["usage"]["completion_tokens"] == 8192 - count
-    assert out["max_completion_tokens_wins"][0] == 400
-    assert out["max_completion_tokens_wins"][1]["message"] == _context_message(8192, 8192, count)
+    assert out["max_completion_tokens_wins"][1]["error"]["message"] == wording(8192, 8192, count)
+    assert out["text_over_window"][0] == 400
+    message = out["text_over_window"][1]["error"]["message"]  # counted whole: BOS + 20,001 tokens
+    assert "contains 20002 input tokens" in message or "(20002 in the messages" in message, message
     assert out["prompt_alone_fills_window"][0] == 400
-    assert out["prompt_alone_fills_window"][1]["message"] == _context_message(8192, 0, 8192)
-    rejected = {k: v for k, v in out["metrics"].items() if k.startswith("vllm_sim:requests_rejected_total")}
-    assert sum(v for k, v in rejected.items() if 'reason="context_length"' in k) == 4
+    if version == "0.25":
+        assert out["prompt_alone_fills_window"][1]["error"]["message"] == wording(8192, 0, 8192)
 
 
 def test_without_max_tokens_output_follows_policy_capped_by_window(serve):
@@ -164,8 +223,7 @@ def test_chat_stream_usage_only_when_asked(serve, include_usage):
     prompt = chat_tokens.count_chat(body["messages"], "llama3")
     if include_usage:
         assert chunks[-1]["choices"] == []
-        assert chunks[-1]["usage"] == {"prompt_tokens": prompt, "completion_tokens": 7,
-                                       "total_tokens": prompt + 7, "prompt_tokens_details": None}
+        assert chunks[-1]["usage"] == {"prompt_tokens": prompt, "completion_tokens": 7, "total_tokens": prompt + 7}
         assert all("usage" not in c for c in chunks[:-1])
     else:
         assert all("usage" not in c for c in chunks)
@@ -195,38 +253,50 @@ def test_completions_stream_with_usage_counts_emitted_tokens(serve):
 # --- errors ------------------------------------------------------------------------------------------
 
 
-def test_malformed_bodies_get_400_error_json(serve):
+def test_malformed_bodies_get_vllms_400s(serve):
     cases = [
-        ("/v1/chat/completions", b"{not json"),
-        ("/v1/chat/completions", b"[1, 2]"),
-        ("/v1/chat/completions", b'{"model": "m"}'.replace(b'"m"', b'"meta-llama/Meta-Llama-3-70B-Instruct"')),
-        ("/v1/chat/completions", b'{"messages": "hello"}'),
-        ("/v1/chat/completions", b'{"messages": []}'),
-        ("/v1/chat/completions", b'{"messages": [{"content": "no role"}]}'),
-        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "9"}'),
-        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}'),
-        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {}}'),
-        ("/v1/completions", b'{"prompt": []}'),
-        ("/v1/completions", b'{"prompt": [1, "a"]}'),
-        ("/v1/completions", b'{}'),
-        ("/v1/completions", b''),
+        ("/v1/chat/completions", b"{not json", "Bad Request", "body.1"),
+        ("/v1/chat/completions", b"[1, 2]", "Bad Request", "body"),
+        ("/v1/chat/completions", b'{"model": "meta-llama/Meta-Llama-3-70B-Instruct"}', "Bad Request", "body.messages"),
+        ("/v1/chat/completions", b'{"messages": "hello"}', "Bad Request", "body.messages"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": "nine"}',
+         "Bad Request", "body.max_tokens"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}',
+         "BadRequestError", "max_tokens"),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "n": 0}', "BadRequestError", None),
+        ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "stream_options": {"a": 1}}',
+         "BadRequestError", "stream_options"),
+        ("/v1/completions", b'{"prompt": []}', "Bad Request", "body.prompt"),
+        ("/v1/completions", b'{"prompt": [1, "a"]}', "Bad Request", "body.prompt"),
+        ("/v1/completions", b'{}', "BadRequestError", "prompt"),
+        ("/v1/completions", b'', "Bad Request", "body"),
+        ("/v1/chat/completions", b'{"model": ' + b"[" * 1000 + b"]" * 1000 + b', "messages": []}', "Bad Request", None),
+        ("/v1/chat/completions", b'{"model": ' + b"[" * 100 + b"]" * 100 + b', "messages": []}', "Bad Request",
+         "body.model"),
     ]
 
     async def scenario(session, engine):
         out = []
-        for path, raw in cases:
+        for path, raw, _, _ in cases:
             async with session.post(path, data=raw, headers={"Content-Type": "application/json"}) as resp:
-                out.append((path, raw, resp.status, await resp.json()))
+                out.append((resp.status, await resp.json()))
+        async with session.post("/v1/chat/completions", data=b"{}") as resp:  # no JSON content type
+            out.append((resp.status, await resp.json()))
         async with session.get("/health") as resp:  # still serving
-            out.append(("/health", b"", resp.status, None))
+            out.append((resp.status, None))
         return out
 
     results = serve(scenario)
-    for path, raw, status, body in results[:-1]:
-        assert status == 400, (path, raw, status, body)
-        assert body["object"] == "error" and body["code"] == 400 and body["type"] == "BadRequestError", body
-        assert body["message"]
-    assert results[-1][2] == 200
+    for (path, raw, err_type, param), (status, body) in zip(cases, results):
+        assert status == 400, (path, raw[:80], status, body)
+        assert body["error"]["code"] == 400 and body["error"]["type"] == err_type, (raw[:80], body)
+        assert body["error"]["param"] == param, (raw[:80], body)
+        assert body["error"]["message"]
+    deep = results[len(cases) - 2][1]["error"]
+    assert deep["message"] == "There was an error parsing the body"  # like vLLM under Python 3.11, never a 500
+    assert results[len(cases)][1]["error"]["message"] == (
+        "1 validation error:\n  Unsupported Media Type: Only 'application/json' is allowed")
+    assert results[-1][0] == 200
 
 
 def test_unknown_model_is_404_like_vllm(serve):
@@ -235,9 +305,10 @@ def test_unknown_model_is_404_like_vllm(serve):
         async with session.post("/v1/chat/completions", json=body) as resp:
             return resp.status, await resp.json()
 
-    status, body = serve(scenario)
+    status, body = serve(scenario, served_names=("a/b", "c"))
     assert status == 404
-    assert body["message"] == "The model `gpt-4` does not exist." and body["type"] == "NotFoundError"
+    assert body == {"error": {"message": "The model `gpt-4` does not exist. Valid aliases: a/b, c.",
+                              "type": "NotFoundError", "param": "model", "code": 404}}
 
 
 # --- models, health, metrics -------------------------------------------------------------------------
@@ -266,9 +337,9 @@ def test_models_health_and_metrics(serve):
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
         assert metric(before, name) == 0.0
-        assert f'{name}{{model_name="{LLAMA}"}}' in after
+        assert f'{name}{{engine="0",model_name="{LLAMA}"}}' in after
     assert metric(after, "vllm:prompt_tokens_total") == usage["prompt_tokens"]
     assert metric(after, "vllm:generation_tokens_total") == usage["completion_tokens"] == 5
-    assert after[f'vllm:request_success_total{{finished_reason="length",model_name="{LLAMA}"}}'] == 1.0
+    assert after[f'vllm:request_success_total{{engine="0",finished_reason="length",model_name="{LLAMA}"}}'] == 1.0
     assert metric(after, "vllm:num_requests_running") == 0.0
     assert metric(after, "vllm:kv_cache_usage_perc") == 0.0

@@ -115,7 +115,7 @@ def test_client_abort_frees_the_slot(serve):
     assert payload["usage"]["completion_tokens"] == 2
     assert elapsed < 0.5, elapsed
     assert metric(metrics, "vllm:num_requests_running") == 0.0
-    assert any(k.startswith('vllm:request_success_total{finished_reason="abort"') and v == 1.0
+    assert any(k.startswith('vllm:request_success_total{engine="0",finished_reason="abort"') and v == 1.0
                for k, v in metrics.items()), metrics
 
 
