@@ -64,8 +64,12 @@ def test_profiles_swap_gpu_pools_for_simulated_ones_behind_the_same_names():
 
 
 def test_gpu_pools_run_the_official_vllm_image_with_a_gpu_each():
+    from extproc.engine import EngineConfig
+
     doc = compose_doc()
     env = dotenv()
+    # the release shared/data/vllm was captured from, which the simulated engines behave as by default
+    assert env["VLLM_TAG"] == "v0.32.0" == f"v{EngineConfig().vllm_version.release}"
     gpus = []
     for name in ("pool-short-gpu", "pool-long-gpu"):
         svc = doc["services"][name]
