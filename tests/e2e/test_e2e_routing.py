@@ -74,7 +74,7 @@ def test_malformed_json_goes_to_long_and_router_survives(stack):
     r = rid("badjson")
     reply = post(stack, b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"', r)
     assert reply.status == 400
-    assert b"Invalid JSON" in reply.body  # the engine's answer, not Envoy's
+    assert b"JSON decode error" in reply.body  # the engine's (vLLM's) answer, not Envoy's
     line = access_line(stack, r)
     assert line.served_by == "long", line.raw
     assert line.decision is not None and line.decision["reason"] == "unreadable"  # the router did decide
