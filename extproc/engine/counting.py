@@ -61,23 +61,24 @@ class LegacyCounter:
         names = sorted(self._encoding.special_tokens_set, key=len, reverse=True)
         return re.compile("|".join(map(re.escape, names)))
 
-    def _dated(self, messages: list[dict]) -> list[dict]:
-        # Llama-3.1's template always opens with a dated system block (+25 tokens on every request).
-        if self.family != "llama3_1":
-            return messages
-        head = "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
-        if messages and messages[0].get("role") == "system":
-            first = chat_tokens._content_text(messages[0].get("content")).strip()
-            return [{"role": "system", "content": head + first}, *messages[1:]]
-        return [{"role": "system", "content": head}, *messages]
-
     def render_chat(self, messages: list, tools: list | None = None) -> str:
         if not all(isinstance(m, dict) for m in messages):
             raise TemplateError("each message must be an object")
         try:
-            return chat_tokens.render_chat(self._dated(messages), self._base, tools or None)
+            if self.family != "llama3_1":
+                return chat_tokens.render_chat(messages, self._base, tools or None)
+            # Llama-3.1's template always opens with a dated system block (+25 tokens on every request)
+            system = ""
+            if messages and messages[0].get("role") == "system":
+                system = chat_tokens._content_text(messages[0].get("content")).strip()
+                messages = messages[1:]
+            rest = chat_tokens.render_chat(messages, "llama3", tools or None)
         except (AttributeError, TypeError) as exc:
             raise TemplateError(str(exc)) from None
+        bos = "<|begin_of_text|>"
+        block = ("<|start_header_id|>system<|end_header_id|>\n\n" + ("Environment: ipython\n" if tools else "")
+                 + "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" + system + "<|eot_id|>")
+        return bos + block + rest[len(bos):]
 
     def count_chat(self, messages: list, tools: list | None = None, *, stop_after: int | None = None) -> Counted:
         return self._count(self.render_chat(messages, tools), stop_after)
