@@ -1,7 +1,8 @@
-"""The engine's one seam to a tokenizer: prompt counts of chat messages and of text, vLLM's way.
+"""The engine's one seam to a tokenizer: the prompt counts of a request body, vLLM's way.
 
 ``counter_for(spec, served_model)`` picks the family (``--tokenizer FAMILY|DIR``, else from the served
-model name). Every count is linear in the prompt: the rendered prompt is split on special tokens (each
+model name); ``count_request(api, body, stop_after=window)`` gives one ``Counted`` per prompt the
+engine runs, as ``extproc.tokens.TokenCounter.count_request`` does. Every count is linear in the prompt: the rendered prompt is split on special tokens (each
 one token, as vLLM parses them) and the text between them BPE-encoded on its own, stopping once the
 count passes ``stop_after`` (vLLM tokenizes a text prompt only to window + 1 tokens). Text longer
 than ``stop_after x max_chars_per_token`` characters is not tokenized at all: vLLM refuses it first.
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc import chat_tokens
+from extproc.engine import convert
 
 FAMILIES = ("llama3", "llama3_1", "qwen3")
 
@@ -26,7 +28,8 @@ class TemplateError(ValueError):
 @dataclass(frozen=True)
 class Counted:
     tokens: int | None  # None: not tokenized (longer than any window-sized prompt); window + 1: stopped there
-    chars: int          # characters of the rendered prompt text
+    chars: int          # characters of the rendered prompt text (0 for token ids)
+    ids: bool = False   # a prompt of token ids: counted exactly, never stopped early
 
 
 def family_for_model(model: str) -> str:
@@ -79,6 +82,22 @@ class LegacyCounter:
         block = ("<|start_header_id|>system<|end_header_id|>\n\n" + ("Environment: ipython\n" if tools else "")
                  + "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" + system + "<|eot_id|>")
         return bos + block + rest[len(bos):]
+
+    def count_request(self, api: str, body: dict, *, stop_after: int | None = None) -> list[Counted]:
+        """One count per prompt of ``body`` (already validated by ``requests``) on ``api``."""
+        if api == "chat":
+            return [self.count_chat(body["messages"], body.get("tools") or None, stop_after=stop_after)]
+        if api == "responses":
+            return [self.count_chat(convert.responses_to_chat(body), convert.responses_tools(body),
+                                    stop_after=stop_after)]
+        if api == "messages":
+            return [self.count_chat(*convert.anthropic_to_chat(body), stop_after=stop_after)]
+        if api == "completions":
+            prompt = body["prompt"]
+            prompts = [prompt] if isinstance(prompt, str) or not isinstance(prompt[0], (str, list)) else prompt
+            return [self.count_prompt(p, stop_after=stop_after) if isinstance(p, str) else Counted(len(p), 0, True)
+                    for p in prompts]
+        raise ValueError(f"unknown api {api!r}")
 
     def count_chat(self, messages: list, tools: list | None = None, *, stop_after: int | None = None) -> Counted:
         return self._count(self.render_chat(messages, tools), stop_after)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.engine import convert
 from extproc.engine.counting import Counted, TemplateError
 from extproc.engine.errors import RequestError, not_found_model, validation_error
 from extproc.engine.jsonbody import require_object
@@ -82,14 +81,14 @@ def read_chat(body: Any, s: Serving) -> GenerationRequest:
     _stream_options_before_validation(body)
     model = _str_field(body, "model")
     messages = _list_field(body, "messages", required=True)
-    tools = _list_field(body, "tools")
+    _list_field(body, "tools")
     n = _int_field(body, "n")
     mct, mt = _int_field(body, "max_completion_tokens"), _int_field(body, "max_tokens")
     stream, include_usage, continuous = _stream_flags(body)
     _check_model(model, s)
     n = _check_n(n)
     requested, param = (mct, "max_completion_tokens") if mct is not None else (mt, "max_tokens")
-    prompt = _chat_prompt(s, messages, tools, requested, param)
+    prompt = _prompt(s, "chat", body, requested, param)
     limit = s.version.output_limit(prompt, requested, s.window)
     return GenerationRequest("chat", s.served[0], (prompt,), (limit,), requested, n, stream, include_usage,
                              continuous)
@@ -99,21 +98,15 @@ def read_completion(body: Any, s: Serving) -> GenerationRequest:
     body = require_object(body)
     _stream_options_before_validation(body)
     model = _str_field(body, "model")
-    prompts = _prompts(body)
+    _prompts(body)
     n = _int_field(body, "n")
     requested = _int_field(body, "max_tokens")
     stream, include_usage, continuous = _stream_flags(body)
     _check_model(model, s)
     n = _check_n(n)
     s.version.check_requested(requested, "max_tokens", s.window)
-    counts = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            counts.append(_checked(s, _count(s, lambda stop: s.counter.count_prompt(prompt, stop_after=stop)),
-                                   requested))
-        else:  # token ids go to the model as they are: exact count, no BOS
-            s.version.check_prompt(len(prompt), requested, s.window, exact=True)
-            counts.append(len(prompt))
+    # token ids go to the model as they are (exact count, no BOS); each prompt checked in order
+    counts = [_checked(s, c, requested) for c in _count(s, "completions", body)]
     limits = tuple(s.version.output_limit(c, requested, s.window) for c in counts)
     return GenerationRequest("completions", s.served[0], tuple(counts), limits, requested, n, stream, include_usage,
                              continuous)
@@ -124,10 +117,10 @@ def read_responses(body: Any, s: Serving) -> GenerationRequest:
     model = _str_field(body, "model")
     requested = _int_field(body, "max_output_tokens")
     stream = _bool_field(body, "stream")
-    messages = convert.responses_to_chat(body)
-    tools = convert.responses_tools(body)
+    if body.get("input") is None:
+        raise validation_error("missing", ("body", "input"), "Field required", body)
     _check_model(model, s)
-    prompt = _chat_prompt(s, messages, tools, requested, "max_output_tokens")
+    prompt = _prompt(s, "responses", body, requested, "max_output_tokens")
     limit = s.version.output_limit(prompt, requested, s.window)
     echo = {"max_output_tokens": requested,
             "temperature": _float_field(body, "temperature", 1.0), "top_p": _float_field(body, "top_p", 1.0)}
@@ -140,9 +133,8 @@ def read_messages(body: Any, s: Serving) -> GenerationRequest:
     _list_field(body, "messages", required=True)
     requested = _int_field(body, "max_tokens", required=True)
     stream = _bool_field(body, "stream")
-    messages, tools = convert.anthropic_to_chat(body)
     _check_model(model, s)
-    prompt = _chat_prompt(s, messages, tools, requested, "max_tokens")
+    prompt = _prompt(s, "messages", body, requested, "max_tokens")
     limit = s.version.output_limit(prompt, requested, s.window)
     # vLLM streams /v1/messages as a chat stream with include_usage and continuous_usage_stats
     return GenerationRequest("messages", s.served[0], (prompt,), (limit,), requested, 1, stream, stream, stream)
@@ -156,9 +148,8 @@ def read_count_tokens(body: Any, s: Serving) -> int:
     body = require_object(body)
     model = _str_field(body, "model", required=True)
     _list_field(body, "messages", required=True)
-    messages, tools = convert.anthropic_to_chat(body)
     _check_model(model, s)
-    return _chat_prompt(s, messages, tools, None, "max_tokens")
+    return _prompt(s, "messages", body, None, "max_tokens")
 
 
 def read_tokenize(body: Any, s: Serving) -> list[int]:
@@ -186,21 +177,28 @@ def read_tokenize(body: Any, s: Serving) -> list[int]:
 # --- prompts and the window -----------------------------------------------------------------------
 
 
-def _chat_prompt(s: Serving, messages: list, tools: list | None, requested: int | None, param: str) -> int:
+def _prompt(s: Serving, api: str, body: dict, requested: int | None, param: str) -> int:
+    """The one prompt of a chat-like request, checked against the window."""
     s.version.check_requested(requested, param, s.window)
-    return _checked(s, _count(s, lambda stop: s.counter.count_chat(messages, tools, stop_after=stop)), requested)
+    (counted,) = _count(s, api, body)
+    return _checked(s, counted, requested)
 
 
-def _count(s: Serving, count) -> Counted:
+def _count(s: Serving, api: str, body: dict) -> list[Counted]:
     # 0.32+ tokenizes a text prompt only to window + 1 (and not at all past the character bound);
     # older releases counted it whole.
     try:
-        return count(s.window if s.version.clamps_max_tokens else None)
+        return s.counter.count_request(api, body, stop_after=s.window if s.version.clamps_max_tokens else None)
+    except RequestError:
+        raise
     except (TemplateError, ValueError, TypeError) as exc:
         raise RequestError(str(exc)) from None
 
 
 def _checked(s: Serving, counted: Counted, requested: int | None) -> int:
+    if counted.ids:
+        s.version.check_prompt(counted.tokens, requested, s.window, exact=True)
+        return counted.tokens
     s.version.check_text_length(counted.chars, s.window, s.counter.max_chars_per_token)
     assert counted.tokens is not None  # only untokenized past the character bound, refused just above
     stopped = s.version.clamps_max_tokens and counted.tokens > s.window  # counting stopped at window + 1
@@ -209,6 +207,7 @@ def _checked(s: Serving, counted: Counted, requested: int | None) -> int:
 
 
 def _prompts(body: dict) -> list[str | list[int]]:
+    """The prompt field's shape, checked (the counter reads the prompts themselves)."""
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return [prompt]
