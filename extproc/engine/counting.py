@@ -1,28 +1,33 @@
 """The engine's one seam to a tokenizer: the prompt counts of a request body, vLLM's way.
 
-``counter_for(spec, served_model)`` picks the family (``--tokenizer FAMILY|DIR``, else from the served
-model name); ``count_request(api, body, stop_after=window)`` gives one ``Counted`` per prompt the
-engine runs, as ``extproc.tokens.TokenCounter.count_request`` does. Every count is linear in the prompt: the rendered prompt is split on special tokens (each
-one token, as vLLM parses them) and the text between them BPE-encoded on its own, stopping once the
-count passes ``stop_after`` (vLLM tokenizes a text prompt only to window + 1 tokens). Text longer
-than ``stop_after x max_chars_per_token`` characters is not tokenized at all: vLLM refuses it first.
+``counter_for(spec, served_model)`` picks the tokenizer (``--tokenizer FAMILY|DIR``, else the family
+of the served model name) and wraps ``extproc.tokens``' exact counter (the model's own Jinja template
+over its tokenizer.json). ``count_request(api, body, stop_after=window)`` gives one ``Counted`` per
+prompt the engine runs. With ``stop_after`` the counter applies vLLM 0.32's own bounds: text longer
+than ``window x max_chars_per_token`` characters is refused before it is tokenized, and a text prompt
+over the window is reported as ``window + 1`` tokens ("at least"), as vLLM tokenizes only that far.
 """
 
 from __future__ import annotations
 
-import functools
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from extproc import chat_tokens
-from extproc.engine import convert
+from extproc.engine.errors import RequestError
 
 FAMILIES = ("llama3", "llama3_1", "qwen3")
 
+# A default `vllm serve` has no tool-call parser and refuses tools with tool_choice "auto"; the
+# simulated engine serves like one started with --enable-auto-tool-choice and the family's parser.
+_TOOL_PARSER = {"llama3": "llama3_json", "llama3_1": "llama3_json", "qwen3": "hermes"}
 
-class TemplateError(ValueError):
-    """The chat template cannot render these messages (vLLM answers 400)."""
+_TOO_MANY_TOKENS = re.compile(r"^This model's maximum context length is \d+ tokens\. However, your prompt "
+                              r"contains (at least )?(\d+) input tokens")
+_TOO_MANY_CHARS = re.compile(r"^This model's maximum context length is \d+ tokens\. However, your prompt "
+                             r"contains (\d+) characters \(more than")
+_OUTPUT = re.compile(r"^(\w+)=(\d+) cannot be greater than max_model_len=")
 
 
 @dataclass(frozen=True)
@@ -41,110 +46,91 @@ def family_for_model(model: str) -> str:
     return "llama3"
 
 
-class LegacyCounter:
-    """Counts over ``extproc.chat_tokens`` (quicktok BPE, templates written out in Python) until the
-    exact counter (``extproc.tokens``: the models' own Jinja templates and tokenizer.json) replaces it."""
+class TokenizerCounter:
+    """``extproc.tokens.TokenCounter`` behind the engine's seam: its 400s carry vLLM's param/value."""
 
-    max_chars_per_token = 128  # longest entry of the Llama-3 and Qwen3 vocabularies (vLLM's bound)
-
-    def __init__(self, family: str) -> None:
-        if family not in FAMILIES:
-            raise ValueError(f"unknown tokenizer family {family!r}; known: {', '.join(FAMILIES)}")
+    def __init__(self, counter: Any, family: str) -> None:
+        self._c = counter
         self.family = family
-        self._base = "qwen3" if family == "qwen3" else "llama3"
-
-    @functools.cached_property
-    def _encoding(self):
-        import quicktok
-
-        return quicktok.get_encoding(self._base)
-
-    @functools.cached_property
-    def _special(self) -> re.Pattern:
-        names = sorted(self._encoding.special_tokens_set, key=len, reverse=True)
-        return re.compile("|".join(map(re.escape, names)))
-
-    def render_chat(self, messages: list, tools: list | None = None) -> str:
-        if not all(isinstance(m, dict) for m in messages):
-            raise TemplateError("each message must be an object")
-        try:
-            if self.family != "llama3_1":
-                return chat_tokens.render_chat(messages, self._base, tools or None)
-            # Llama-3.1's template always opens with a dated system block (+25 tokens on every request)
-            system = ""
-            if messages and messages[0].get("role") == "system":
-                system = chat_tokens._content_text(messages[0].get("content")).strip()
-                messages = messages[1:]
-            rest = chat_tokens.render_chat(messages, "llama3", tools or None)
-        except (AttributeError, TypeError) as exc:
-            raise TemplateError(str(exc)) from None
-        bos = "<|begin_of_text|>"
-        block = ("<|start_header_id|>system<|end_header_id|>\n\n" + ("Environment: ipython\n" if tools else "")
-                 + "Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n" + system + "<|eot_id|>")
-        return bos + block + rest[len(bos):]
+        self.max_chars_per_token = counter.max_chars_per_token
+        self._tools = dict(enable_auto_tool_choice=True, tool_call_parser=_TOOL_PARSER.get(family, "hermes"))
 
     def count_request(self, api: str, body: dict, *, stop_after: int | None = None) -> list[Counted]:
-        """One count per prompt of ``body`` (already validated by ``requests``) on ``api``."""
-        if api == "chat":
-            return [self.count_chat(body["messages"], body.get("tools") or None, stop_after=stop_after)]
-        if api == "responses":
-            return [self.count_chat(convert.responses_to_chat(body), convert.responses_tools(body),
-                                    stop_after=stop_after)]
-        if api == "messages":
-            return [self.count_chat(*convert.anthropic_to_chat(body), stop_after=stop_after)]
-        if api == "completions":
-            prompt = body["prompt"]
-            prompts = [prompt] if isinstance(prompt, str) or not isinstance(prompt[0], (str, list)) else prompt
-            return [self.count_prompt(p, stop_after=stop_after) if isinstance(p, str) else Counted(len(p), 0, True)
-                    for p in prompts]
-        raise ValueError(f"unknown api {api!r}")
+        """One count per prompt of ``body`` (already field-checked by ``requests``) on ``api``."""
+        try:
+            if api == "chat" and stop_after is not None:
+                chars = self._chat_chars(body, stop_after * self.max_chars_per_token)
+                if chars is not None:  # vLLM checks the rendered text's length before tokenizing it
+                    return [Counted(None, chars)]
+            counts = self._c.count_request(api, body, max_model_len=stop_after, **self._tools)
+        except ValueError as exc:  # TemplateError is one
+            raise self._refusal(str(exc)) from None
+        if api != "completions":
+            return [Counted(n, 0) for n in counts]
+        prompt = body["prompt"]
+        prompts = [prompt] if isinstance(prompt, str) or not isinstance(prompt[0], (str, list)) else prompt
+        return [Counted(n, len(p)) if isinstance(p, str) else Counted(n, 0, True) for n, p in zip(counts, prompts)]
 
-    def count_chat(self, messages: list, tools: list | None = None, *, stop_after: int | None = None) -> Counted:
-        return self._count(self.render_chat(messages, tools), stop_after)
+    def _chat_chars(self, body: dict, bound: int) -> int | None:
+        """Characters of the rendered chat when they exceed ``bound``, else None. Rendered only when
+        the body's text could reach the bound (the template adds at most a few KB)."""
+        if _text_chars(body) + 256 * len(body["messages"]) + 16_384 <= bound:
+            return None
+        from extproc.tokens import normalize_tools
 
-    def count_prompt(self, text: str, *, stop_after: int | None = None) -> Counted:
-        bos = "<|begin_of_text|>" if self._base == "llama3" else ""
-        counted = self._count(bos + text, stop_after)
-        return Counted(counted.tokens, len(text))
+        tools = normalize_tools(body.get("tools"), allow_empty=True) if body.get("tools") is not None else None
+        chars = len(self._c.render_chat(body["messages"], tools, True, body.get("chat_template_kwargs")))
+        return chars if chars > bound else None
 
-    def encode_chat(self, messages: list, tools: list | None = None) -> list[int]:
-        return self._encode(self.render_chat(messages, tools))
+    @staticmethod
+    def _refusal(message: str) -> RequestError:
+        # the window checks vLLM makes while rendering: VLLMValidationErrors with param and value
+        if m := _TOO_MANY_TOKENS.match(message):
+            return RequestError(message, param="input_tokens", value=int(m[2]), reason="context_length")
+        if m := _TOO_MANY_CHARS.match(message):
+            return RequestError(message, param="input_text", value=int(m[1]), reason="context_length")
+        if m := _OUTPUT.match(message):
+            return RequestError(message, param=m[1], value=int(m[2]), reason="context_length")
+        return RequestError(message)
+
+    def encode_chat(self, body: dict) -> list[int]:
+        """Token ids of /tokenize's chat: the rendered prompt, special tokens parsed, none added."""
+        from extproc.tokens import normalize_tools
+
+        tools = normalize_tools(body.get("tools"), allow_empty=True) if body.get("tools") is not None else None
+        text = self._c.render_chat(body["messages"], tools, body.get("add_generation_prompt", True),
+                                   body.get("chat_template_kwargs"))
+        return self._c.encode(text, add_special_tokens=bool(body.get("add_special_tokens", False)))
 
     def encode_prompt(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        bos = "<|begin_of_text|>" if add_special_tokens and self._base == "llama3" else ""
-        return self._encode(bos + text)
-
-    def _count(self, text: str, stop_after: int | None) -> Counted:
-        if stop_after is not None and len(text) > stop_after * self.max_chars_per_token:
-            return Counted(None, len(text))
-        total = 0
-        for piece, special in self._pieces(text):
-            total += 1 if special else len(self._encoding.encode_ordinary(piece))
-            if stop_after is not None and total > stop_after:
-                return Counted(stop_after + 1, len(text))
-        return Counted(total, len(text))
-
-    def _encode(self, text: str) -> list[int]:
-        ids: list[int] = []
-        for piece, special in self._pieces(text):
-            ids += [self._encoding.encode_single_token(piece)] if special else self._encoding.encode_ordinary(piece)
-        return ids
-
-    def _pieces(self, text: str):
-        """(text, is_special) in order, special tokens parsed wherever they appear (as vLLM does, also
-        in a completion prompt); linear in len(text) whatever the number of special tokens."""
-        pos = 0
-        for m in self._special.finditer(text):
-            if m.start() > pos:
-                yield text[pos:m.start()], False
-            yield m.group(), True
-            pos = m.end()
-        if pos < len(text):
-            yield text[pos:], False
+        return self._c.encode(text, add_special_tokens=add_special_tokens)
 
 
-def counter_for(spec: str | None, served_model: str) -> Any:
-    """The counter the engine uses: ``spec`` is a family name or a tokenizer directory, or None to
-    choose by the served model name (llama-3.1 → llama3_1, llama-3 → llama3, qwen → qwen3)."""
-    family = spec or family_for_model(served_model)
-    return LegacyCounter(family)
+def _text_chars(value: Any) -> int:
+    """Characters of every string in a parsed JSON value (iterative: bodies can nest deeply)."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+            total += sum(len(k) for k in v)
+        elif isinstance(v, list):
+            stack.extend(v)
+    return total
+
+
+def counter_for(spec: str | None, served_model: str) -> TokenizerCounter:
+    """The counter the engine uses: ``spec`` is a family name or a directory holding tokenizer.json and
+    tokenizer_config.json, or None to choose by the served model name (llama-3.1 → llama3_1,
+    llama-3 → llama3, qwen → qwen3). Raises ValueError for an unknown family."""
+    from extproc.tokens import TokenCounter
+    from extproc.tokens import counter_for as builtin
+
+    spec = spec or family_for_model(served_model)
+    if os.path.isdir(spec):
+        return TokenizerCounter(TokenCounter.from_dir(spec), family_for_model(spec))
+    if spec not in FAMILIES:
+        raise ValueError(f"unknown tokenizer {spec!r}: a family ({', '.join(FAMILIES)}) or a directory")
+    return TokenizerCounter(builtin(spec), spec)

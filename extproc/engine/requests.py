@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from extproc.engine.counting import Counted, TemplateError
+from extproc.engine.counting import Counted
 from extproc.engine.errors import RequestError, not_found_model, validation_error
 from extproc.engine.jsonbody import require_object
 from extproc.engine.versions import VllmVersion
@@ -149,7 +149,8 @@ def read_count_tokens(body: Any, s: Serving) -> int:
     model = _str_field(body, "model", required=True)
     _list_field(body, "messages", required=True)
     _check_model(model, s)
-    return _prompt(s, "messages", body, None, "max_tokens")
+    # counted as the Messages request it would be (its max_tokens changes no count)
+    return _prompt(s, "messages", dict(body, max_tokens=1), None, "max_tokens")
 
 
 def read_tokenize(body: Any, s: Serving) -> list[int]:
@@ -157,12 +158,12 @@ def read_tokenize(body: Any, s: Serving) -> list[int]:
     body = require_object(body)
     model = _str_field(body, "model")
     if "messages" in body:
-        messages = _list_field(body, "messages", required=True)
-        tools = _list_field(body, "tools")
+        _list_field(body, "messages", required=True)
+        _list_field(body, "tools")
         _check_model(model, s)
         try:
-            return s.counter.encode_chat(messages, tools)
-        except (TemplateError, ValueError) as exc:
+            return s.counter.encode_chat(body)
+        except (ValueError, TypeError) as exc:  # the template's TemplateError is a ValueError
             raise RequestError(str(exc)) from None
     prompt = body.get("prompt")
     if not isinstance(prompt, str):
@@ -191,7 +192,7 @@ def _count(s: Serving, api: str, body: dict) -> list[Counted]:
         return s.counter.count_request(api, body, stop_after=s.window if s.version.clamps_max_tokens else None)
     except RequestError:
         raise
-    except (TemplateError, ValueError, TypeError) as exc:
+    except (ValueError, TypeError) as exc:  # the template's TemplateError is a ValueError
         raise RequestError(str(exc)) from None
 
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 from engine_harness import metric, metric_values, read_sse
 
-from extproc import chat_tokens
+from extproc.tokens import counter_for as tokens_for
 
 LLAMA = "meta-llama/Meta-Llama-3-8B-Instruct"
 QWEN = "Qwen/Qwen3-8B"
@@ -61,14 +61,13 @@ def test_completions_count_token_ids_strings_and_batches(serve):
         return out
 
     out = serve(scenario, model=LLAMA)
-    one = chat_tokens.count_completion(text, "llama3")
-    assert one == 1 + chat_tokens.count_text(text, "llama3")  # Llama-3 completions get a BOS token
+    one = tokens_for("llama3").count_prompt(text)
     assert out["ids"]["usage"]["prompt_tokens"] == 50
     assert out["id_lists"]["usage"] == {"prompt_tokens": 8, "completion_tokens": 6, "total_tokens": 14,
                                         "prompt_tokens_details": None, "completion_tokens_details": None}
     assert [c["index"] for c in out["id_lists"]["choices"]] == [0, 1]
     assert out["string"]["usage"]["prompt_tokens"] == one
-    assert out["strings"]["usage"]["prompt_tokens"] == one + chat_tokens.count_completion(text + text, "llama3")
+    assert out["strings"]["usage"]["prompt_tokens"] == one + tokens_for("llama3").count_prompt(text + text)
     assert out["ids"]["object"] == "text_completion"
     assert out["ids"]["choices"][0]["finish_reason"] == "length"
     assert len(out["ids"]["choices"][0]["text"].split()) == 3
@@ -172,8 +171,8 @@ def test_older_releases_refuse_prompt_plus_max_tokens_in_their_words(serve, shar
     assert out["chat_exact_fit"][1]["usage"]["completion_tokens"] == 8192 - count
     assert out["max_completion_tokens_wins"][1]["error"]["message"] == wording(8192, 8192, count)
     assert out["text_over_window"][0] == 400
-    message = out["text_over_window"][1]["error"]["message"]  # counted whole: BOS + 20,001 tokens
-    assert "contains 20002 input tokens" in message or "(20002 in the messages" in message, message
+    message = out["text_over_window"][1]["error"]["message"]  # counted whole: 20,001 tokens
+    assert "contains 20001 input tokens" in message or "(20001 in the messages" in message, message
     assert out["prompt_alone_fills_window"][0] == 400
     if version == "0.25":
         assert out["prompt_alone_fills_window"][1]["error"]["message"] == wording(8192, 0, 8192)
@@ -220,7 +219,7 @@ def test_chat_stream_usage_only_when_asked(serve, include_usage):
     token_chunks = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
     assert len(token_chunks) == 7
     assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None] * 6 + ["length"]
-    prompt = chat_tokens.count_chat(body["messages"], "llama3")
+    prompt = tokens_for("llama3").count_chat(body["messages"])
     if include_usage:
         assert chunks[-1]["choices"] == []
         assert chunks[-1]["usage"] == {"prompt_tokens": prompt, "completion_tokens": 7, "total_tokens": prompt + 7}

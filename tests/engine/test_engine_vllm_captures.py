@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from engine_harness import SHARED_REQUESTS
 
-from extproc.engine.counting import counter_for
+from extproc.tokens import counter_for
 
 DATA = SHARED_REQUESTS.parents[1] / "vllm"
 SERVED = ("meta-llama/Llama-3.1-8B-Instruct", "meta-llama/Meta-Llama-3-8B-Instruct")
-COUNTER = counter_for("llama3", SERVED[0])
+COUNTER = counter_for("llama3")
 
 pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"captured vLLM data not found at {DATA}")
 
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"captured vLLM data n
 def chat_of(prompt_tokens: int) -> list[dict]:
     """One user message whose chat prompt is exactly ``prompt_tokens`` tokens (10 are the template's)."""
     messages = [{"role": "user", "content": "a" + " a" * (prompt_tokens - 11)}]
-    assert COUNTER.count_chat(messages).tokens == prompt_tokens
+    assert COUNTER.count_chat(messages) == prompt_tokens
     return messages
 
 
@@ -153,9 +153,9 @@ EXCHANGES: dict[str, tuple[str, dict | bytes]] = {
     "chat_other_model": ("/v1/chat/completions", {"model": "nope/model", "messages": HI}),
     "compl_ids": ("/v1/completions", {"model": SERVED[0], "prompt": [1, 2, 3, 4], "max_tokens": 4}),
     "compl_ids_batch": ("/v1/completions", {"model": SERVED[0], "prompt": [[1, 2], [3, 4, 5]], "max_tokens": 2}),
-    "compl_str": ("/v1/completions", {"model": SERVED[0], "prompt": "Hi", "max_tokens": 4}),
-    "compl_strs_batch": ("/v1/completions", {"model": SERVED[0], "prompt": ["Hi a", "Hi a"], "max_tokens": 2}),
-    "compl_stream_usage": ("/v1/completions", {"model": SERVED[0], "prompt": "Hi", "max_tokens": 3, "stream": True,
+    "compl_str": ("/v1/completions", {"model": SERVED[0], "prompt": text_of(2), "max_tokens": 4}),
+    "compl_strs_batch": ("/v1/completions", {"model": SERVED[0], "prompt": [text_of(3), text_of(3)], "max_tokens": 2}),
+    "compl_stream_usage": ("/v1/completions", {"model": SERVED[0], "prompt": text_of(2), "max_tokens": 3, "stream": True,
                                                "stream_options": {"include_usage": True}}),
     "responses_json": ("/v1/responses", {"model": SERVED[0], "input": "Hi", "max_output_tokens": 16}),
     "responses_stream": ("/v1/responses", {"model": SERVED[0], "input": "Hi", "max_output_tokens": 16,
