@@ -29,6 +29,15 @@ def test_register_adds_serve_engine_with_flags():
     assert config.profile.max_model_len == 65_536 and config.profile.max_num_seqs == 4
     assert config.time_scale == 0.1 and config.output_policy.default_tokens is None
     assert config.served_model == "Qwen/Qwen3-8B"
+    assert config.vllm_version.release == "0.32.0" and config.served == ("Qwen/Qwen3-8B",)
+    args = parser.parse_args(["serve-engine", "--served-model-name", "a/b", "c", "--vllm-version", "v0.11.0",
+                              "--tokenizer", "llama3", "--max-body-bytes", "1000"])
+    config = cli.config_from_args(args)
+    assert config.served == ("a/b", "c") and config.served_model == "a/b"
+    assert config.vllm_version.release == "0.11.0" and config.tokenizer == "llama3"
+    assert config.max_body_bytes == 1000
+    with pytest.raises(ValueError):
+        cli.config_from_args(parser.parse_args(["serve-engine", "--vllm-version", "latest"]))
     with pytest.raises(ValueError):
         cli.config_from_args(parser.parse_args(["serve-engine", "--output-tokens", "lots"]))
     with pytest.raises(ValueError):
