@@ -10,6 +10,7 @@ over the window is reported as ``window + 1`` tokens ("at least"), as vLLM token
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from typing import Any
 from extproc.engine.errors import RequestError
 
 FAMILIES = ("llama3", "llama3_1", "qwen3")
+
+# Wall time one chat-template render may take. vLLM has no such limit; the counter's default (2 s)
+# guards untrusted templates, and a 64K-token chat on a busy two-core machine can take longer than
+# that, which would turn a request vLLM serves into a 400.
+RENDER_TIMEOUT_S = 60.0
 
 # A default `vllm serve` has no tool-call parser and refuses tools with tool_choice "auto"; the
 # simulated engine serves like one started with --enable-auto-tool-choice and the family's parser.
@@ -125,12 +131,19 @@ def counter_for(spec: str | None, served_model: str) -> TokenizerCounter:
     """The counter the engine uses: ``spec`` is a family name or a directory holding tokenizer.json and
     tokenizer_config.json, or None to choose by the served model name (llama-3.1 → llama3_1,
     llama-3 → llama3, qwen → qwen3). Raises ValueError for an unknown family."""
-    from extproc.tokens import TokenCounter
-    from extproc.tokens import counter_for as builtin
-
     spec = spec or family_for_model(served_model)
-    if os.path.isdir(spec):
-        return TokenizerCounter(TokenCounter.from_dir(spec), family_for_model(spec))
-    if spec not in FAMILIES:
+    if not os.path.isdir(spec) and spec not in FAMILIES:
         raise ValueError(f"unknown tokenizer {spec!r}: a family ({', '.join(FAMILIES)}) or a directory")
-    return TokenizerCounter(builtin(spec), spec)
+    return _counter(os.path.abspath(spec) if os.path.isdir(spec) else spec)
+
+
+@functools.cache
+def _counter(spec: str) -> TokenizerCounter:
+    from extproc.tokens import TokenCounter
+
+    if os.path.isdir(spec):
+        return TokenizerCounter(TokenCounter.from_dir(spec, render_timeout=RENDER_TIMEOUT_S), family_for_model(spec))
+    from extproc.tokens.files import family_dir
+
+    return TokenizerCounter(TokenCounter.from_dir(family_dir(spec), name=spec, family=spec,
+                                                  render_timeout=RENDER_TIMEOUT_S), spec)
