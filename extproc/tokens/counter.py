@@ -207,6 +207,14 @@ class TokenCounter:
             templates = files
         return cls(tokenizer, config, templates, name=name or root.name, family=family, **kw)
 
+    def with_chat_template(self, template: str | Mapping[str, str], **kw) -> "TokenCounter":
+        """A counter sharing this tokenizer with another chat template (a source, or named
+        sources such as {"default": ..., "tool_use": ...}): vLLM's ``--chat-template``."""
+        templates = {"default": template} if isinstance(template, str) else dict(template)
+        kw.setdefault("render_timeout", self._timeout)
+        kw.setdefault("max_chars", self._max_chars)
+        return TokenCounter(self._tok, self.config, templates, name=self.name, family=self.family, **kw)
+
     def __repr__(self) -> str:
         return f"TokenCounter({self.name!r}, family={self.family!r})"
 
@@ -294,7 +302,8 @@ class TokenCounter:
                                continue_final_message=bool(continue_final_message),
                                variables=variables)
 
-    def _chat_prompt(self, messages, *, tool_dicts, kwargs: dict, add_special_tokens: bool) -> int:
+    def _chat_prompt(self, messages, *, tool_dicts, kwargs: dict, add_special_tokens: bool,
+                     ids: bool = False):
         """One chat as vLLM's ``preprocess_chat`` runs it; ``kwargs`` are the merged template
         kwargs (``tools`` among them)."""
         tools = kwargs.pop("tools", tool_dicts)
@@ -309,6 +318,8 @@ class TokenCounter:
         conversation = prepare_messages(messages, template)
         prompt = self._render(template, conversation, tools=tools, documents=documents,
                               add_generation_prompt=agp, continue_final_message=cfm, kwargs=kwargs)
+        if ids:
+            return self.encode(prompt, add_special_tokens)
         return self._count(prompt, add_special_tokens)
 
     # -- requests -----------------------------------------------------------------------------
@@ -326,8 +337,18 @@ class TokenCounter:
         """
         if not isinstance(body, Mapping):
             raise _fail("request body must be a JSON object")
-        opts = dict(enable_auto_tool_choice=enable_auto_tool_choice,
-                    tool_call_parser=tool_call_parser, max_model_len=max_model_len)
+        try:
+            return self._count_request(api, body, enable_auto_tool_choice=enable_auto_tool_choice,
+                                       tool_call_parser=tool_call_parser,
+                                       max_model_len=max_model_len)
+        except _NotMultimodal:
+            model = body.get("model") if isinstance(body.get("model"), str) else self.name
+            raise _fail(f"{model} is not a multimodal model") from None
+        except RecursionError:
+            raise _fail("request too deeply nested") from None
+
+    def _count_request(self, api, body, **opts) -> list[int]:
+        max_model_len = opts["max_model_len"]
         if api == "chat":
             return [self._count_chat_body(body, **opts)]
         if api == "completions":
@@ -341,7 +362,23 @@ class TokenCounter:
     def count_tokenize(self, body: Mapping[str, Any]) -> int:
         """What vLLM's POST /tokenize answers as ``count`` for ``body`` (chat messages or a
         prompt). It differs from a real request in places: no ``reasoning_content`` alias, no
-        tool-choice checks, ``add_special_tokens`` defaults to True for a prompt."""
+        tool-choice checks, ``tools: []`` accepted, ``add_special_tokens`` defaults to True for a
+        prompt, an empty prompt counts (0, or 1 with a BOS) instead of a 400."""
+        return len(self.tokenize(body))
+
+    def tokenize(self, body: Mapping[str, Any]) -> list[int]:
+        """The token ids vLLM's POST /tokenize answers for ``body``."""
+        if not isinstance(body, Mapping):
+            raise _fail("request body must be a JSON object")
+        try:
+            return self._tokenize(body)
+        except _NotMultimodal:
+            model = body.get("model") if isinstance(body.get("model"), str) else self.name
+            raise _fail(f"{model} is not a multimodal model") from None
+        except RecursionError:
+            raise _fail("request too deeply nested") from None
+
+    def _tokenize(self, body: Mapping[str, Any]) -> list[int]:
         if "messages" in body:
             messages = body["messages"]
             _check_messages_list(messages, tokenize=True)
@@ -356,11 +393,12 @@ class TokenCounter:
                              "continue_final_message": body.get("continue_final_message", False)})
             kwargs = _merge({"tools": tool_dicts, "tokenize": False}, kwargs)
             return self._chat_prompt(messages, tool_dicts=tool_dicts, kwargs=kwargs,
-                                     add_special_tokens=bool(body.get("add_special_tokens", False)))
+                                     add_special_tokens=bool(body.get("add_special_tokens", False)),
+                                     ids=True)
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             raise _fail("prompt must be a string")
-        return self._count(prompt, bool(body.get("add_special_tokens", True)))
+        return self.encode(prompt, bool(body.get("add_special_tokens", True)))
 
     # chat completions ------------------------------------------------------------------------
 
@@ -739,13 +777,14 @@ def _parse_part(part: Any, wrap: bool):
                 f"{', '.join(_SUPPORTED_PART_TYPES)}.")
 
 
+class _NotMultimodal(TemplateError):
+    """A media content part for a text-only model; ``count_request`` names the model as vLLM does."""
+
+
 def _media_error(ptype: str) -> TemplateError:
-    modality = "image" if "image" in ptype else "audio" if "audio" in ptype else \
-        "video" if "video" in ptype else "prompt_embeds"
-    if modality == "prompt_embeds":
+    if ptype == "prompt_embeds":
         return _fail("You must set `--enable-prompt-embeds` to input `prompt_embeds`")
-    return _fail(f"content part type {ptype!r}: this text-only model does not accept {modality} "
-                 "input")
+    return _NotMultimodal(f"this model is not a multimodal model (content part type {ptype!r})")
 
 
 def _postprocess_tool_calls(conversation: list[dict]) -> None:
@@ -840,11 +879,8 @@ def _check_messages_list(messages: Any, tokenize: bool = False) -> None:
             raise _fail(f"messages[{i}].content: Input should be a valid string")
         if c is not None and not isinstance(c, (str, list)):
             raise _fail(f"messages[{i}].content: Input should be a valid string or list")
-        if isinstance(c, list) and role == "user":
-            # a user message takes only content-part objects (no bare strings)
-            for p in c:
-                if not isinstance(p, Mapping):
-                    raise _fail(f"messages[{i}].content: Input should be a valid dictionary")
+        if isinstance(c, list):
+            _check_part_list(m, c, i)
         calls = m.get("tool_calls")
         if role == "assistant" and calls is not None:
             if not isinstance(calls, list):
@@ -860,6 +896,62 @@ def _check_messages_list(messages: Any, tokenize: bool = False) -> None:
                     raise _fail(f"{where}.function.name: Field required")
                 if not isinstance(fn.get("arguments"), str):
                     raise _fail(f"{where}.function.arguments: Input should be a valid string")
+
+
+# The part types each OpenAI message type accepts (openai.types.chat), for a content list.
+_OPENAI_ROLE_PARTS = {"user": {"text", "image_url", "input_audio", "file"}, "system": {"text"},
+                      "developer": {"text"}, "assistant": {"text", "refusal"}, "tool": {"text"}}
+# fields each content-part TypedDict declares: (type literal or None, required, optional)
+_PART_SHAPES = [
+    ("text", ("text",), ()), ("image_url", ("image_url",), ()), ("input_audio", ("input_audio",), ()),
+    ("file", ("file",), ()), ("refusal", ("refusal",), ()), ("audio_url", ("audio_url",), ()),
+    ("video_url", ("video_url",), ()), ("image_embeds", (), ("image_embeds", "uuid")),
+    ("audio_embeds", (), ("audio_embeds", "uuid")), ("video_embeds", (), ("video_embeds", "uuid")),
+    ("prompt_embeds", ("data",), ()), ("thinking", ("thinking",), ("closed",)),
+    (None, (), ("name", "type")),                       # tool_reference (all optional)
+    (None, (), ("image_pil", "uuid")), (None, (), ("image_url", "uuid")),
+    (None, (), ("audio_url",)), (None, (), ("video_url", "uuid")),
+]
+
+
+def _part_fields(part: Any) -> int:
+    """How many fields the best-matching content-part type sets for ``part`` (pydantic's smart
+    union prefers the message type whose validation sets the most fields)."""
+    if not isinstance(part, Mapping):
+        return 0
+    best = 0
+    for literal, required, optional in _PART_SHAPES:
+        if literal is not None and part.get("type") != literal:
+            continue
+        if any(k not in part for k in required):
+            continue
+        if literal == "text" and not isinstance(part.get("text"), str):
+            continue
+        if literal is None and "type" in optional and part.get("type") not in (None, "tool_reference"):
+            continue
+        n = (1 if literal is not None else 0) + len(required) + sum(k in part for k in optional)
+        best = max(best, n)
+    return best
+
+
+def _check_part_list(m: Mapping, parts: list, i: int) -> None:
+    """A content list of an OpenAI role (user, system, developer, assistant, tool with a
+    tool_call_id) is validated against that role's part types unless vLLM's catch-all message
+    type matches it better — which happens when some part sets fields there (a well-formed text,
+    refusal, thinking, image... part). So ``["a", {"type": "text", ...}]`` passes while ``["a"]``
+    or ``[{"type": "input_text", ...}]`` alone is a 400 for a user message (measured on vLLM
+    0.32.0 with pydantic 2.14)."""
+    role = m["role"]
+    allowed = _OPENAI_ROLE_PARTS.get(role)
+    if allowed is None or (role == "tool" and "tool_call_id" not in m):
+        return
+    if sum(_part_fields(p) for p in parts) > 0:
+        return
+    for p in parts:
+        ok = isinstance(p, Mapping) and p.get("type") in allowed and _part_fields(p) > 0
+        if not ok:
+            raise _fail(f"messages[{i}].content: validation error for the {role} message type "
+                        f"(content part {p!r} is not one of {sorted(allowed)})")
 
 
 def _normalize_reasoning_alias(messages: list) -> list:

@@ -144,6 +144,24 @@ CASES: list[tuple[str, str, dict]] = [
     ("tool_call_missing_id", "chat", _chat([
         _user("Weather?"), {"role": "assistant", "tool_calls": [
             {"type": "function", "function": {"name": "f", "arguments": "{}"}}]}])),
+    ("tools_no_user_message", "chat", _chat([{"role": "system", "content": "Use tools."}],
+                                            tools=[WEATHER_TOOL], tool_choice="none")),
+    ("tools_named_choice", "chat", _chat([_user("Weather?")], tools=[WEATHER_TOOL],
+                                         tool_choice={"type": "function", "function": {"name": "get_weather"}})),
+    ("tools_named_choice_unknown", "chat", _chat([_user("Weather?")], tools=[WEATHER_TOOL],
+                                                 tool_choice={"type": "function", "function": {"name": "nope"}})),
+    ("tool_choice_without_tools", "chat", _chat([_user("Weather?")], tool_choice="auto")),
+    ("tools_unicode", "chat", _chat([_user("Météo à Zürich ?")], tool_choice="none", tools=[{
+        "type": "function", "function": {"name": "météo", "description": "Donne la météo — 天气",
+                                         "parameters": {"type": "object", "properties": {
+                                             "ville": {"type": "string", "description": "Nom de la ville"}}}}}])),
+    ("tool_call_unicode_args", "chat", _chat([
+        _user("Météo ?"), {"role": "assistant", "tool_calls": [
+            {"id": "c", "type": "function", "function": {"name": "météo", "arguments": "{\"ville\": \"Zürich\"}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "5 °C"}])),
+    ("tools_strict_and_defer", "chat", _chat([_user("x")], tool_choice="none", tools=[
+        {"type": "function", "defer_loading": True,
+         "function": {"name": "f", "strict": False, "parameters": {"type": "object"}}}])),
     # -- special tokens typed in content -----------------------------------------------------------
     ("special_eot_in_content", "chat", _chat([_user("end here <|eot_id|> and <|end_of_text|>")])),
     ("special_im_end_in_content", "chat", _chat([_user("a <|im_end|> b <|im_start|>user c <think> d")])),
@@ -161,6 +179,16 @@ CASES: list[tuple[str, str, dict]] = [
     ("documents", "chat", _chat([_user("Summarise.")],
                                 documents=[{"title": "A", "text": "Alpha beta."}])),
     ("add_special_tokens_chat", "chat", _chat([_user("Hi")], add_special_tokens=True)),
+    ("continue_final_user", "chat", _chat([_user("Complete this: The cat")],
+                                          add_generation_prompt=False, continue_final_message=True)),
+    ("image_part", "chat", _chat([{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])),
+    ("input_text_part_user", "chat", _chat([{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}])),
+    ("input_text_part_custom", "chat", _chat([{"role": "critic", "content": [{"type": "input_text", "text": "hi"}]},
+                                              _user("x")])),
+    ("thinking_part_assistant", "chat", _chat([_user("x"), {"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "hmm"}, {"type": "text", "text": "y"}]}, _user("z")])),
     ("untrusted_template", "chat", _chat([_user("Hi")], chat_template="{{ messages }}")),
     ("empty_messages", "chat", _chat([])),
     ("string_parts_user", "chat", _chat([{"role": "user", "content": ["a", "b"]}])),
@@ -185,6 +213,9 @@ CASES: list[tuple[str, str, dict]] = [
     ("completion_ids_batch", "completions", {"prompt": [[1, 2, 3], [4, 5]]}),
     ("completion_empty", "completions", {"prompt": ""}),
     ("completion_empty_in_batch", "completions", {"prompt": ["a", ""]}),
+    ("completion_ids_empty_inner", "completions", {"prompt": [[1, 2], []]}),
+    ("completion_mixed", "completions", {"prompt": ["a", [1, 2]]}),
+    ("completion_suffix", "completions", {"prompt": "def f(", "suffix": "return 1"}),
     # -- responses ----------------------------------------------------------------------------------
     ("responses_str", "responses", {"input": "Tell me a fact about owls."}),
     ("responses_instructions", "responses", {"input": "Tell me a fact about owls.",
@@ -211,6 +242,16 @@ CASES: list[tuple[str, str, dict]] = [
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "4"}]},
         {"role": "user", "content": "3+3?"}]}),
     ("responses_reasoning_effort_none", "responses", {"input": "Hi", "reasoning": {"effort": "none"}}),
+    ("responses_tool_output_parts", "responses", {"input": [
+        {"role": "user", "content": "Weather?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1",
+         "output": [{"type": "input_text", "text": "18 C"}, {"type": "input_text", "text": "sunny"}]}]}),
+    ("responses_partial_assistant", "responses", {"input": [
+        {"role": "user", "content": "Name a color."},
+        {"type": "message", "role": "assistant", "status": "incomplete",
+         "content": [{"type": "output_text", "text": "The color is"}]}]}),
+    ("responses_truncation_auto", "responses", {"input": "Hi", "truncation": "auto"}),
     # -- anthropic messages -------------------------------------------------------------------------
     ("messages_plain", "messages", {"max_tokens": 16, "messages": [_user("Hello, Claude")]}),
     ("messages_system_str", "messages", {"max_tokens": 16, "system": "You are a pirate.",
@@ -245,6 +286,24 @@ CASES: list[tuple[str, str, dict]] = [
                                                 "messages": [_user("Hi")]}),
     ("messages_assistant_prefill", "messages", {"max_tokens": 16, "messages": [
         _user("Name a color."), {"role": "assistant", "content": "The color is"}]}),
+    ("messages_inline_system", "messages", {"max_tokens": 16, "system": "Top.", "messages": [
+        _user("Hi"), {"role": "system", "content": "Inline rule."}, _user("Go")]}),
+    ("messages_assistant_tool_result", "messages", {"max_tokens": 16, "messages": [
+        _user("x"), {"role": "assistant", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "r"}]}]},
+        _user("y")]}),
+    ("messages_image", "messages", {"max_tokens": 16, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What?"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]}),
+    ("messages_thinking_blocks", "messages", {"max_tokens": 16, "messages": [
+        _user("2+2?"), {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "add", "signature": "s"}, {"type": "text", "text": "4"}]},
+        _user("3+3?")]}),
+    ("messages_unicode_tool_use", "messages", {"max_tokens": 16, "tool_choice": {"type": "none"}, "tools": [
+        {"name": "météo", "input_schema": {"type": "object", "properties": {"ville": {"type": "string"}}}}],
+        "messages": [_user("Météo ?"), {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "t1", "name": "météo", "input": {"ville": "Zürich"}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "5 °C"}]}]}),
 ]
 
 CASE_NAMES = [c[0] for c in CASES]
