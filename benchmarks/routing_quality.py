@@ -5,7 +5,7 @@ requests per text category, mixed multi-turn conversations, and chats with tool 
 budgets spread around the short pool's 8,192 limit (most within ±25%) and far from it; half with
 max_tokens; a third of the bodies written with ASCII escapes; two model families. The true
 prompt count of each body is what vLLM would report: the model's chat template tokenised by the
-real Llama-3 / Qwen3 BPE (quicktok-v1, see extproc/chat_tokens.py). Each estimator replays the
+real Llama-3 / Qwen3 tokenizer.json, as vLLM counts it (extproc.tokens). Each estimator replays the
 requests online: route, then learn from the true count.
 
 Columns: overflow = sent short while the true budget exceeds the short pool (% of all
@@ -31,7 +31,7 @@ import orjson
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from extproc import chat_tokens  # noqa: E402
+from extproc.tokens import counter_for  # noqa: E402
 from extproc.budget import BudgetRouter, BudgetSettings  # noqa: E402
 from extproc.budget.calibrate import make_estimator  # noqa: E402
 from fit_priors import text_half  # noqa: E402
@@ -95,7 +95,7 @@ def build_request(rng: random.Random, by_cat: dict[str, list[dict]], family: str
             texts = fill(rng, by_cat[rng.choice(cats)], family, min(prompt_target - have, rng.randint(50, 3000)))
             content = "\n\n".join(texts)
             messages.append({"role": role, "content": content})
-            have += sum(1 for _ in texts) * 0 + chat_tokens.count_text(content, family) + 5
+            have += counter_for(family).count_text(content) + 5
             role = "assistant" if role == "user" else "user"
         if messages[-1]["role"] == "assistant":
             messages.append({"role": "user", "content": rng.choice(by_cat["chat"])["text"]})
@@ -117,7 +117,9 @@ def build_request(rng: random.Random, by_cat: dict[str, list[dict]], family: str
         body["messages"] = [{"role": "user", "content": "\n\n".join(texts)}]
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
-    true_prompt = chat_tokens.count_chat(body["messages"], family, body.get("tools"))
+    # what vLLM reports: tools need a tool parser (a server started with --enable-auto-tool-choice)
+    true_prompt = counter_for(family).count_request("chat", body, enable_auto_tool_choice=True,
+                                                    tool_call_parser="hermes")[0]
     escaped = rng.random() < 1 / 3
     raw = json.dumps(body).encode() if escaped else orjson.dumps(body)
     return {"kind": kind, "family": family, "body": raw, "prompt": true_prompt,

@@ -50,10 +50,14 @@ def _true_tokens(row: dict) -> int:
     """The prompt count vLLM reports for the body (recorded in the shared set; else counted)."""
     if "prompt_tokens" in row:
         return row["prompt_tokens"]["qwen3" if "qwen" in row["body"]["model"].lower() else "llama3"]
-    from extproc import chat_tokens
+    from extproc.tokens import counter_for
 
     body = row["body"]
-    return chat_tokens.count_chat(body["messages"], chat_tokens.family_for_model(body["model"]), body.get("tools"))
+    family = "qwen3" if "qwen" in body["model"].lower() else "llama3"
+    api = "completions" if row.get("path") == "/v1/completions" else "chat"
+    # usage.prompt_tokens of a server that takes tools (--enable-auto-tool-choice, a tool parser)
+    return sum(counter_for(family).count_request(api, body, enable_auto_tool_choice=True,
+                                                 tool_call_parser="hermes"))
 
 
 def _bodies() -> list[tuple[bytes, str]]:
@@ -80,7 +84,8 @@ def _assert_same_decision(resp: pb.ExplainResponse, local: BudgetRouter, body: b
     assert rec["conservative_prompt_tokens"] == d.budget_tokens - d.output_tokens
     assert rec["margin"] == d.margin and rec["content_kind"] == d.content_kind  # exact: a double on the wire
     assert (rec["model"], rec["api"], rec["detail"]) == (d.model, d.api, d.detail)
-    assert rec["family"] == (d._family.name if d._family else "")
+    _, obs = local.route_learnable(body, path)
+    assert rec["family"] == (obs.family.name if obs else "")
     assert rec["calibration_key"] == local.calibration_key(d.model)
     assert rec["calibration_samples"] == (local.estimator.samples(d.model) if d.model else 0)
     assert [p["name"] for p in rec["pools"] if p["holds"]] == list(d.fits)
