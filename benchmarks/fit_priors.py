@@ -2,7 +2,7 @@
 
 For each tokenizer family: a ridge fit (relative-error weighted) of exact token counts on the
 content features of extproc.budget.features, the chat template's per-turn and fixed overheads
-(measured with the real tokenizer through extproc.chat_tokens), and a cold-start safety margin
+(measured with the model's own template and tokenizer through extproc.tokens), and a cold-start safety margin
 (the 99.5th percentile of relative under-estimates of held-out concatenated texts of ~6K tokens,
 from 5-fold cross-validation). Writes extproc/budget/priors.json.
 
@@ -22,7 +22,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from extproc import chat_tokens  # noqa: E402
+from extproc.tokens import TemplateError, counter_for, normalize_tools  # noqa: E402
 from extproc.budget.features import FEATURE_NAMES, measure  # noqa: E402
 
 DEFAULT_TEXTS = ROOT.parent / "shared" / "data" / "texts" / "dev_texts.jsonl"
@@ -66,11 +66,15 @@ def text_half(text_id: str) -> int:
 
 
 def template_overheads(family: str) -> dict:
-    base = chat_tokens.count_chat([], family)
-    one = chat_tokens.count_chat([{"role": "user", "content": "hello"}], family)
-    per_message = one - base - chat_tokens.count_text("hello", family)
-    return {"chat": base, "message": per_message,
-            "prompt": chat_tokens.count_completion("hello", family) - chat_tokens.count_text("hello", family)}
+    """Fixed and per-turn tokens of the chat template (from one and two turns: a real template
+    refuses an empty conversation) and what a /v1/completions prompt adds (a BOS or nothing)."""
+    c = counter_for(family)
+    text = c.count_text("hello")
+    one = c.count_chat([{"role": "user", "content": "hello"}])
+    two = c.count_chat([{"role": "user", "content": "hello"}, {"role": "user", "content": "hello"}])
+    per_message = two - one - text
+    return {"chat": one - per_message - text, "message": per_message,
+            "prompt": c.count_prompt("hello") - text}
 
 
 def tools_fit(rows: list[dict], coef: np.ndarray, family: str) -> dict:
@@ -78,8 +82,9 @@ def tools_fit(rows: list[dict], coef: np.ndarray, family: str) -> dict:
     tokens added by ``tools`` ≈ json_scale · estimate(compact JSON) + per_tool · n_tools."""
     from extproc.budget.request import read_request
 
+    c = counter_for(family)
     msgs = [{"role": "user", "content": "What can you do?"}]
-    base = chat_tokens.count_chat(msgs, family)
+    base = c.count_chat(msgs)
     X, y = [], []
     for row in rows:
         if row["category"] != "json":
@@ -89,9 +94,13 @@ def tools_fit(rows: list[dict], coef: np.ndarray, family: str) -> dict:
         except ValueError:
             continue
         tools = [{"type": "function", "function": f} for f in (fns if isinstance(fns, list) else [fns])]
+        try:  # the tools as vLLM hands them to the template (its pydantic dump of each)
+            rendered = c.count_chat(msgs, normalize_tools(tools))
+        except TemplateError:
+            continue  # a schema vLLM would refuse
         prompt = read_request(json.dumps({"messages": msgs, "tools": tools}).encode()).prompts[0]
         X.append([float(prompt.json @ coef), len(tools)])
-        y.append(chat_tokens.count_chat(msgs, family, tools) - base)
+        y.append(rendered - base)
     if len(y) < 5:
         return {"json_scale": 1.0, "per_tool": 0.0}
     (scale, per_tool), *_ = np.linalg.lstsq(np.array(X), np.array(y, float), rcond=None)

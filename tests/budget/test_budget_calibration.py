@@ -23,10 +23,15 @@ def chat(text: str, model: str = "m", **extra) -> bytes:
 
 @pytest.fixture(scope="module")
 def count_chat():
-    pytest.importorskip("quicktok", reason="quicktok-v1 (exact Llama-3/Qwen3 BPE) is not installed")
-    from extproc.chat_tokens import count_chat
+    """Prompt tokens of a chat as vLLM counts them (extproc.tokens: the family's own template and
+    tokenizer.json); skipped when the tokenizer files can be neither found nor fetched."""
+    from extproc.tokens import counter_for
 
-    return count_chat
+    try:
+        counters = {f: counter_for(f) for f in ("llama3", "qwen3")}
+    except (OSError, RuntimeError) as e:
+        pytest.skip(f"tokenizer files not available: {e}")
+    return lambda messages, family: counters[family].count_chat(messages)
 
 
 def stream(dev_texts, categories, seed, n=150):
