@@ -4,9 +4,12 @@ For each tokenizer family: a ridge fit (relative-error weighted) of exact token 
 content features of extproc.budget.features, the chat template's per-turn and fixed overheads
 (measured with the model's own template and tokenizer through extproc.tokens), and a cold-start safety margin
 (the 99.5th percentile of relative under-estimates of held-out concatenated texts of ~6K tokens,
-from 5-fold cross-validation). Writes extproc/budget/priors.json.
+from 5-fold cross-validation), and the strings the family's tokenizer encodes as one token each
+even when typed as text (its added tokens, from the real tokenizer.json vLLM reads; quicktok's
+list when those files cannot be had). Writes extproc/budget/priors.json.
 
     .venv/bin/python benchmarks/fit_priors.py [--texts PATH] [--out PATH]
+    .venv/bin/python benchmarks/fit_priors.py --only-specials   # refresh the special-token lists alone
 """
 
 from __future__ import annotations
@@ -107,13 +110,36 @@ def tools_fit(rows: list[dict], coef: np.ndarray, family: str) -> dict:
     return {"json_scale": round(float(scale), 4), "per_tool": round(float(per_tool), 2)}
 
 
+def special_tokens(family: str) -> list[str]:
+    """Every added token of the family's tokenizer: Hugging Face ``tokenizers`` (what vLLM runs)
+    splits each out of the text as one token, special or not (Qwen3's ``<think>``)."""
+    try:  # tokenizer.json's added tokens and those tokenizer_config.json adds, as vLLM loads them
+        tokens = list(counter_for(family).special_tokens)
+    except Exception as exc:  # noqa: BLE001 - offline: the same lists from quicktok
+        print(f"{family}: tokenizer.json not available ({type(exc).__name__}: {exc}); quicktok's special tokens")
+        import quicktok
+
+        tokens = list(quicktok.get_encoding(family).special_tokens_set)
+    return sorted(set(tokens))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=pathlib.Path, default=DEFAULT_TEXTS)
     ap.add_argument("--out", type=pathlib.Path, default=ROOT / "extproc" / "budget" / "priors.json")
     ap.add_argument("--half", type=int, choices=(0, 1), help="fit on one half of the texts only "
                     "(split by id; routing_quality.py --half on the other half is a held-out check)")
+    ap.add_argument("--only-specials", action="store_true",
+                    help="refresh only the special-token lists of the existing priors (no refit)")
     args = ap.parse_args()
+    if args.only_specials:
+        doc = json.loads(args.out.read_text())
+        for family, fam in doc["families"].items():
+            fam["special_tokens"] = special_tokens(family)
+            print(f"{family}: {len(fam['special_tokens'])} special-token strings")
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {args.out}")
+        return
     if not args.texts.exists():
         sys.exit(f"texts not found: {args.texts} (the shared data set is needed to fit priors)")
     rows = [json.loads(line) for line in args.texts.open()]
@@ -134,6 +160,7 @@ def main() -> None:
             "overhead": over,
             "tools": tools,
             "margin": round(margin, 4),
+            "special_tokens": special_tokens(family),
         }
         pred = X @ coef
         mape = float(np.mean(np.abs(pred - y) / y))

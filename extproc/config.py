@@ -17,8 +17,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .budget.calibrate import ESTIMATORS, KalmanSettings, PaperSettings
 from .budget.policy import Pool, order_pools
+from .budget.priors import load_priors
+from .budget.registry import ESTIMATORS
 from .budget.router import BudgetSettings
 
 ENV_PREFIX = "EXTPROC_"
@@ -60,9 +61,14 @@ class ServiceSettings:
     offload_bytes: int = 262_144          # bodies above this are routed in a worker thread
     inject_stream_usage: bool = False     # read streams without include_usage: ask for usage, strip it
     # The operator gRPC API on grpc_address: Explain and GetCalibration read; RestoreCalibration
-    # replaces the calibration, so it waits for read_write (whoever reaches the port could
-    # otherwise steer every estimate).
+    # and ResetCalibration replace the calibration, so they wait for read_write (whoever reaches
+    # the port could otherwise steer every estimate).
     operator_api: str = "read_only"
+    # Who sent a request, for bounding each client's share of what the calibration learns: this
+    # request header (a hashed API key or a user id that a trusted hop sets), else the client
+    # address Envoy reports (the last x-forwarded-for entry). Only a keyed hash of it is kept.
+    client_header: str | None = None
+    client_hash_key: str | None = None    # the hash's key; unset: a random key per process start
 
     def spillover_limit(self, pool: str) -> int | None:
         return dict(self.spillover).get(pool)
@@ -135,13 +141,12 @@ def _estimator(doc: Mapping) -> tuple[str, dict]:
     if kind not in ESTIMATORS:
         raise ConfigError("estimator.kind", f"must be one of {', '.join(ESTIMATORS)}, got {kind!r}")
     settings = dict(_mapping(est, "settings", "estimator."))
-    known = {"feature-kalman": KalmanSettings, "paper-ema": PaperSettings}.get(kind)
-    fields = {f.name: f for f in dataclasses.fields(known)} if known else {"ratio": None}
+    fields = {f.name: f for f in dataclasses.fields(ESTIMATORS[kind].settings)}
     for key, value in settings.items():
         path = f"estimator.settings.{key}"
         if key not in fields:
             raise ConfigError(path, f"unknown setting for {kind} (known: {', '.join(sorted(fields))})")
-        expected = float if key == "ratio" else type(fields[key].default)
+        expected = type(fields[key].default)
         if expected is float and type(value) is int:
             value = settings[key] = float(value)
         if type(value) is not expected:
@@ -150,12 +155,12 @@ def _estimator(doc: Mapping) -> tuple[str, dict]:
             raise ConfigError(path, f"must be positive, got {value!r}")
         if key in ("margin_quantile", "beta") and not value < 1:
             raise ConfigError(path, f"must be below 1, got {value!r}")
+        if key == "client_share" and not value <= 1:
+            raise ConfigError(path, f"must be at most 1, got {value!r}")
     return kind, settings
 
 
 def _families(doc: Mapping) -> tuple[tuple[tuple[str, str], ...], str]:
-    from .budget.calibrate import load_priors
-
     known = set(load_priors())
     raw = doc.get("families")
     families = BudgetSettings().families
@@ -175,7 +180,7 @@ def _families(doc: Mapping) -> tuple[tuple[tuple[str, str], ...], str]:
 
 
 BUDGET_FIELDS = {"pools", "estimator", "output_reserve", "media_tokens", "families", "default_family",
-                 "template_allowance_tokens"}
+                 "template_allowance_tokens", "learning"}
 TOP_FIELDS = BUDGET_FIELDS | {"service"}
 
 
@@ -202,6 +207,7 @@ def _number(doc: Mapping, key: str, default: float, lo: float, hi: float) -> flo
     return float(value)
 
 
+_UNFORWARDED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})  # envoy_config.py
 _RESERVED_HEADERS = frozenset({
     "authorization", "proxy-authorization", "content-type", "content-length", "content-encoding", "host",
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "cookie", "user-agent",
@@ -243,6 +249,17 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         raise ConfigError("service.operator_api", f"must be one of {', '.join(OPERATOR_API_MODES)}, got {operator_api!r}")
     if pool_header.startswith(prefix) and pool_header[len(prefix):] in PROVENANCE:
         raise ConfigError("service.pool_header", f"collides with a provenance header under {prefix!r}")
+    client_header = svc.get("client_header", d.client_header)
+    if client_header is not None:
+        client_header = _header(svc, "client_header", "")
+        if client_header in _UNFORWARDED_HEADERS:
+            raise ConfigError("service.client_header", f"Envoy does not forward {client_header!r} to the router "
+                              "(credentials stay out of the check); name a header holding a hash of it")
+        if client_header == pool_header or client_header.startswith(prefix):
+            raise ConfigError("service.client_header", "is one of the router's own headers (stripped from clients)")
+    hash_key = svc.get("client_hash_key", d.client_hash_key)
+    if hash_key is not None and (not isinstance(hash_key, str) or len(hash_key) < 16):
+        raise ConfigError("service.client_hash_key", "must be a string of at least 16 characters")
     return ServiceSettings(
         grpc_address=_address(svc, "grpc_address", d.grpc_address),
         http_address=_address(svc, "http_address", d.http_address),
@@ -263,6 +280,8 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         offload_bytes=_int(svc, "offload_bytes", "service.", d.offload_bytes, lo=1024),
         inject_stream_usage=svc.get("inject_stream_usage", d.inject_stream_usage),
         operator_api=operator_api,
+        client_header=client_header,
+        client_hash_key=hash_key,
     )
 
 
@@ -273,6 +292,11 @@ def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Conf
     _check_keys(doc, TOP_FIELDS, "")
     reserve = _mapping(doc, "output_reserve", "")
     _check_keys(reserve, {"default_tokens"}, "output_reserve.")
+    learning = _mapping(doc, "learning", "")
+    _check_keys(learning, {"client_share", "client_window"}, "learning.")
+    share = learning.get("client_share", BudgetSettings().client_share)
+    if type(share) not in (int, float) or not 0 < share <= 1:
+        raise ConfigError("learning.client_share", f"must be a share in (0, 1], got {share!r}")
     kind, est_settings = _estimator(doc)
     families, default_family = _families(doc)
     budget = BudgetSettings(
@@ -285,6 +309,8 @@ def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Conf
                                        BudgetSettings().template_allowance_tokens),
         families=families,
         default_family=default_family,
+        client_share=float(share),
+        client_window=_int(learning, "client_window", "learning.", BudgetSettings().client_window, lo=8, hi=100_000),
     )
     return Config(budget=budget, service=_service(doc, budget.pools), source=source)
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Iterable, Protocol
 from .operator.v1 import operator_pb2 as pb
 
 if TYPE_CHECKING:
-    from .budget import Decision
+    from .budget import Observation
     from .config import Config
 
 TIMEOUT_S = 30.0
@@ -51,13 +51,13 @@ class LocalExplainer:
         self.router = Router(budget, config.service, Metrics(budget.calibration_states))
         self.learns = learn
         self.origin = "a local router" + ("" if learn else " that does not learn")
-        self._last: Decision | None = None  # the decision the next true count is about
+        self._last: Observation | None = None  # what the next true count is about
 
     def explain(self, body: bytes, path: str) -> pb.ExplainResponse:
         from .service.operator import explain_response
 
         explanation = self.router.budget.explain(body, path)
-        self._last = explanation.decision
+        self._last = explanation.observation
         return explain_response(self.router.place(explanation))
 
     def learn(self, true_tokens: int) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 
 from .features import SAMPLE_CHARS, measure, utf8_len
+from .specials import NONE, SpecialTokens
 
 MAX_OUTPUT_TOKENS = 1 << 31  # larger requested outputs are clamped (they fit no pool anyway)
 _MODEL_NAME_MAX = 200
@@ -26,9 +27,12 @@ _TEXT_PART_TYPES = frozenset({"text", "input_text", "output_text", "refusal", "s
                               "reasoning_text"})
 _MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "image", "input_audio", "audio",
                                "input_file", "file", "video_url", "input_video"})
-# A chat request made only of these is rendered as its text plus a few tokens per turn.
+# Roles every template renders in its per-turn header; any other role name is rendered too (by
+# Llama-3's template, as its header text) and is counted as text.
 _PLAIN_ROLES = frozenset({"system", "developer", "user", "assistant"})
-_PLAIN_MESSAGE_KEYS = frozenset({"role", "content"})
+# A chat message made only of these is rendered as its text (role names and names counted) plus a
+# few tokens per turn, which is what the size bound assumes.
+_PLAIN_MESSAGE_KEYS = frozenset({"role", "content", "name"})
 _TEMPLATE_ARGS = ("chat_template", "chat_template_kwargs", "documents")
 _RESERVE_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
@@ -40,7 +44,8 @@ class Prompt:
     text: np.ndarray | None = None       # features of free text (all messages joined)
     json: np.ndarray | None = None       # features of JSON the template renders (tools, arguments)
     schema: np.ndarray | None = None     # features of output schemas (response_format)
-    text_bytes: int = 0                  # UTF-8 bytes of everything measured
+    text_bytes: int = 0                  # UTF-8 bytes of everything measured (special-token strings too)
+    special: int = 0                     # special-token strings typed in the text: one token each
     messages: int = 0                    # chat turns (the template adds tokens per turn)
     chat: int = 0                        # 1 when a chat template wraps the prompt
     media: int = 0                       # image/audio/file parts
@@ -49,10 +54,13 @@ class Prompt:
     exact_tokens: int | None = None      # token-id prompts carry their exact length
     unmeasured: dict[str, str] | None = None  # joined text per kind until measure() (then dropped)
 
-    def measure(self) -> "Prompt":
-        """Measure the features of the gathered text (once), then let the text go."""
+    def measure(self, specials: SpecialTokens = NONE) -> "Prompt":
+        """Measure the features of the gathered text (once), then let the text go. ``specials``:
+        the family's special-token strings, counted apart and cut out of the measured text."""
         if self.unmeasured:
             for kind, joined in self.unmeasured.items():
+                joined, found = specials.split(joined)
+                self.special += found
                 setattr(self, kind, measure(joined))
                 self.measured_on_sample |= len(joined) > SAMPLE_CHARS
         self.unmeasured = None
@@ -68,9 +76,10 @@ class RequestShape:
     output_field: str | None = None      # which field gave it
     notes: list[str] = field(default_factory=list)  # non-fatal oddities, e.g. an invalid max_tokens
     error: str | None = None             # why the body could not be read
-    # True when the prompt's template may render more than the text gathered here: other roles,
-    # message fields beyond role/content (tool ids, names), template arguments, documents, or
-    # the Responses API's items. The size bound does not hold then (router.py).
+    # True when the prompt's template may render more than the text gathered here: message fields
+    # beyond role/content/name (tool ids, tool calls, reasoning), a role that is not a string,
+    # template arguments, documents, or the Responses API's items. The size bound does not hold
+    # then (router.py). Role names and names are gathered as text, so they keep it.
     template_extras: bool = False
 
 
@@ -169,8 +178,14 @@ def _read_chat(body: dict, shape: RequestShape) -> None:
         if not isinstance(m, dict):
             shape.error = "a message is not an object"
             return
-        shape.template_extras |= m.get("role") not in _PLAIN_ROLES or not m.keys() <= _PLAIN_MESSAGE_KEYS
+        role = m.get("role")
+        shape.template_extras |= not isinstance(role, str) or not m.keys() <= _PLAIN_MESSAGE_KEYS
         c.messages += 1
+        if isinstance(role, str):
+            if role not in _PLAIN_ROLES:
+                c.text.append(role)  # a template prints the role's name in the turn's header
+        elif role is not None:
+            c.add_json(role)
         c.add_content(m.get("content"))
         for key in ("name", "reasoning_content", "reasoning"):
             value = m.get(key)
@@ -181,6 +196,8 @@ def _read_chat(body: dict, shape: RequestShape) -> None:
         if "function_call" in m:
             c.add_tool_calls([{"function": m["function_call"]}])
     _read_tools(body, c)
+    if body.get("documents") is not None:  # templates that take documents print them
+        c.add_json(body["documents"])
     rf = body.get("response_format")
     if isinstance(rf, dict) and rf.get("type") in ("json_schema", "json_object"):
         c.schema.append(_dumps(rf.get("json_schema") or rf))

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from .calibrate import Estimator, Family, load_priors, make_estimator
+from .estimate import Estimator
+from .guard import GuardSettings, LearningGuard
 from .policy import DEFAULT_POOLS, Pool, choose_pool, order_pools, pools_that_fit
-from .request import Prompt, read_request
+from .priors import Family, load_priors
+from .registry import make_estimator
+from .request import Prompt, RequestShape, read_request
 
 REASON_FITS = "fits"            # the smallest pool that holds the conservative budget
 REASON_TOO_LARGE = "too_large"  # holds in no pool: sent to the largest
@@ -31,10 +34,16 @@ class BudgetSettings:
     # What a chat template may add beyond its per-turn tokens (BOS, a default system prompt,
     # the generation prompt): the size bound's allowance. Llama-3.1 adds ~30, Qwen3 ~10.
     template_allowance_tokens: int = 1024
+    # Bounded influence per client (guard.py): no client's samples make up more than this share
+    # of a model's last ``client_window`` learned samples.
+    client_share: float = 0.2
+    client_window: int = 256
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Decision:
+    """Where a request goes and why: a plain value (what learning needs is an ``Observation``)."""
+
     pool: str
     prompt_tokens: int          # point estimate of the prompt (exact for token-id prompts)
     budget_tokens: int          # conservative prompt estimate + output reserve: what routing used
@@ -49,8 +58,17 @@ class Decision:
     content_kind: str = ""      # the kind of content whose margin applied ("" where one covers all)
     requested_output: int | None = None  # the output the body asked for (max_tokens and kin); None: none named
     prompts: int = 1            # sequences the engine will run (a batched completion has several)
-    _prompts: list[Prompt] | None = None
-    _family: Family | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """What learning from a request's true prompt count needs (``BudgetRouter.observe``): the model
+    it was for, the tokenizer family its estimate started from, and its measured prompts (feature
+    counts only: the text itself is gone). Made only by an estimated decision."""
+
+    model: str
+    family: Family
+    prompts: tuple[Prompt, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +81,7 @@ class Explanation:
     calibration_key: str | None      # learned state read: the model's key, the shared overflow key, or None (priors)
     calibration_samples: int         # usage counts that state learned from
     size_bound_tokens: int | None    # set when the request path decides on the size bound alone (source "bound")
+    observation: Observation | None = None  # what learning the true count would need (offline explain learns)
 
 
 class BudgetRouter:
@@ -76,7 +95,9 @@ class BudgetRouter:
         if s.estimator == "feature-kalman":
             # the margin learns from requests that could sit near a pool's limit, not from tiny ones
             settings.setdefault("margin_min_tokens", max(256, self.pools[0].max_context // 4))
+            settings.setdefault("client_share", s.client_share)
         self.estimator = estimator or make_estimator(s.estimator, **settings)
+        self.guard = LearningGuard(GuardSettings(s.client_share, s.client_window))
 
     @classmethod
     def from_config(cls, path: str | None) -> "BudgetRouter":
@@ -94,6 +115,7 @@ class BudgetRouter:
                 return self.families[family]
         return self.families[self.settings.default_family]
 
+    # -- the request path ----------------------------------------------------------------------
     def route(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions",
               by_size: bool = False) -> Decision:
         """Choose a pool for one request. Never raises on any body.
@@ -101,25 +123,46 @@ class BudgetRouter:
         ``by_size``: when the request's size alone proves that it fits the smallest pool, decide
         on that bound (source ``bound``; ``prompt_tokens`` is then the bound, not an estimate)
         without measuring features — most requests are short, and this is most of route()'s
-        cost. Such a decision teaches the calibrator nothing: route again without ``by_size``
-        for a request whose usage will be read."""
+        cost. Such a decision teaches the calibrator nothing (``decide`` gives the estimate for
+        a request whose usage will be read, from the same parse)."""
+        return self.decide(self.read(body, path), by_size)[0]
+
+    def route_learnable(self, body: bytes | bytearray | memoryview | str,
+                        path: str = "/v1/chat/completions") -> tuple[Decision, Observation | None]:
+        """``route`` on the full estimate, with what ``observe`` needs to learn the request's true
+        count (None where there is nothing to learn: unreadable bodies, token ids only)."""
+        return self.decide(self.read(body, path))
+
+    def read(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> RequestShape:
+        """Parse a body once (features not measured yet); ``decide`` takes it from there. Never raises."""
         try:
-            return self._route(body, path, by_size)
+            return read_request(body, path, measured=False)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost efficiency, never the request
+            return RequestShape(api="unknown", error=f"internal error: {type(exc).__name__}")
+
+    def decide(self, shape: RequestShape, by_size: bool = False) -> tuple[Decision, Observation | None]:
+        """The decision for a parsed body, and what learning its true count needs. Deciding
+        again on the same shape (by size first, then in full) measures its features once and
+        parses nothing twice. Never raises."""
+        try:
+            return self._decide(shape, by_size)
         except Exception as exc:  # noqa: BLE001 - a bug must cost efficiency, never the request
             return Decision(self.pools[-1].name, 0, 0, REASON_UNREADABLE, "fallback",
-                            detail=f"internal error: {type(exc).__name__}")
+                            detail=f"internal error: {type(exc).__name__}"), None
 
     def _size_bound(self, prompts: list[Prompt]) -> int | None:
         """Tokens the longest prompt can need at most, from sizes alone: a BPE or SentencePiece
-        token covers at least one byte of text, so tokens <= UTF-8 bytes, plus the template's
-        tokens. None where no such cheap bound holds: JSON the template re-renders (tools,
-        arguments, schemas) and media parts. (The caller also rules out requests whose template
-        renders more than the gathered text: ``RequestShape.template_extras``.)"""
+        token covers at least one byte of text (a special-token string typed in the text is
+        several bytes and one token), so tokens <= UTF-8 bytes, plus the template's tokens. None
+        where no such cheap bound holds: JSON the template re-renders (tools, arguments,
+        schemas) and media parts. (The caller also rules out requests whose template renders
+        more than the gathered text: ``RequestShape.template_extras``.)"""
         bound = 0
         for p in prompts:
             if p.exact_tokens is not None:
                 tokens = p.exact_tokens
-            elif p.tools or p.media or (p.unmeasured and p.unmeasured.keys() - {"text"}):
+            elif p.tools or p.media or (p.unmeasured and p.unmeasured.keys() - {"text"}) or \
+                    p.json is not None or p.schema is not None:
                 return None
             else:
                 tokens = (p.text_bytes + BOUND_TOKENS_PER_MESSAGE * p.messages
@@ -127,12 +170,11 @@ class BudgetRouter:
             bound = max(bound, tokens)
         return bound
 
-    def _route(self, body, path: str, by_size: bool = False) -> Decision:
-        shape = read_request(body, path, measured=False)
+    def _decide(self, shape: RequestShape, by_size: bool) -> tuple[Decision, Observation | None]:
         largest = self.pools[-1]
         if shape.error or not shape.prompts:
             return Decision(largest.name, 0, 0, REASON_UNREADABLE, "fallback", model=shape.model,
-                            api=shape.api, detail=shape.error or "no prompt")
+                            api=shape.api, detail=shape.error or "no prompt"), None
         out = shape.output_tokens if shape.output_tokens is not None else self.settings.default_output_tokens
         detail = shape.output_field or "default output reserve"
         if shape.notes:
@@ -144,61 +186,94 @@ class BudgetRouter:
                 return Decision(smallest.name, bound, bound + out, REASON_FITS, "bound", output_tokens=out,
                                 model=shape.model, api=shape.api, detail=detail,
                                 requested_output=shape.output_tokens, prompts=len(shape.prompts),
-                                fits=tuple(p.name for p in pools_that_fit(self.pools, bound + out)))
+                                fits=tuple(p.name for p in pools_that_fit(self.pools, bound + out))), None
         family = self.family_for(shape.model)
         media = self.settings.media_tokens
         best_point, best_cons, source, margin, kind = 0.0, 0, "exact", 0.0, ""
         for p in shape.prompts:  # a batched completion needs room for its longest prompt
-            est = self.estimator.estimate(shape.model, family, p.measure(), media)
+            est = self.estimator.estimate(shape.model, family, p.measure(family.specials), media)
             if est.conservative >= best_cons:
                 best_point, best_cons, margin, kind = max(best_point, est.tokens), est.conservative, est.margin, est.kind
                 if est.source != "exact" or source == "exact":
                     source = est.source
         budget = best_cons + out
         pool, fits = choose_pool(self.pools, budget)
-        return Decision(pool.name, int(round(best_point)), budget, REASON_FITS if fits else REASON_TOO_LARGE,
-                        source, output_tokens=out, model=shape.model, api=shape.api, detail=detail,
-                        fits=tuple(p.name for p in pools_that_fit(self.pools, budget)), margin=margin,
-                        content_kind=kind, requested_output=shape.output_tokens, prompts=len(shape.prompts),
-                        _prompts=shape.prompts, _family=family)
+        decision = Decision(pool.name, int(round(best_point)), budget, REASON_FITS if fits else REASON_TOO_LARGE,
+                            source, output_tokens=out, model=shape.model, api=shape.api, detail=detail,
+                            fits=tuple(p.name for p in pools_that_fit(self.pools, budget)), margin=margin,
+                            content_kind=kind, requested_output=shape.output_tokens, prompts=len(shape.prompts))
+        return decision, Observation(shape.model, family, tuple(shape.prompts))
 
     def explain(self, body: bytes | bytearray | memoryview | str, path: str = "/v1/chat/completions") -> Explanation:
         """What ``route`` decides for a body and why; a dry run that changes no state. Never raises."""
-        d = self.route(body, path)
-        quick = self.route(body, path, by_size=True)
-        return Explanation(d, d._family.name if d._family is not None else "", self.calibration_key(d.model),
+        shape = self.read(body, path)
+        quick, _ = self.decide(shape, by_size=True)
+        d, obs = self.decide(shape)
+        return Explanation(d, obs.family.name if obs is not None else "", self.calibration_key(d.model),
                            self.estimator.samples(d.model) if d.model else 0,
-                           quick.prompt_tokens if quick.source == "bound" else None)
+                           quick.prompt_tokens if quick.source == "bound" else None, obs)
 
-    def observe(self, decision: Decision, prompt_tokens: int) -> float | None:
+    # -- learning ------------------------------------------------------------------------------
+    def observe(self, observation: Observation | None, prompt_tokens: int, client: str | None = None,
+                lower_bound: bool = False) -> float | None:
         """Learn from the prompt count a response reported; returns the estimate's relative
-        error (true/estimate − 1) when the sample was learnable."""
-        if decision._prompts is None or decision._family is None:
+        error (true/estimate − 1) when the sample was learned. ``client``: an opaque hash of who
+        sent the request (None: unknown), whose share of the model's recent learning is bounded;
+        ``lower_bound``: the response said "at least" this many."""
+        if observation is None:
             return None
+        if not isinstance(observation, Observation):
+            raise TypeError("observe() takes the Observation of route_learnable() or decide(), not a "
+                            f"{type(observation).__name__}")
         if type(prompt_tokens) is not int or prompt_tokens <= 0 or prompt_tokens > 1 << 31:
             return None
-        return self.estimator.observe(decision.model, decision._family, decision._prompts, prompt_tokens,
-                                      self.settings.media_tokens)
+        key = self.estimator.slot(observation.model)
+        if not self.guard.admits(key, client):
+            self.guard.refused(key, client)
+            return None
+        learned = self.estimator.observe(observation.model, observation.family, list(observation.prompts),
+                                         prompt_tokens, self.settings.media_tokens, client, lower_bound)
+        if learned is None:
+            return None
+        self.guard.learned(key, client, learned)
+        return learned.error
 
     def calibration(self, model: str) -> dict | None:
         return self.estimator.describe(model)
 
+    def learning(self, model: str) -> dict | None:
+        """What the guards know of a model's recent learning: samples per client hash, what was
+        refused and what the features could not explain (no prompt text)."""
+        key = self.estimator.resolve(model)
+        return self.guard.describe(key) if key is not None else None
+
     def calibration_states(self) -> list[tuple[str, dict]]:
         """(model key, state) for every key the estimator holds (bounded by its key table)."""
-        table = getattr(self.estimator, "table", None)
-        keys = list(table.states) if table is not None else []
-        return [(k, st) for k in keys if (st := self.estimator.describe(k)) is not None]
+        return [(k, st) for k in self.estimator.keys() if (st := self.estimator.describe(k)) is not None]
 
     def calibration_key(self, model: str) -> str | None:
         """The estimator state a model's estimates read, if any (see ``KeyTable.resolve``)."""
-        table = getattr(self.estimator, "table", None)
-        return table.resolve(model) if table is not None else None
+        return self.estimator.resolve(model)
+
+    def reset(self, model: str) -> bool:
+        """Forget what a model learned (its estimates read the priors again); False if nothing was held."""
+        done = self.estimator.reset(model)
+        self.guard.keep_only(set(self.estimator.keys()))
+        return done
 
     def snapshot(self) -> dict:
-        return self.estimator.snapshot()
+        doc = self.estimator.snapshot()
+        if self.estimator.learns:
+            doc["guard"] = self.guard.snapshot()
+        return doc
 
     def restore(self, doc: dict) -> None:
+        """Replace the calibration with a snapshot's (what the guards knew included), or raise
+        ValueError and change nothing."""
+        guard = self.guard.parse(doc["guard"]) if isinstance(doc, dict) and "guard" in doc else {}
         self.estimator.restore(doc)
+        self.guard.keys = guard
+        self.guard.keep_only(set(self.estimator.keys()))
 
     def restore_json(self, text: str | bytes) -> None:
         """Apply a snapshot document (the JSON of ``snapshot()``), as at start-up or from the

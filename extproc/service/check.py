@@ -11,6 +11,9 @@ What it cannot do is see the request end, so in-flight counts (spillover) and in
 injection need the ext_proc routing filter (``service.routing_filter: ext_proc``). The usage filter
 (ext_proc, observability mode, only requests whose response is read) is the same for both.
 
+Who sent a request is read from the headers Envoy forwards with the check (``Router.client_of``:
+the configured identity header, else ``x-forwarded-for``); only those two are kept.
+
 Never answers anything but 200 to a check: an ext_authz answer of 4xx would be sent to the client.
 A request it cannot read, or any bug, gets a 200 with no pool header — the default route, the
 largest pool. ``GET /healthz`` is for Envoy's health check (503 while draining).
@@ -88,7 +91,8 @@ class CheckServer:
 
 
 class _CheckProtocol(asyncio.Protocol):
-    __slots__ = ("server", "r", "transport", "parser", "url", "body", "size", "queue", "working")
+    __slots__ = ("server", "r", "transport", "parser", "url", "body", "size", "queue", "working", "identity",
+                 "wanted")
 
     def __init__(self, server: CheckServer) -> None:
         self.server = server
@@ -98,8 +102,10 @@ class _CheckProtocol(asyncio.Protocol):
         self.url = b""
         self.body: list[bytes] = []
         self.size = 0
-        self.queue: deque[tuple[bytes, bytes | None, bool]] = deque()
+        self.queue: deque[tuple[bytes, bytes | None, bool, str | None]] = deque()
         self.working = False
+        self.identity: dict[str, str] = {}  # the headers that name the sender (see Router.client_of)
+        self.wanted = {h.encode(): h for h in (self.r.s.client_header, "x-forwarded-for") if h}
 
     # -- connection ------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -127,9 +133,16 @@ class _CheckProtocol(asyncio.Protocol):
         self.url = b""
         self.body = []
         self.size = 0
+        if self.identity:
+            self.identity = {}
 
     def on_url(self, url: bytes) -> None:
         self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        wanted = self.wanted.get(name.lower())
+        if wanted is not None:
+            self.identity[wanted] = value.decode("latin-1")
 
     def on_body(self, chunk: bytes) -> None:
         self.size += len(chunk)
@@ -139,7 +152,8 @@ class _CheckProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         body = b"".join(self.body) if self.size <= MAX_BODY else None
         self.body = []
-        self.queue.append((self.url, body, self.parser.should_keep_alive()))
+        client = self.r.client_of(self.identity.get) if self.identity else None
+        self.queue.append((self.url, body, self.parser.should_keep_alive(), client))
         if not self.working:
             self._answer_queued()
 
@@ -149,7 +163,7 @@ class _CheckProtocol(asyncio.Protocol):
 
     def _answer_queued(self) -> None:
         while self.queue and self._open():
-            url, body, keep_alive = self.queue.popleft()
+            url, body, keep_alive, client = self.queue.popleft()
             if url == HEALTH_PATH:
                 self._send(_DRAINING if self.server.draining else _HEALTHY, keep_alive)
                 continue
@@ -161,21 +175,22 @@ class _CheckProtocol(asyncio.Protocol):
                 self.working = True
                 self.transport.pause_reading()
                 self.server.busy += 1
-                asyncio.ensure_future(self._answer_offloaded(path, body, keep_alive))
+                asyncio.ensure_future(self._answer_offloaded(path, body, keep_alive, client))
                 return
             self.server.busy += 1
             try:
-                self._send(self._decide(path, body), keep_alive)
+                self._send(self._decide(path, body, client), keep_alive)
             finally:
                 self.server.busy -= 1
 
-    async def _answer_offloaded(self, path: str, body: bytes, keep_alive: bool) -> None:
+    async def _answer_offloaded(self, path: str, body: bytes, keep_alive: bool, client: str | None) -> None:
         try:
             t0 = time.perf_counter()
-            d = await asyncio.to_thread(self.r.budget.route, body, path)  # (route() never raises)
+            # (route_learnable() never raises)
+            d, observation = await asyncio.to_thread(self.r.budget.route_learnable, body, path)
             if self._open():  # else Envoy gave up (timeout) or went away: nothing would end it
-                self._send(self._answer_or_default(lambda: self.r.record(d, body, path, ended_by_log=True), t0),
-                           keep_alive)
+                self._send(self._answer_or_default(
+                    lambda: self.r.record(d, observation, body, ended_by_log=True, client=client), t0), keep_alive)
         finally:
             self.server.busy -= 1
             self.working = False
@@ -183,9 +198,9 @@ class _CheckProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
                 self._answer_queued()
 
-    def _decide(self, path: str, body: bytes | None) -> bytes:
+    def _decide(self, path: str, body: bytes | None, client: str | None) -> bytes:
         # An over-long body is decided on no body at all: unreadable, so the largest pool.
-        return self._answer_or_default(lambda: self.r.decide(body or b"", path, ended_by_log=True),
+        return self._answer_or_default(lambda: self.r.decide(body or b"", path, ended_by_log=True, client=client),
                                        time.perf_counter())
 
     def _answer_or_default(self, routed: Callable[[], Routed], t0: float) -> bytes:

@@ -1,6 +1,7 @@
 """The operator gRPC API (protos/extproc/operator/v1/operator.proto) on the router's gRPC port:
 ``Explain`` (a body → the decision with every number behind it, a dry run), ``GetCalibration``
-and ``RestoreCalibration``.
+(with what the learning guards know per client hash), ``RestoreCalibration`` and
+``ResetCalibration`` (one model back to its priors).
 
 Protobuf in, ``Router`` / ``BudgetRouter`` calls out, protobuf back: the decision is the one the
 request path makes (``BudgetRouter.explain`` routes with the same code, ``Router.place`` applies
@@ -73,11 +74,26 @@ def explain_record(resp: pb.ExplainResponse) -> dict:
 
 
 def calibration_message(budget: BudgetRouter) -> pb.Calibration:
-    """The calibration as the snapshot file holds it, plus a summary per key. Runs on the event
-    loop, where the calibrator is updated, so the document is one consistent state."""
+    """The calibration as the snapshot file holds it, plus a summary per key and what its
+    learning guards know. Runs on the event loop, where the calibrator is updated, so the
+    document is one consistent state."""
     msg = pb.Calibration(estimator=budget.estimator.name, snapshot_json=json.dumps(budget.snapshot()).encode())
     for key, summary in budget.calibration_states():
-        msg.keys.add(key=key, samples=budget.estimator.samples(key), summary_json=json.dumps(summary).encode())
+        entry = msg.keys.add(key=key, samples=budget.estimator.samples(key), summary_json=json.dumps(summary).encode())
+        learning = budget.learning(key)
+        if learning is not None:
+            entry.learning.CopyFrom(learning_message(learning))
+    return msg
+
+
+def learning_message(learning: dict) -> pb.KeyLearning:
+    """``BudgetRouter.learning`` as its protobuf message."""
+    msg = pb.KeyLearning(window=learning["window"], client_share=learning["client_share"],
+                         recent=learning["recent"], unidentified=learning["unidentified"],
+                         refused=learning["refused"], unexplained=learning["unexplained"])
+    for c in learning["clients"]:
+        msg.clients.add(client_hash=c["client"], recent=c["recent"], share=c["share"], refused=c["refused"],
+                        unexplained=c["unexplained"])
     return msg
 
 
@@ -111,6 +127,18 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         msg = calibration_message(self.r.budget)
         log.info("calibration restored through the operator API: %d model keys", len(msg.keys))
         return msg
+
+    async def ResetCalibration(self, request: pb.ResetCalibrationRequest,
+                               context: grpc.aio.ServicerContext) -> pb.Calibration:
+        if self.mode != "read_write":
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "ResetCalibration is disabled: set service.operator_api: read_write")
+        budget = self.r.budget
+        key = budget.calibration_key(request.model)
+        if key is None or not budget.reset(request.model):
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no calibration held for that model")
+        log.info("calibration of model key %s reset through the operator API", key[:64])
+        return calibration_message(budget)
 
 
 def add_to_server(router: Router, mode: str, server: grpc.aio.Server) -> None:

@@ -96,6 +96,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         stripper: UsageEventStripper | None = None
         reader: ResponseReader | None = None
         may_inject = False
+        client: str | None = None
         chunks: list[bytes] = []
         try:
             req = first
@@ -108,11 +109,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     method = _header(hdrs, ":method") or ""
                     if method != "POST" or api_for_path(path) == "unknown" or hdrs.end_of_stream:
                         resp = self.headers_skip  # not an LLM call: no buffering
-                    elif r.may_inject():
-                        may_inject = True
-                        resp = self.headers_ask_response
                     else:
-                        resp = self.headers_plain
+                        client = r.client_of(lambda name: _header(hdrs, name))
+                        may_inject = r.may_inject()
+                        resp = self.headers_ask_response if may_inject else self.headers_plain
                     r.metrics.phase["request_headers"].observe(time.perf_counter() - t0)
                     yield resp
                 elif kind == "request_body":
@@ -129,10 +129,10 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         if len(body) > r.s.offload_bytes:
                             # Keep the loop responsive for other streams: only the pure estimate runs
                             # in a thread; if this stream is cancelled meanwhile, nothing was counted.
-                            d = await asyncio.to_thread(r.budget.route, body, path)
-                            routed = r.record(d, body, path, may_inject)
+                            d, observation = await asyncio.to_thread(r.budget.route_learnable, body, path)
+                            routed = r.record(d, observation, body, may_inject, client=client)
                         else:
-                            routed = r.decide(body, path, may_inject)
+                            routed = r.decide(body, path, may_inject, client=client)
                         pool = routed.pool
                         if routed.new_body is not None:
                             stripper = UsageEventStripper()
@@ -146,7 +146,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                         hdrs = req.response_headers
                         reader = ResponseReader(_status(hdrs), _header(hdrs, "content-type") or "")
                         if hdrs.end_of_stream:
-                            r.learn_from(routed.decision, routed.pool, reader.finish())
+                            r.learn_from(routed.decision, routed.observation, routed.pool, reader.finish(),
+                                         routed.client)
                             reader = stripper = None
                         elif reader.status == 200 and reader.streamed:
                             resp.mode_override.CopyFrom(_READ_RESPONSE_BODY)
@@ -182,7 +183,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             if body.end_of_stream:
                 out += stripper.finish()
         if body.end_of_stream:
-            self.r.learn_from(routed.decision, routed.pool, reader.finish())
+            self.r.learn_from(routed.decision, routed.observation, routed.pool, reader.finish(), routed.client)
         self.r.metrics.phase["response"].observe(time.perf_counter() - t0)
         if out == body.body:
             return pb.ProcessingResponse(response_body=pb.BodyResponse())

@@ -4,10 +4,16 @@ whether its request was misrouted (extproc.budget.response judges; this counts a
 
 Both routing filters call it (service/check.py for ext_authz, service/processor.py for ext_proc);
 it knows no protocol. Runs on the event loop only: nothing here is shared with worker threads.
+
+Who sent a request (``client_of``): the configured identity header (``service.client_header``,
+e.g. a hashed API key or a user id a gateway sets), else the address Envoy saw (the last
+``x-forwarded-for`` entry, which Envoy appends itself with ``use_remote_address``). The core only
+ever sees a keyed hash of it, and so do the operator API and the logs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import random
@@ -15,8 +21,9 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
-from ..budget import BudgetRouter, Decision, Explanation, Pool
+from ..budget import BudgetRouter, Decision, Explanation, Observation, Pool, RequestShape
 from ..budget.response import ResponseFacts, judge
 from ..budget.stream_usage import with_stream_usage
 from ..config import PROVENANCE, ServiceSettings
@@ -30,7 +37,9 @@ class _Awaited:
     """A decision whose response will be read."""
 
     decision: Decision
+    observation: Observation | None
     pool: str
+    client: str | None
 
 
 @dataclass(slots=True)
@@ -43,6 +52,8 @@ class Routed:
     decision_id: str | None = None      # names the request to the usage filter and the access-log stream
     read: bool = False                  # its response is read (the usage filter runs on its route)
     new_body: bytes | None = None       # include_usage injected: the routing stream reads the response
+    observation: Observation | None = None  # what learning its true count needs (estimated decisions)
+    client: str | None = None           # hash of who sent it
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +99,29 @@ class Router:
         self._capacity = {p.name: p.max_context for p in budget.pools}
         self._sample_tokens = 1.0          # token bucket of usage reads once calibrated
         self._sample_refill = time.monotonic()
+        # identities are hashed with a key: stable across restarts and replicas when configured
+        self._hash_key = (settings.client_hash_key.encode() if settings.client_hash_key
+                          else secrets.token_bytes(16))
+        self._client_header = settings.client_header
+
+    # -- who sent it ---------------------------------------------------------------------------
+    def client_of(self, header: Callable[[str], str | None]) -> str | None:
+        """The hashed identity of a request's sender from its headers (``header(name)`` gives a
+        header's value or None), or None when nothing names it."""
+        if self._client_header:
+            value = header(self._client_header)
+            if value:
+                return self.client_hash("id:" + value)
+        forwarded = header("x-forwarded-for")
+        if forwarded:  # the last entry is the address Envoy saw; earlier ones are the client's word
+            address = forwarded.rsplit(",", 1)[-1].strip()
+            if address:
+                return self.client_hash("addr:" + address)
+        return None
+
+    def client_hash(self, identity: str) -> str:
+        return hashlib.blake2b(identity.encode("utf-8", "surrogateescape"), key=self._hash_key,
+                               digest_size=8).hexdigest()
 
     # -- request side --------------------------------------------------------------------------
     def choose(self, d: Decision) -> tuple[str, str | None]:
@@ -125,7 +159,12 @@ class Router:
         since each read costs a gRPC stream."""
         if d.reason == "unreadable" or not d.model:
             return False
-        if self.at_risk(d, pool) or self.budget.estimator.samples(d.model) < self.s.calibration_samples:
+        if self.at_risk(d, pool):
+            return True
+        est = self.budget.estimator
+        if not est.learns:
+            return False
+        if est.samples(d.model) < self.s.calibration_samples:
             return True
         if self._rng.random() >= self.s.usage_sample_rate:
             return False
@@ -147,42 +186,48 @@ class Router:
         """At request-headers time (model unknown yet): may this request get include_usage
         injected? Always while some model is still calibrating, else at the sample rate.
         Never for an estimator that does not learn."""
-        if not self.s.inject_stream_usage or getattr(self.budget.estimator, "table", None) is None:
+        est = self.budget.estimator
+        if not self.s.inject_stream_usage or not est.learns:
             return False
         now = time.monotonic()
         if now - self._calibrating_checked > 1.0:  # O(keys): at most once a second
-            est = self.budget.estimator
-            keys = list(est.table.states)
+            keys = est.keys()
             self._calibrating = not keys or any(est.samples(k) < self.s.calibration_samples for k in keys)
             self._calibrating_checked = now
         return self._calibrating or self._rng.random() < self.s.usage_sample_rate
 
-    def decide(self, body: bytes, path: str, may_inject: bool = False, ended_by_log: bool = False) -> Routed:
+    def decide(self, body: bytes, path: str, may_inject: bool = False, ended_by_log: bool = False,
+               client: str | None = None) -> Routed:
         """Route a body: by its size alone when that proves it fits the smallest pool (most
-        requests: no features measured), else by the estimate."""
-        return self.record(self.budget.route(body, path, by_size=True), body, path, may_inject, ended_by_log)
+        requests: no features measured), else by the estimate. ``client``: its sender's hash."""
+        shape = self.budget.read(body, path)
+        d, observation = self.budget.decide(shape, by_size=True)
+        return self.record(d, observation, body, may_inject, ended_by_log, client, shape)
 
-    def record(self, d: Decision, body: bytes, path: str, may_inject: bool = False,
-               ended_by_log: bool = False) -> Routed:
+    def record(self, d: Decision, observation: Observation | None, body: bytes, may_inject: bool = False,
+               ended_by_log: bool = False, client: str | None = None, shape: RequestShape | None = None) -> Routed:
         """Pool choice, sampling and accounting for a decision. Runs on the event loop only:
-        in-flight counts and the id tables are not shared with worker threads.
+        in-flight counts and the id tables are not shared with worker threads. ``shape``: the
+        parsed body, when the decision may still need the full estimate (one decided by size).
 
         The request's end comes back one of two ways: the ext_proc routing stream ends with the
         request (the caller then calls ``finished``), or, for ext_authz checks
         (``ended_by_log``), Envoy's access-log stream names the decision id (``request_ended``)."""
         pool, spilled_from = self.choose(d)
         read = self.wants_read(d, pool)
-        if read and d.source == "bound":  # its usage will be learned: the calibrator needs the estimate
-            d = self.budget.route(body, path)
+        if read and observation is None and shape is not None and d.source == "bound":
+            # its usage will be learned, and the calibrator learns from the estimate: the same
+            # parse, now with its features measured
+            d, observation = self.budget.decide(shape)
             pool, spilled_from = self.choose(d)
-        out = Routed(d, pool, spilled_from)
+        out = Routed(d, pool, spilled_from, observation=observation, client=client)
         if read:
             if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
                 out.new_body = with_stream_usage(body)
             if out.new_body is None:
                 out.read = True
                 out.decision_id = self._new_id()
-                self.pending[out.decision_id] = _Awaited(d, pool)
+                self.pending[out.decision_id] = _Awaited(d, observation, pool, client)
                 while len(self.pending) > self.s.max_pending:
                     self.pending.popitem(last=False)
         m = self.metrics
@@ -250,11 +295,13 @@ class Router:
         """The usage filter read the response of a request marked for reading."""
         awaited = self.pending.pop(decision_id, None) if decision_id else None
         if awaited is not None:
-            self.learn_from(awaited.decision, awaited.pool, facts)
+            self.learn_from(awaited.decision, awaited.observation, awaited.pool, facts, awaited.client)
 
-    def learn_from(self, d: Decision, pool: str, facts: ResponseFacts) -> None:
+    def learn_from(self, d: Decision, observation: Observation | None, pool: str, facts: ResponseFacts,
+                   client: str | None = None) -> None:
         """Count what a response shows (a misroute of its kind, the usage read) and learn the
-        prompt's true count where the response states it."""
+        prompt's true count where the response states it (``observation``: what the decision
+        measured; None when it measured nothing to learn from)."""
         m = self.metrics
         miss = judge(facts, self._capacity[pool], d.requested_output, d.prompts)
         if miss is not None and pool != self.largest:  # the largest pool is where nothing else fits
@@ -268,7 +315,7 @@ class Router:
                 m.usage.labels("stream_missed" if facts.streamed else "json_missed").inc()
                 return
             m.usage.labels("stream" if facts.streamed else "json").inc()
-            self._learn(d, facts.prompt_tokens)
+            self._learn(observation, facts.prompt_tokens, client)
             return
         if miss is None:
             m.usage.labels("other_status").inc()
@@ -277,13 +324,14 @@ class Router:
         if miss.prompt_tokens is None:
             return
         if miss.exact:
-            self._learn(d, miss.prompt_tokens)
+            self._learn(observation, miss.prompt_tokens, client)
         elif miss.prompt_tokens > d.prompt_tokens:
             # "at least N": the truth is N or more. Learned only where it is above the estimate,
             # so it can move the estimate towards the truth and never past it.
-            self._learn(d, miss.prompt_tokens)
+            self._learn(observation, miss.prompt_tokens, client, lower_bound=True)
 
-    def _learn(self, d: Decision, prompt_tokens: int) -> None:
-        err = self.budget.observe(d, prompt_tokens)
-        if err is not None and d._family is not None:
-            self.metrics.estimate_error.labels(d._family.name).observe(err)
+    def _learn(self, observation: Observation | None, prompt_tokens: int, client: str | None,
+               lower_bound: bool = False) -> None:
+        err = self.budget.observe(observation, prompt_tokens, client, lower_bound)
+        if err is not None and observation is not None:
+            self.metrics.estimate_error.labels(observation.family.name).observe(err)

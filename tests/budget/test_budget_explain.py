@@ -22,8 +22,8 @@ def chat(text: str, model: str = "meta-llama/Meta-Llama-3-8B-Instruct", **extra)
 
 def _teach(router: BudgetRouter, model: str, n: int) -> None:
     for i in range(n):
-        d = router.route(chat(PROSE + f" {i}", model))
-        router.observe(d, int(d.prompt_tokens * 1.1))
+        d, obs = router.route_learnable(chat(PROSE + f" {i}", model))
+        router.observe(obs, int(d.prompt_tokens * 1.1))
 
 
 def test_explain_is_route_plus_why_and_changes_nothing():
@@ -51,8 +51,8 @@ def test_explain_names_the_margin_kind_family_and_key():
     learned = router.explain(chat(PROSE, "m1"))
     assert learned.decision.source == "calibrated" and learned.calibration_key == "m1"
     assert learned.calibration_samples == 25 and learned.decision.content_kind == "prose"
-    assert learned.decision.margin == max(router.estimator.s.margin_floor,
-                                          router.estimator.table.get("m1").errors.margin("prose"))
+    assert learned.decision.margin == pytest.approx(max(router.estimator.s.margin_floor,
+                                                        router.calibration("m1")["margins"]["prose"]), abs=1e-4)
     assert router.explain(chat(PROSE, "Qwen/Qwen3-8B")).family == "qwen3"
 
     unread = router.explain(b"{bad")
@@ -73,22 +73,22 @@ def test_calibration_key_reads_the_overflow_state_once_the_table_is_full():
     router = BudgetRouter(BudgetSettings(estimator_settings={"max_keys": 3}))
     for model in ("a", "b", "c", "d"):
         _teach(router, model, 2)
-    table = router.estimator.table
-    assert set(table.states) == {"a", "b", OVERFLOW_KEY}
+    assert set(router.estimator.keys()) == {"a", "b", OVERFLOW_KEY}
     for model, key in (("a", "a"), ("c", OVERFLOW_KEY), ("never-seen", OVERFLOW_KEY)):
         assert router.calibration_key(model) == key
-        assert table.get(model) is table.states[key]
+        assert router.calibration(model) == router.calibration(key)
     assert BudgetRouter().calibration_key("a") is None
 
 
 def test_paper_estimator_explains_its_ratio_margin_and_category():
     router = BudgetRouter(BudgetSettings(estimator="paper-ema"))
     d = router.explain(chat(PROSE)).decision
+    _, obs = router.route_learnable(chat(PROSE))
     assert d.content_kind == "prose"
     s = router.estimator.s
     c = 4.48
     assert d.margin == pytest.approx(c / (c - s.gamma * c * s.prior_sigma) - 1)
-    assert paper_category(d._prompts[0]) == d.content_kind
+    assert paper_category(obs.prompts[0]) == d.content_kind
 
 
 @pytest.mark.parametrize("text, why", [

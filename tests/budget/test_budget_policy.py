@@ -143,12 +143,12 @@ def test_a_short_plain_chat_is_decided_by_its_size_and_the_bound_holds_the_real_
 
     router = BudgetRouter()
     text = "What is the capital of France? " * 20
-    d = router.route(_chat(text), by_size=True)
+    d, obs = router.decide(router.read(_chat(text)), by_size=True)
     assert d.source == "bound" and d.pool == "short" and d.reason == "fits"
     for family in ("llama3", "qwen3"):
         assert d.prompt_tokens >= counter_for(family).count_chat([{"role": "user", "content": text}])
     assert d.budget_tokens == d.prompt_tokens + 64
-    assert router.observe(d, 200) is None  # nothing measured: nothing to learn
+    assert obs is None and router.observe(obs, 200) is None  # nothing measured: nothing to learn
     full = router.route(_chat(text))
     assert full.source == "prior" and full.prompt_tokens < d.prompt_tokens
 

@@ -64,9 +64,47 @@ def test_chat_all_roles_are_turns_and_their_text_is_joined():
             {"role": "tool", "content": "distance=12km", "tool_call_id": "c1"}]
     _, p = one_prompt({"messages": msgs})
     assert p.messages == 5
-    joined = "\n".join(m["content"] for m in msgs)
+    # the four roles every template has are in its per-turn tokens; any other is printed: its text counts
+    joined = "\n".join(m["content"] for m in msgs[:4]) + "\ntool\ndistance=12km"
     assert_features(p.text, joined)
     assert p.text_bytes == len(joined)
+
+
+@pytest.mark.parametrize("role", ["narrator", "Ärztin", "x" * 3000, "user "])
+def test_custom_role_names_are_text_and_keep_the_size_bound(role):
+    shape, p = one_prompt({"messages": [{"role": role, "content": "Once upon a time."}]})
+    assert_features(p.text, role + "\nOnce upon a time.")
+    assert p.text_bytes == utf8_len(role) + len("\nOnce upon a time.")
+    assert not shape.template_extras  # the role's bytes are in text_bytes: the bound still holds
+
+
+def test_name_fields_are_text_and_keep_the_size_bound():
+    shape, p = one_prompt({"messages": [{"role": "user", "name": "alice_smith", "content": "Hi."}]})
+    assert_features(p.text, "Hi.\nalice_smith")
+    assert not shape.template_extras
+    shape, _ = one_prompt({"messages": [{"role": "user", "content": "Hi.", "tool_call_id": "x"}]})
+    assert shape.template_extras  # a field templates may print that is not gathered: no bound
+
+
+def test_a_role_that_is_not_a_string_is_measured_and_not_bounded():
+    shape, p = one_prompt({"messages": [{"role": {"r": "user"}, "content": "Hi."}]})
+    assert shape.template_extras and p.json is not None
+
+
+def test_special_token_strings_in_content_are_counted_apart_and_cut_from_the_text():
+    from extproc.budget.priors import load_priors
+
+    llama, qwen = load_priors()["llama3"].specials, load_priors()["qwen3"].specials
+    text = "Start<|eot_id|> middle <|start_header_id|>user<|end_header_id|> end <think>x</think> <|im_end|>"
+    shape = read_request(body({"messages": [{"role": "user", "content": text}]}), measured=False)
+    p = shape.prompts[0].measure(llama)
+    assert p.special == 3  # Llama-3's three; <think> and <|im_end|> are text to it
+    assert_features(p.text, "Start\x00 middle \x00user\x00 end <think>x</think> <|im_end|>")
+    assert p.text_bytes == len(text)  # the size bound still counts every byte
+    q = read_request(body({"messages": [{"role": "user", "content": text}]}), measured=False).prompts[0]
+    assert q.measure(qwen).special == 3  # Qwen3's: <think>, </think>, <|im_end|>
+    plain = read_request(body({"messages": [{"role": "user", "content": "a < b and <|x|>"}]})).prompts[0]
+    assert plain.special == 0
 
 
 def test_content_parts_text_joined_like_string_content():
@@ -121,10 +159,10 @@ def test_assistant_tool_call_arguments_are_json(arguments):
             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     _, p = one_prompt({"messages": msgs})
     assert p.messages == 3
-    assert_features(p.text, "Weather?\nget_weather\nsunny")
+    assert_features(p.text, "Weather?\nget_weather\ntool\nsunny")
     expected_json = arguments if isinstance(arguments, str) else jdump(arguments)
     assert_features(p.json, expected_json)
-    assert p.text_bytes == len("Weather?\nget_weather\nsunny") + len(expected_json)
+    assert p.text_bytes == len("Weather?\nget_weather\ntool\nsunny") + len(expected_json)
 
 
 def test_legacy_function_call_is_json():

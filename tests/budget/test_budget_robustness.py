@@ -233,9 +233,11 @@ def test_hypothesis_arbitrary_json_bodies():
     @hypothesis.given(doc=doc, path=st.sampled_from(PATHS))
     def prop(doc, path):
         raw = json.dumps(doc).encode()
-        d = check(router, router.route(raw, path))
+        d, obs = router.route_learnable(raw, path)
+        check(router, d)
+        assert (obs is None) == (d.reason == "unreadable" or d.source == "exact") or obs is not None
         if d.reason != "unreadable":
-            err = router.observe(d, d.prompt_tokens + 5)  # must not raise
+            err = router.observe(obs, d.prompt_tokens + 5)  # must not raise
             assert err is None or isinstance(err, float)
 
     prop()
@@ -262,41 +264,42 @@ def test_hypothesis_arbitrary_bytes(router):
                                    float("inf"), True, None, "1234", [1234]])
 def test_observe_rejects_bad_counts(value):
     r = BudgetRouter()
-    d = r.route(chat("The quick brown fox jumps over the lazy dog. " * 10))
+    d, obs = r.route_learnable(chat("The quick brown fox jumps over the lazy dog. " * 10))
     before = r.snapshot()
-    assert r.observe(d, value) is None
+    assert r.observe(obs, value) is None
     assert r.snapshot() == before  # nothing learned
     assert r.estimator.samples("m") == 0
 
 
 def test_observe_on_unreadable_and_exact_decisions():
     r = BudgetRouter()
-    bad = r.route(b"not json")
-    assert bad.reason == "unreadable"
-    assert r.observe(bad, 100) is None
-    exact = r.route(orjson.dumps({"model": "m", "prompt": [1, 2, 3]}), "/v1/completions")
+    bad, obs = r.route_learnable(b"not json")
+    assert bad.reason == "unreadable" and obs is None
+    assert r.observe(obs, 100) is None
+    exact, obs = r.route_learnable(orjson.dumps({"model": "m", "prompt": [1, 2, 3]}), "/v1/completions")
     assert exact.source == "exact"
-    assert r.observe(exact, 3) is None  # nothing but token ids: nothing to learn
-    assert r.observe(exact, 2) is None
+    assert r.observe(obs, 3) is None  # nothing but token ids: nothing to learn
+    assert r.observe(obs, 2) is None
     assert r.snapshot()["keys"] == {}
-    # a hand-made Decision without the private fields
-    assert r.observe(Decision("short", 10, 100, "fits", "prior"), 10) is None
+    # a Decision is a plain value: it carries nothing to learn from, and saying so beats learning nothing
+    with pytest.raises(TypeError, match="Observation"):
+        r.observe(Decision("short", 10, 100, "fits", "prior"), 10)
 
 
 def test_observe_valid_count_returns_relative_error():
     r = BudgetRouter()
-    d = r.route(chat("The quick brown fox jumps over the lazy dog. " * 10))
+    d, obs = r.route_learnable(chat("The quick brown fox jumps over the lazy dog. " * 10))
     truth = d.prompt_tokens + 10
-    err = r.observe(d, truth)
+    err = r.observe(obs, truth)
     assert err == pytest.approx(truth / d.prompt_tokens - 1, abs=0.01)
     assert r.estimator.samples("m") == 1
 
 
 def test_observe_extreme_but_accepted_counts_do_not_raise():
     r = BudgetRouter()
-    d = r.route(chat("The quick brown fox jumps over the lazy dog. " * 200))
+    d, obs = r.route_learnable(chat("The quick brown fox jumps over the lazy dog. " * 200))
     for value in (1, 2 ** 31, 1, 2 ** 31):
-        err = r.observe(d, value)
+        err = r.observe(obs, value)
         assert isinstance(err, float)
     d2 = check(r, r.route(chat("The quick brown fox jumps over the lazy dog. " * 200)))
     assert d2.reason in ("fits", "too_large")
@@ -305,9 +308,9 @@ def test_observe_extreme_but_accepted_counts_do_not_raise():
 def test_single_absurd_observation_does_not_collapse_the_estimate():
     r = BudgetRouter()
     raw = chat("The quick brown fox jumps over the lazy dog. " * 200)
-    d = r.route(raw)
+    d, obs = r.route_learnable(raw)
     assert d.prompt_tokens > 1500
-    r.observe(d, 1)
+    r.observe(obs, 1)
     scales = r.calibration("m")["scales"]
     assert min(scales[g] for g in ("latin", "digits", "space", "punct", "cjk", "script")) >= 0
     assert r.route(raw).prompt_tokens > d.prompt_tokens / 2
@@ -317,11 +320,11 @@ def test_a_few_absurd_observations_do_not_disable_the_short_pool():
     r = BudgetRouter()
     raw = chat("The quick brown fox jumps over the lazy dog. " * 200)
     for _ in range(200):
-        d = r.route(raw)
-        r.observe(d, d.prompt_tokens)
+        d, obs = r.route_learnable(raw)
+        r.observe(obs, d.prompt_tokens)
     assert r.route(raw).pool == "short"
     for _ in range(8):  # 8 of 208 samples: ~4%
-        r.observe(r.route(raw), 2 ** 31)
+        r.observe(r.route_learnable(raw)[1], 2 ** 31)
     d = r.route(raw)
     assert (d.pool, d.reason) == ("short", "fits")
     assert d.budget_tokens < 2 * d.prompt_tokens + d.output_tokens

@@ -55,7 +55,7 @@ def test_unread_short_requests_are_decided_by_size_and_read_ones_are_estimated()
     calibrating = _router()  # every response read until 50 samples: each needs the real estimate
     routed = calibrating.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True)
     assert routed.read and routed.decision.source == "prior"
-    assert calibrating.budget.observe(routed.decision, 20) is not None  # learnable
+    assert calibrating.budget.observe(routed.observation, 20) is not None  # learnable, from the same parse
 
 
 def test_a_cap_of_zero_reads_nothing_after_calibration():

@@ -116,17 +116,57 @@ class Calibration(_message.Message):
     def __init__(self, estimator: _Optional[str] = ..., snapshot_json: _Optional[bytes] = ..., keys: _Optional[_Iterable[_Union[KeyCalibration, _Mapping]]] = ...) -> None: ...
 
 class KeyCalibration(_message.Message):
-    __slots__ = ("key", "samples", "summary_json")
+    __slots__ = ("key", "samples", "summary_json", "learning")
     KEY_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_JSON_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_FIELD_NUMBER: _ClassVar[int]
     key: str
     samples: int
     summary_json: bytes
-    def __init__(self, key: _Optional[str] = ..., samples: _Optional[int] = ..., summary_json: _Optional[bytes] = ...) -> None: ...
+    learning: KeyLearning
+    def __init__(self, key: _Optional[str] = ..., samples: _Optional[int] = ..., summary_json: _Optional[bytes] = ..., learning: _Optional[_Union[KeyLearning, _Mapping]] = ...) -> None: ...
+
+class KeyLearning(_message.Message):
+    __slots__ = ("window", "client_share", "recent", "unidentified", "refused", "unexplained", "clients")
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    UNIDENTIFIED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    UNEXPLAINED_FIELD_NUMBER: _ClassVar[int]
+    CLIENTS_FIELD_NUMBER: _ClassVar[int]
+    window: int
+    client_share: float
+    recent: int
+    unidentified: int
+    refused: int
+    unexplained: int
+    clients: _containers.RepeatedCompositeFieldContainer[ClientLearning]
+    def __init__(self, window: _Optional[int] = ..., client_share: _Optional[float] = ..., recent: _Optional[int] = ..., unidentified: _Optional[int] = ..., refused: _Optional[int] = ..., unexplained: _Optional[int] = ..., clients: _Optional[_Iterable[_Union[ClientLearning, _Mapping]]] = ...) -> None: ...
+
+class ClientLearning(_message.Message):
+    __slots__ = ("client_hash", "recent", "share", "refused", "unexplained")
+    CLIENT_HASH_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    UNEXPLAINED_FIELD_NUMBER: _ClassVar[int]
+    client_hash: str
+    recent: int
+    share: float
+    refused: int
+    unexplained: int
+    def __init__(self, client_hash: _Optional[str] = ..., recent: _Optional[int] = ..., share: _Optional[float] = ..., refused: _Optional[int] = ..., unexplained: _Optional[int] = ...) -> None: ...
 
 class RestoreCalibrationRequest(_message.Message):
     __slots__ = ("snapshot_json",)
     SNAPSHOT_JSON_FIELD_NUMBER: _ClassVar[int]
     snapshot_json: bytes
     def __init__(self, snapshot_json: _Optional[bytes] = ...) -> None: ...
+
+class ResetCalibrationRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...

@@ -49,6 +49,11 @@ class OperatorStub:
                 request_serializer=extproc_dot_operator_dot_v1_dot_operator__pb2.RestoreCalibrationRequest.SerializeToString,
                 response_deserializer=extproc_dot_operator_dot_v1_dot_operator__pb2.Calibration.FromString,
                 _registered_method=True)
+        self.ResetCalibration = channel.unary_unary(
+                '/extproc.operator.v1.Operator/ResetCalibration',
+                request_serializer=extproc_dot_operator_dot_v1_dot_operator__pb2.ResetCalibrationRequest.SerializeToString,
+                response_deserializer=extproc_dot_operator_dot_v1_dot_operator__pb2.Calibration.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -73,7 +78,17 @@ class OperatorServicer:
     def RestoreCalibration(self, request, context):
         """Replaces the calibration with a snapshot, validated as at start-up. INVALID_ARGUMENT (the
         message says why) for a document this router cannot use, which then changes nothing;
-        PERMISSION_DENIED unless service.operator_api is read_write.
+        PERMISSION_DENIED unless service.operator_api is read_write. What the learning guards knew
+        (each key's recent samples per client hash, refusals) travels in the snapshot too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetCalibration(self, request, context):
+        """Forgets what one model learned: its estimates read the priors again and its guards start
+        empty (a poisoned or stale calibration, a new model behind an old name). NOT_FOUND when the
+        router holds nothing for it; PERMISSION_DENIED unless service.operator_api is read_write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,6 +110,11 @@ def add_OperatorServicer_to_server(servicer, server):
             'RestoreCalibration': grpc.unary_unary_rpc_method_handler(
                     servicer.RestoreCalibration,
                     request_deserializer=extproc_dot_operator_dot_v1_dot_operator__pb2.RestoreCalibrationRequest.FromString,
+                    response_serializer=extproc_dot_operator_dot_v1_dot_operator__pb2.Calibration.SerializeToString,
+            ),
+            'ResetCalibration': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetCalibration,
+                    request_deserializer=extproc_dot_operator_dot_v1_dot_operator__pb2.ResetCalibrationRequest.FromString,
                     response_serializer=extproc_dot_operator_dot_v1_dot_operator__pb2.Calibration.SerializeToString,
             ),
     }
@@ -178,6 +198,33 @@ class Operator:
             target,
             '/extproc.operator.v1.Operator/RestoreCalibration',
             extproc_dot_operator_dot_v1_dot_operator__pb2.RestoreCalibrationRequest.SerializeToString,
+            extproc_dot_operator_dot_v1_dot_operator__pb2.Calibration.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetCalibration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/extproc.operator.v1.Operator/ResetCalibration',
+            extproc_dot_operator_dot_v1_dot_operator__pb2.ResetCalibrationRequest.SerializeToString,
             extproc_dot_operator_dot_v1_dot_operator__pb2.Calibration.FromString,
             options,
             channel_credentials,
