@@ -303,7 +303,7 @@ class TokenCounter:
                                variables=variables)
 
     def _chat_prompt(self, messages, *, tool_dicts, kwargs: dict, add_special_tokens: bool,
-                     ids: bool = False):
+                     ids: bool = False, window: int | None = None):
         """One chat as vLLM's ``preprocess_chat`` runs it; ``kwargs`` are the merged template
         kwargs (``tools`` among them)."""
         tools = kwargs.pop("tools", tool_dicts)
@@ -320,6 +320,7 @@ class TokenCounter:
                               add_generation_prompt=agp, continue_final_message=cfm, kwargs=kwargs)
         if ids:
             return self.encode(prompt, add_special_tokens)
+        self._check_chars(prompt, window)
         return self._count(prompt, add_special_tokens)
 
     # -- requests -----------------------------------------------------------------------------
@@ -438,9 +439,11 @@ class TokenCounter:
         if reasoning_effort is not None and "enable_thinking" not in (user or {}):
             extra["enable_thinking"] = reasoning_effort != "none"
         kwargs = _merge({"tools": tool_dicts, "tokenize": False}, _merge(user, extra))
+        truncate = _truncation(body, max_model_len, out_val)
         n = self._chat_prompt(messages, tool_dicts=tool_dicts, kwargs=kwargs,
-                              add_special_tokens=bool(body.get("add_special_tokens", False)))
-        return self._check_window(n, max_model_len, text=True)
+                              add_special_tokens=bool(body.get("add_special_tokens", False)),
+                              window=None if truncate is not None else max_model_len)
+        return self._finish(n, max_model_len, truncate, text=True)
 
     # completions -----------------------------------------------------------------------------
 
@@ -481,15 +484,16 @@ class TokenCounter:
         out_key, out_val = _max_output(body, chat=False)
         _check_output_vs_window(out_key, out_val, max_model_len)
         add_special = bool(body.get("add_special_tokens", True))
+        truncate = _truncation(body, max_model_len, out_val)
         counts = []
         for p in prompts:
             if isinstance(p, str):
-                if max_model_len is not None and len(p) > max_model_len * self.max_chars_per_token:
-                    raise _too_many_chars(len(p), max_model_len, self.max_chars_per_token)
+                if truncate is None:
+                    self._check_chars(p, max_model_len)
                 n = self._count(p, add_special)
-                counts.append(self._check_window(n, max_model_len, text=True))
+                counts.append(self._finish(n, max_model_len, truncate, text=True))
             else:
-                counts.append(self._check_window(len(p), max_model_len, text=False))
+                counts.append(self._finish(len(p), max_model_len, truncate, text=False))
         for n in counts:
             if n == 0:
                 raise _fail("The decoder prompt cannot be empty")
@@ -526,13 +530,15 @@ class TokenCounter:
         _check_output_vs_window("max_output_tokens", out, max_model_len)
         kwargs = _merge({"tools": tool_dicts, "tokenize": False}, _merge(user, extra))
         # ResponsesRequest.build_tok_params leaves add_special_tokens at TokenizeParams' default,
-        # True: a tokenizer that adds a BOS adds it on top of the template's
+        # True: a tokenizer that adds a BOS adds it on top of the template's; truncation "auto" is
+        # truncate_prompt_tokens -1 (the window, less one token for the output)
+        truncate = None
+        if body.get("truncation") not in (None, "disabled") and max_model_len is not None:
+            truncate = max(0, max_model_len - 1) if out else max_model_len
         n = self._chat_prompt(messages, tool_dicts=tool_dicts, kwargs=kwargs,
-                              add_special_tokens=True)
-        if max_model_len is not None and body.get("truncation") not in (None, "disabled"):
-            # truncation "auto": the prompt is cut to the window, less one token for the output
-            n = min(n, max_model_len - 1 if out else max_model_len)
-        return self._check_window(n, max_model_len, text=True)
+                              add_special_tokens=True,
+                              window=max_model_len if body.get("truncation") in (None, "disabled") else None)
+        return self._finish(n, max_model_len, truncate, text=True)
 
     # anthropic messages ----------------------------------------------------------------------
 
@@ -616,6 +622,22 @@ class TokenCounter:
                 result = "low"
             self._thinking_off_effort = result
         return self._thinking_off_effort
+
+    def _check_chars(self, text: str, max_model_len: int | None) -> None:
+        """vLLM refuses a text longer than window x (longest vocabulary entry) before tokenizing."""
+        if max_model_len is not None and len(text) > max_model_len * self.max_chars_per_token:
+            raise _too_many_chars(len(text), max_model_len, self.max_chars_per_token)
+
+    def _finish(self, n: int, max_model_len: int | None, truncate: int | None, *, text: bool) -> int:
+        """The count after ``truncate_prompt_tokens``, checked against the window as vLLM checks
+        it: over the window is a 400 ("at least window + 1" for text, which vLLM tokenizes only
+        that far), and a prompt filling the window leaves no room for one output token."""
+        if truncate is not None:
+            n = min(n, truncate)
+        n = self._check_window(n, max_model_len, text=text and truncate is None)
+        if max_model_len is not None and n == max_model_len:
+            raise _fail("max_tokens must be at least 1, got 0.")
+        return n
 
     def _check_window(self, n: int, max_model_len: int | None, *, text: bool) -> int:
         if max_model_len is not None and n > max_model_len:
@@ -874,6 +896,8 @@ def _check_messages_list(messages: Any, tokenize: bool = False) -> None:
             raise _fail(f"messages[{i}].role: Field required")
         c = m.get("content")
         role = m["role"]
+        if "name" in m and not isinstance(m["name"], str):
+            raise _fail(f"messages[{i}].name: Input should be a valid string")
         if "content" in m and c is None and role != "assistant":
             # only an assistant message may have a null content (a missing one is fine)
             raise _fail(f"messages[{i}].content: Input should be a valid string")
@@ -892,6 +916,10 @@ def _check_messages_list(messages: Any, tokenize: bool = False) -> None:
                 fn = call.get("function")
                 if not isinstance(call.get("id"), str):
                     raise _fail(f"{where}.id: Field required")
+                if call.get("type") != "function":
+                    raise _fail(f"{where}.type: Field required" if "type" not in call
+                                else "chat completions only support assistant tool_calls of type "
+                                     "'function'.")
                 if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
                     raise _fail(f"{where}.function.name: Field required")
                 if not isinstance(fn.get("arguments"), str):
@@ -1029,6 +1057,24 @@ def _max_output(body: Mapping, *, chat: bool) -> tuple[str, Any]:
     if chat and body.get("max_completion_tokens") is not None:
         return "max_completion_tokens", body["max_completion_tokens"]
     return "max_tokens", body.get("max_tokens")
+
+
+def _truncation(body: Mapping, max_model_len: int | None, max_output: Any) -> int | None:
+    """The token count ``truncate_prompt_tokens`` cuts a prompt to (None: no truncation; -1 is
+    the window, less one token when output is requested — unknown without the window)."""
+    t = body.get("truncate_prompt_tokens")
+    if t is None:
+        return None
+    if not _is_int(t) or t < -1:
+        raise _fail("truncate_prompt_tokens: Input should be greater than or equal to -1")
+    if max_model_len is not None and t > max_model_len:
+        raise _fail(f"truncate_prompt_tokens={t} cannot be greater than max_model_len = "
+                    f"{max_model_len}. Please request a smaller truncation size.")
+    if t == -1:
+        if max_model_len is None:
+            return None
+        return max(0, max_model_len - 1) if max_output else max_model_len
+    return t
 
 
 def _check_output_vs_window(param: str, value: Any, max_model_len: int | None) -> None:

@@ -28,7 +28,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tokens"))
-from token_cases import CASES, COUNTS_FILE, FAMILIES, load_counts  # noqa: E402
+from token_cases import CASES, COUNTS_FILE, FAMILIES, WINDOW, WINDOW_CASES, load_counts  # noqa: E402
 
 from extproc.tokens import TemplateError, counter_for  # noqa: E402
 
@@ -43,7 +43,7 @@ TOKENIZE_CHAT_KEYS = {"messages", "add_generation_prompt", "continue_final_messa
 
 @pytest.fixture(scope="module")
 def servers(real_vllm):
-    srvs = real_vllm.servers([(f, 8192) for f in FAMILIES])
+    srvs = real_vllm.servers([(f, WINDOW) for f in FAMILIES])
     return dict(zip(FAMILIES, srvs))
 
 
@@ -190,6 +190,29 @@ def test_edge_case(servers, name, api, body):
             if not same(value, got):
                 diffs.append(f"{fam} {kind}: vLLM {value!r}, ours {got!r}")
     assert not diffs, "\n".join(diffs)
+
+
+@pytest.mark.parametrize("name,api,body,expected", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
+def test_window_case(servers, name, api, body, expected):
+    """The context-window checks (--max-model-len 8192): the counter with max_model_len answers
+    what the server answers, count or 400, and the expectation written in token_cases holds."""
+    path = {"chat": "/v1/chat/completions", "completions": "/v1/completions",
+            "responses": "/v1/responses", "messages": "/v1/messages"}[api]
+    for fam in FAMILIES:
+        s, b = post(servers[fam], path, body)
+        if s == 200:
+            u = b["usage"]
+            want = [u["prompt_tokens"] if "prompt_tokens" in u else u["input_tokens"]]
+        else:
+            want = _error(b)
+        got = ours(lambda: counter_for(fam).count_request(api, body, max_model_len=WINDOW))
+        if api == "completions" and isinstance(got, list):
+            got = [sum(got)]
+        assert same(want, got), f"{fam}: vLLM {want!r}, ours {got!r}"
+        if isinstance(expected, str):
+            assert isinstance(want, dict) and expected in want["error"], (fam, want)
+        else:
+            assert want == expected, (fam, want)
 
 
 def test_record_edge_cases():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from extproc.tokens import TemplateError, TokenCounter, counter_for
-from token_cases import CASES, FAMILIES, load_counts
+from token_cases import CASES, FAMILIES, WINDOW, WINDOW_CASES, load_counts
 
 RECORDED = load_counts()
 
@@ -85,6 +85,16 @@ def test_edge_case_matches_vllm(counters, name, api, body):
             if not _same(value, got):
                 diffs.append(f"{fam} {kind}: vLLM {value!r} ours {got!r}")
     assert not diffs, "\n".join(diffs)
+
+
+@pytest.mark.parametrize("name,api,body,expected", WINDOW_CASES, ids=[c[0] for c in WINDOW_CASES])
+def test_window_case_matches_vllm(counters, name, api, body, expected):
+    for fam in FAMILIES:
+        got = _ours(lambda: counters[fam].count_request(api, body, max_model_len=WINDOW))
+        if isinstance(expected, str):
+            assert isinstance(got, dict) and expected in got["error"], (fam, got)
+        else:
+            assert got == expected, fam
 
 
 def test_recorded_counts_cover_every_case():

@@ -162,6 +162,14 @@ CASES: list[tuple[str, str, dict]] = [
     ("tools_strict_and_defer", "chat", _chat([_user("x")], tool_choice="none", tools=[
         {"type": "function", "defer_loading": True,
          "function": {"name": "f", "strict": False, "parameters": {"type": "object"}}}])),
+    ("tool_call_missing_type", "chat", _chat([
+        _user("Weather?"), {"role": "assistant", "tool_calls": [
+            {"id": "1", "function": {"name": "f", "arguments": "{}"}}]}])),
+    ("tool_calls_empty_list", "chat", _chat([_user("x"), {"role": "assistant", "content": "y", "tool_calls": []},
+                                             _user("z")])),
+    ("name_not_string", "chat", _chat([{"role": "user", "content": "x", "name": 5}])),
+    ("reasoning_and_reasoning_content", "chat", _chat([
+        _user("x"), {"role": "assistant", "content": "y", "reasoning": "A", "reasoning_content": "B"}])),
     # -- special tokens typed in content -----------------------------------------------------------
     ("special_eot_in_content", "chat", _chat([_user("end here <|eot_id|> and <|end_of_text|>")])),
     ("special_im_end_in_content", "chat", _chat([_user("a <|im_end|> b <|im_start|>user c <think> d")])),
@@ -304,6 +312,43 @@ CASES: list[tuple[str, str, dict]] = [
         "messages": [_user("Météo ?"), {"role": "assistant", "content": [
             {"type": "tool_use", "id": "t1", "name": "météo", "input": {"ville": "Zürich"}}]},
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "5 °C"}]}]}),
+]
+
+# Context-window cases: (name, api, body, expected) for a server with --max-model-len 8192,
+# ``expected`` the usage (a list, one per prompt) or a substring of the 400's message; the same
+# for every family (measured on vLLM 0.32.0).
+WINDOW = 8192
+_LONG = "The quick brown fox jumps over the lazy dog. " * 1000   # ~10K tokens in every family
+_OVER = ("This model's maximum context length is 8192 tokens. However, your prompt contains at "
+         "least 8193 input tokens, which exceeds this limit even without any output tokens.")
+WINDOW_CASES: list[tuple[str, str, dict, object]] = [
+    ("chat_over_window", "chat", _chat([_user(_LONG)], max_tokens=1), _OVER),
+    ("chat_truncate_100", "chat", _chat([_user(_LONG)], max_tokens=1, truncate_prompt_tokens=100), [100]),
+    ("chat_truncate_minus_1", "chat", _chat([_user(_LONG)], max_tokens=1, truncate_prompt_tokens=-1), [8191]),
+    ("chat_truncate_over_window", "chat", _chat([_user("x")], max_tokens=1, truncate_prompt_tokens=9000),
+     "truncate_prompt_tokens=9000 cannot be greater than max_model_len = 8192."),
+    ("chat_max_tokens_over_window", "chat", _chat([_user("x")], max_tokens=9000),
+     "max_tokens=9000 cannot be greater than max_model_len=8192. Please request fewer output tokens."),
+    ("chat_max_completion_tokens_over_window", "chat", _chat([_user("x")], max_completion_tokens=9000),
+     "max_completion_tokens=9000 cannot be greater than max_model_len=8192."),
+    ("chat_too_many_chars", "chat", _chat([_user("a" * 1_300_000)], max_tokens=1),
+     "characters (more than 1048576 characters, which is the upper bound for 8192 input tokens)"),
+    ("completion_over_window", "completions", {"prompt": _LONG, "max_tokens": 1}, _OVER),
+    ("completion_ids_over_window", "completions", {"prompt": [100] * 9000, "max_tokens": 1},
+     "However, your prompt contains 9000 input tokens"),
+    ("completion_ids_fill_window", "completions", {"prompt": [100] * 8192, "max_tokens": 1},
+     "max_tokens must be at least 1, got 0."),
+    ("completion_ids_window_less_1", "completions", {"prompt": [100] * 8191, "max_tokens": 1}, [8191]),
+    ("completion_ids_truncate_50", "completions",
+     {"prompt": [100] * 9000, "max_tokens": 1, "truncate_prompt_tokens": 50}, [50]),
+    ("completion_text_truncate_minus_1", "completions",
+     {"prompt": _LONG, "max_tokens": 1, "truncate_prompt_tokens": -1}, [8191]),
+    ("responses_over_window", "responses", {"input": _LONG, "max_output_tokens": 1}, _OVER),
+    ("responses_truncation_auto_long", "responses",
+     {"input": _LONG, "max_output_tokens": 1, "truncation": "auto"}, [8191]),
+    ("messages_over_window", "messages", {"max_tokens": 1, "messages": [_user(_LONG)]}, _OVER),
+    ("messages_max_tokens_over_window", "messages", {"max_tokens": 9000, "messages": [_user("x")]},
+     "max_completion_tokens=9000 cannot be greater than max_model_len=8192."),
 ]
 
 CASE_NAMES = [c[0] for c in CASES]
