@@ -39,7 +39,8 @@ import jinja2.nodes
 import jinja2.sandbox
 
 DEFAULT_MAX_CHARS = 1 << 26     # 64 Mi characters: far beyond any context window's prompt
-DEFAULT_TIMEOUT = 2.0           # seconds of wall time one render may take
+DEFAULT_TIMEOUT = 30.0          # seconds of wall time one render may take: vLLM's own bound
+                                # (VLLM_CHAT_TEMPLATE_RENDER_TIMEOUT), so a busy machine is no 400
 
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for continue_final_message
 
