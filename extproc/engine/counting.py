@@ -34,6 +34,7 @@ _TOO_MANY_TOKENS = re.compile(r"^This model's maximum context length is \d+ toke
 _TOO_MANY_CHARS = re.compile(r"^This model's maximum context length is \d+ tokens\. However, your prompt "
                              r"contains (\d+) characters \(more than")
 _OUTPUT = re.compile(r"^(\w+)=(\d+) cannot be greater than max_model_len=")
+_NO_ROOM = "max_tokens must be at least 1, got 0."  # the prompt fills the window
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class TokenizerCounter:
             return RequestError(message, param="input_text", value=int(m[1]), reason="context_length")
         if m := _OUTPUT.match(message):
             return RequestError(message, param=m[1], value=int(m[2]), reason="context_length")
+        if message == _NO_ROOM:
+            return RequestError(message, param="max_tokens", value=0, reason="context_length")
         return RequestError(message)
 
     def encode_chat(self, body: dict) -> list[int]:
