@@ -104,15 +104,18 @@ class RemoteExplainer:
 
 def explain_all(explainer: Explainer, requests: Iterable[tuple[bytes, str, object]]) -> list[Explained]:
     """Explain each (raw body, path, parsed body) in order; a local explainer learns as it goes."""
-    from . import chat_tokens
+    from .tokens import TemplateError, counter_for, family_for_model
 
     out = []
     for raw, path, body in requests:
         resp = explainer.explain(raw, path)
         true = None
         if isinstance(body, dict) and isinstance(body.get("messages"), list):
-            true = chat_tokens.count_chat(body["messages"], chat_tokens.family_for_model(resp.model),
-                                          body.get("tools"))
+            try:
+                true = counter_for(family_for_model(resp.model)).count_request(
+                    "chat", body, enable_auto_tool_choice=True, tool_call_parser="hermes")[0]
+            except TemplateError:  # a body vLLM would refuse: no true count
+                true = None
         error = None
         if true and resp.source not in (pb.SOURCE_FALLBACK, pb.SOURCE_EXACT, pb.SOURCE_UNSPECIFIED):
             error = abs(resp.prompt_tokens - true) / true

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from extproc.engine.errors import RequestError
+from extproc.tokens.files import family_for_model
 
 FAMILIES = ("llama3", "llama3_1", "qwen3")
 
@@ -44,13 +45,6 @@ class Counted:
     ids: bool = False   # a prompt of token ids: counted exactly, never stopped early
 
 
-def family_for_model(model: str) -> str:
-    m = model.lower()
-    if "qwen" in m:
-        return "qwen3"
-    if re.search(r"llama-?3[._]([1-9])", m):
-        return "llama3_1"
-    return "llama3"
 
 
 class TokenizerCounter:

