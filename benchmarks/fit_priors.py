@@ -29,7 +29,10 @@ from extproc.tokens import TemplateError, counter_for, normalize_tools  # noqa: 
 from extproc.budget.features import FEATURE_NAMES, measure  # noqa: E402
 
 DEFAULT_TEXTS = ROOT.parent / "shared" / "data" / "texts" / "dev_texts.jsonl"
-FAMILIES = ("llama3", "qwen3")
+FAMILIES = ("llama3", "qwen3", "llama3_1")
+# Llama-3.1 has Llama-3's vocabulary (its texts' counts are the same) and its own chat template
+# (a dated system block on every request, tools rendered into the first user turn).
+TEXT_COUNTS = {"llama3_1": "llama3"}
 RIDGE = 10.0
 _ASCII_TOTALS = {"n:l", "n:U", "n:d", "n:s", "n:n", "n:t", "n:p", "n:q"}
 # What the fit shrinks towards, in tokens per counted item: ~4 ASCII characters a token, one
@@ -150,7 +153,7 @@ def main() -> None:
     out: dict = {"source": str(args.texts.name), "texts": len(rows), "features": list(FEATURE_NAMES),
                  "families": {}}
     for family in FAMILIES:
-        y = np.array([r["tokens"][family] for r in rows], float)
+        y = np.array([r["tokens"][TEXT_COUNTS.get(family, family)] for r in rows], float)
         coef = ridge_fit(X, y)
         margin = cv_margin(X, y, rng)
         over = template_overheads(family)

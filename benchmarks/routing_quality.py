@@ -33,7 +33,6 @@ sys.path.insert(0, str(ROOT))
 
 from extproc.tokens import counter_for  # noqa: E402
 from extproc.budget import BudgetRouter, BudgetSettings  # noqa: E402
-from extproc.budget.calibrate import make_estimator  # noqa: E402
 from fit_priors import text_half  # noqa: E402
 
 DEFAULT_TEXTS = ROOT.parent / "shared" / "data" / "texts" / "dev_texts.jsonl"
@@ -147,13 +146,13 @@ def replay(requests: list[dict], estimator_name: str | None, priors: str | None 
     rows: dict[str, _Row] = defaultdict(_Row)
     seen: dict[str, int] = defaultdict(int)
     for r in requests:
-        d = router.route(r["body"], "/v1/chat/completions")
+        d, observation = router.route_learnable(r["body"], "/v1/chat/completions")
         if estimator_name is None:
             budget_est = r["prompt"] + d.output_tokens
             pool, point = ("short" if budget_est <= SHORT else "long"), r["prompt"]
         else:
             pool, point = d.pool, d.prompt_tokens
-            router.observe(d, r["prompt"])
+            router.observe(observation, r["prompt"])
         seen[r["model"]] += 1
         for key in (r["kind"], "ALL"):
             row = rows[key]

@@ -15,9 +15,10 @@ What one response may do is bounded (margins.py keeps the per-kind windows it re
 
 * the innovation is clipped to this kind's recent errors ± ``huber`` robust spreads (a Huber
   M-estimate), so no sample pulls harder than a typical one;
-* a sample further than ``reject`` spreads from them, or off by more than 2x, is *unexplained* —
+* a sample further than ``reject`` spreads from them, or 2x off them, is *unexplained* —
   evidence of content the features do not see, not of a new rate: it moves no scale (it still
-  enters its kind's windows: if a kind's errors all move, they are learned again);
+  enters its kind's windows: when most of a kind's recent errors move together — a template
+  that ignores tools, a new tokenizer behind an old name — they are learned again);
 * each scale moves at most a third of its prior spread per sample, and stays within a band around
   the prior (¼x–2.5x for content: real tokenizers differ from each other by less than 1.5x);
 * a lower bound ("at least N tokens", a 0.32+ context-length 400) can only raise the estimate.
@@ -46,7 +47,7 @@ _N_CONTENT = len(CONTENT_GROUPS)
 # The learned group scales multiply priors fitted on these features: a snapshot learned on other
 # features (an older version) does not apply and is refused.
 FEATURES_ID = f"{N_FEATURES}:{zlib.crc32(' '.join(FEATURE_NAMES).encode()):08x}"
-_PLAUSIBLE = (-0.5, 1.0)  # true/estimate within [0.5, 2]: beyond, never a rate
+_MAX_DEVIATION = 0.5  # a sample further than this (relative) from its kind's recent errors is never a rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +66,8 @@ class KalmanSettings:
     huber: float = 2.5               # innovations clipped at this many robust spreads
     reject: float = 5.0              # beyond this many, a sample is unexplained: no rate moves
     step_sd: float = 0.34            # most one sample moves a scale, in prior spreads
+    small_tokens: float = 256.0      # errors are judged relative to estimate + this: a short prompt's
+                                     # few tokens of template overhead are not a large error
     client_share: float = 0.2        # most weight one client holds in a kind's windows
     calibrated_after: int = 20       # samples before a key's estimates count as "calibrated"
     max_keys: int = 64
@@ -94,7 +97,9 @@ def error_bucket(g: list[float]) -> str:
     conversation of three or more messages mixes texts whose errors partly cancel: its own bucket."""
     content = [abs(v) for v in g[: _N_CONTENT + 2]]
     total = sum(content) or 1.0
-    if (content[_G["json"]] + content[_G["schema"]]) > 0.5 * total:
+    # requests whose template renders JSON (tool definitions, schemas, call arguments) are a kind of
+    # their own even when text dominates: templates differ most in how they render it
+    if g[_G["tools"]] or g[_G["schema"]] or (content[_G["json"]] + content[_G["schema"]]) > 0.2 * total:
         kind = "json"
     elif content[_G["cjk"]] > 0.2 * total:
         kind = "cjk"
@@ -138,15 +143,19 @@ class FeatureKalman:
     def _prior(self, family: Family) -> tuple[list[float], list[float]]:
         theta = [1.0] * _N_CONTENT + [family.json_scale, 0.0, 1.0, family.turn, family.chat, family.prompt,
                                       family.per_tool]
-        sd = [self.s.content_sd] * _N_CONTENT + [self.s.content_sd, 0.5, 0.3, 2.0, 3.0, 2.0, 20.0]
+        # (how a template renders tool JSON differs most between models: some ignore tools entirely)
+        # (and what a template adds once: Llama-3.1's dated system block is +25 tokens over Llama-3)
+        sd = [self.s.content_sd] * _N_CONTENT + [0.5, 0.5, 0.3, 3.0, 10.0, 2.0, 20.0]
         return theta, [v * v for v in sd]
 
     def _bounds(self, family: Family) -> list[tuple[float, float]]:
         theta, var = self._prior(family)
         out = []
         for i, (t, v) in enumerate(zip(theta, var)):
-            if i < _N_CONTENT or GROUPS[i] == "json":
+            if i < _N_CONTENT:
                 out.append((0.25 * t, 2.5 * t))
+            elif GROUPS[i] in ("json", "schema"):  # a template may ignore tools, or render them verbosely
+                out.append((0.0, max(3.0, 2.5 * t)))
             elif GROUPS[i] == "special":  # one token each, or split into pieces by a tokenizer we have no list for
                 out.append((0.0, 8.0))
             else:
@@ -203,20 +212,24 @@ class FeatureKalman:
         if lower_bound and rel <= 0:
             return None  # "at least N" below the estimate says nothing
         kind = error_bucket(g)
+        # the deviation relative to the estimate plus a few hundred tokens: on a long prompt its
+        # relative error, on a short one its error in tokens (a template's overhead, not a rate)
+        size = max(est, 0.0) + self.s.small_tokens
+        dev = (y - est) / size
         center, scale = st.errors.center_scale(kind)
-        explained = _PLAUSIBLE[0] <= rel <= _PLAUSIBLE[1] and abs(rel - center) <= self.s.reject * scale
-        if explained and est > 0:
+        explained = est > 0 and abs(dev - center) <= min(self.s.reject * scale, _MAX_DEVIATION)
+        if explained:
             lo, hi = center - self.s.huber * scale, center + self.s.huber * scale
             if lower_bound:
                 lo = max(lo, 0.0)
-            r = min(hi, max(lo, rel))
-            y_used = est * (1.0 + r)  # the count the clipped innovation stands for
-            self._kalman_update(st, family, [v / y_used for v in g])
-        elif not explained:
+            y_used = est + min(hi, max(lo, dev)) * size  # the count the clipped innovation stands for
+            if y_used >= 1.0:
+                self._kalman_update(st, family, [v / y_used for v in g])
+        else:
             st.unexplained += 1
         near_limit = y >= self.s.margin_min_tokens and not sampled
         # (errors of approximate measurements on a sample of the text say nothing about requests near a limit)
-        st.errors.add(kind, rel, client, explained, near_limit, family.margin)
+        st.errors.add(kind, dev, rel, client, explained, near_limit, family.margin)
         st.n += 1
         return Learned(rel, explained, kind)
 
@@ -339,6 +352,8 @@ class FeatureKalman:
                     if b not in BUCKETS:
                         continue
                     target = getattr(errors, name)[b]
+                    if not isinstance(entries, list):
+                        raise ValueError(f"snapshot key {key!r} has a malformed window")
                     for entry in entries[-target.maxlen:]:
                         if not isinstance(entry, list) or len(entry) != width:
                             raise ValueError(f"snapshot key {key!r} has a malformed window entry")

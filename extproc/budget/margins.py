@@ -4,29 +4,32 @@ it counts as unexplained, and the routing margin.
 Each kind of content (prose, code, digits, CJK, other scripts, JSON; and each again for
 conversations of three or more turns, whose errors partly cancel) keeps two windows of its own
 out-of-sample relative errors (true/estimate − 1, taken *before* the sample is learned), each
-entry tagged with the client that sent it:
+entry tagged with the client that sent it (no client holds more than its share of a window's
+places: past it, its new sample replaces its own oldest):
 
-* ``recent`` — the last few dozen samples of any size: their client-balanced median and median
-  absolute deviation say what this kind's errors look like now. A sample far outside them is one
+* ``recent`` — the last few dozen samples of any size (their deviation: relative to the
+  estimate plus a few hundred tokens, so a short prompt's template overhead is not a large
+  error): their client-balanced median and median absolute deviation say what this kind's
+  errors look like now. A sample far outside them is one
   the features cannot explain (content they do not see): it is not learned as a new rate. When
   most recent samples of a kind move together — a new model behind an old name, a real shift in
   traffic — the median moves with them and they are learned again, so genuine change is learned
   within about half a window.
 * ``tail`` — the last few hundred samples large enough to sit near a pool's limit: the kind's
-  margin is a high quantile of them, blended with the family's cold-start margin while the kind
-  has few samples (never with other kinds' errors: an outlier of one kind widens its own margin
-  only). In the quantile no client holds more than its share of the weight, each client's
-  unexplained samples weigh one sample together, and at least one sample's weight always lies
-  above the margin, so a single response never sets it. The margin then moves towards that
-  target by at most a fixed step per sample.
+  margin is a high quantile of them, blended, while the kind has few samples, with the same
+  quantile over every kind's *explained* samples (itself blended with the family's cold-start
+  margin): an unexplained sample — an outlier — widens its own kind's margin only. In each
+  quantile no client holds more than its share of the weight, each client's unexplained samples
+  weigh one sample together, and at least one sample's weight always lies above the margin, so
+  a single response never sets it. Margins then move towards their targets by at most a fixed
+  step per sample.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 
-from .robust import balanced_weights, robust_center_scale, weighted_quantile
+from .robust import ClientWindow, balanced_weights, robust_center_scale, weighted_quantile
 
 KINDS = ("prose", "code", "digits", "cjk", "script", "json")
 BUCKETS = KINDS + tuple(k + "/turns" for k in KINDS)
@@ -52,10 +55,12 @@ class KindErrors:
 
     def __init__(self, prior: float, settings: MarginSettings) -> None:
         self.s = settings
-        self.recent: dict[str, deque[tuple[float, str | None]]] = {
-            b: deque(maxlen=settings.recent_window) for b in BUCKETS}
-        self.tail: dict[str, deque[tuple[float, str | None, bool]]] = {
-            b: deque(maxlen=settings.tail_window) for b in BUCKETS}
+        # entries: (relative error, client) and (relative error, client, explained); no client holds
+        # more than its share of a window's places, so a burst cannot flush the others' samples
+        self.recent: dict[str, ClientWindow] = {b: ClientWindow(settings.recent_window, settings.client_share)
+                                                for b in BUCKETS}
+        self.tail: dict[str, ClientWindow] = {b: ClientWindow(settings.tail_window, settings.client_share)
+                                              for b in BUCKETS}
         self.margins: dict[str, float] = {b: prior for b in BUCKETS}
         self.n = 0  # samples that reached a tail window
 
@@ -63,7 +68,7 @@ class KindErrors:
         return self.margins[bucket]
 
     def center_scale(self, bucket: str) -> tuple[float, float]:
-        """Where this kind's recent errors sit and how far they spread (client-balanced)."""
+        """Where this kind's recent deviations sit and how far they spread (client-balanced)."""
         s = self.s
         window = self.recent[bucket]
         if len(window) < s.min_recent:
@@ -72,20 +77,24 @@ class KindErrors:
         center, scale = robust_center_scale(values, balanced_weights([c for _, c in window], s.client_share))
         return center, max(s.scale_floor, scale)
 
-    def add(self, bucket: str, rel_error: float, client: str | None, explained: bool, near_limit: bool,
-            prior: float) -> None:
+    def add(self, bucket: str, deviation: float, rel_error: float, client: str | None, explained: bool,
+            near_limit: bool, prior: float) -> None:
+        """File one sample: its ``deviation`` (what ``center_scale`` describes) in the recent window,
+        its relative error, if it is near a limit, in the tail."""
         s = self.s
-        self.recent[bucket].append((rel_error, client))
+        self.recent[bucket].append((deviation, client))
         if not near_limit:
             return
-        tail = self.tail[bucket]
-        tail.append((rel_error, client, explained))
+        self.tail[bucket].append((rel_error, client, explained))
         self.n += 1
-        target = _blend(prior, self._quantile(tail), len(tail), s.prior_weight)
-        old = self.margins[bucket]
-        self.margins[bucket] = min(old + s.step, max(old - s.step, target))
+        pooled = [entry for w in self.tail.values() for entry in w if entry[2]]
+        pooled_target = _blend(prior, self._quantile(pooled), len(pooled), s.prior_weight)
+        for b, tail in self.tail.items():
+            target = _blend(pooled_target, self._quantile(tail), len(tail), s.prior_weight)
+            old = self.margins[b]
+            self.margins[b] = min(old + s.step, max(old - s.step, target))
 
-    def _quantile(self, tail: deque[tuple[float, str | None, bool]]) -> float | None:
+    def _quantile(self, tail) -> float | None:
         if len(tail) < 5:
             return None
         weights = balanced_weights([c for _, c, _ in tail], self.s.client_share)

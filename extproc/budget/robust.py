@@ -6,6 +6,9 @@
 * ``weighted_quantile`` — a high quantile that at least one full sample's weight always lies
   above, so one outlier alone never sets it.
 * ``ClientRing`` — the clients of a fixed number of recent samples, with counts.
+* ``ClientWindow`` — a window of recent samples in which no client holds more than its share of
+  the places: past it, a client's new sample replaces its own oldest, so a burst from one client
+  cannot flush what everyone else's samples showed.
 
 Pure functions over small windows (a few hundred entries): they run on the learning path only,
 never on the request path.
@@ -111,3 +114,47 @@ class ClientRing:
         self.ring.append(client)
         if client is not None:
             self.counts[client] += 1
+
+
+class ClientWindow:
+    """The last ``maxlen`` entries (tuples whose second item is the client, None for unknown),
+    no client holding more than ``cap`` of them while others hold the rest."""
+
+    __slots__ = ("maxlen", "cap", "items", "counts")
+
+    def __init__(self, maxlen: int, share: float) -> None:
+        self.maxlen = maxlen
+        self.cap = max(2, int(share * maxlen)) if share < 1.0 else maxlen
+        self.items: deque[tuple] = deque()
+        self.counts: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def append(self, entry: tuple) -> None:
+        client = entry[1]
+        if client is not None and self.counts[client] >= self.cap:
+            for i, old in enumerate(self.items):  # its own oldest entry makes room
+                if old[1] == client:
+                    del self.items[i]
+                    break
+            self.counts[client] -= 1
+        elif len(self.items) >= self.maxlen:
+            old = self.items.popleft()
+            if old[1] is not None:
+                self.counts[old[1]] -= 1
+                if not self.counts[old[1]]:
+                    del self.counts[old[1]]
+        self.items.append(entry)
+        if client is not None:
+            self.counts[client] += 1
+
+    def extend(self, entries) -> None:
+        for e in entries:
+            self.append(e)
