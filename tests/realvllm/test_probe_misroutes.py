@@ -179,11 +179,15 @@ def test_every_misroute_real_vllm_shows_is_counted_once_with_its_kind(pools, und
         after = _metrics(underestimating)
         counted = {k: _sum(after, "extproc_misroutes_total", kind=k) - _sum(before, "extproc_misroutes_total", kind=k)
                    for k in ("prompt_over_window", "prompt_fills_window", "output_over_window", "output_clamped")}
-        rows.append((name, _served_pool(underestimating, rid), status, {k: v for k, v in counted.items() if v}))
+        outcome = [o for o in ("json", "stream", "stream_missed", "json_missed", "context_error", "other_status")
+                   if _sum(after, "extproc_usage_reads_total", outcome=o) > _sum(before, "extproc_usage_reads_total",
+                                                                                   outcome=o)]
+        rows.append((name, _served_pool(underestimating, rid), status,
+                     {k: int(v) for k, v in counted.items() if v}, outcome))
         assert got_total == expected_total, (name, status, raw[:300], counted)
         if kind is not None:
             assert counted[kind] == 1, (name, counted)
-    print("\n".join(f"{n:50s} pool={p:5s} vllm={s} counted={c}" for n, p, s, c in rows))
+    print("\n".join(f"| {n} | {p} | {s} | {c or '-'} | {', '.join(o) or '-'} |" for n, p, s, c, o in rows))
     lines = _misroute_lines(underestimating)
     assert len(lines) == sum(k is not None for *_, k in probes), lines  # one log line per counted misroute
     assert all("pool=short" in line for line in lines)
