@@ -124,6 +124,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_level(text: str) -> str:
+    """A logging level in any case (info, INFO, Warning); anything else exits 2 naming the choices."""
+    from .service.app import LOG_LEVELS
+
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown level {text!r} (choose from {', '.join(LOG_LEVELS)})")
+    return text.lower()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -197,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("serve", help="run the ext_proc gRPC service Envoy consults")
     p.add_argument("--config", help="YAML config (default: built-in defaults; EXTPROC_* overrides apply)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="info", type=_log_level, metavar="LEVEL",
+                   help="debug, info, warning, error or critical, in any case (default: info)")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("up", help="start Envoy, the router and simulated pools on loopback; Ctrl-C stops")
     p.add_argument("--config", help="router YAML config (default: built-in defaults)")

@@ -1,5 +1,12 @@
 """``extproc serve``: the gRPC ext_proc service (and the ext_authz HTTP check endpoint) with health,
-metrics, snapshots, the operator API (service/operator.py) and a graceful stop."""
+metrics, snapshots, the operator API (service/operator.py) and a graceful stop.
+
+The stop waits for what carries a request — a routing stream, a usage stream whose response has
+not ended yet, a check being answered, a unary call — for at most the grace period, and for
+nothing else: Envoy's access-log stream and usage streams whose response is complete live as
+long as Envoy's connection does, and grpc.aio's own ``stop(grace)`` would wait the whole grace
+period for them (``RequestTracker``).
+"""
 
 from __future__ import annotations
 
@@ -8,14 +15,19 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
+
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from ..budget import BudgetRouter
 from ..config import Config
@@ -27,7 +39,9 @@ from .router import Router
 
 log = logging.getLogger("extproc.service")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+PROCESS_METHOD = f"/{SERVICE_NAME}/Process"
 MAX_MESSAGE = 64 << 20  # an 8 MiB prompt with JSON escapes, with room
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,11 +56,120 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO") -> None:
+    """JSON lines on stderr at ``level``, one of LOG_LEVELS in any case (ValueError otherwise)."""
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"unknown log level {level!r}: one of {', '.join(LOG_LEVELS)}")
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(level.upper())
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # a scrape is not worth a log line
+        pass
+
+
+class MetricsServer:
+    """Prometheus text at ``/metrics`` from a thread, like prometheus_client's ``start_http_server``
+    but with a stop that is quick (its serve loop polls every 50 ms, not 0.5 s) and closes the
+    listening socket, so the port is free the moment ``stop`` returns; ``SO_REUSEADDR`` (set by
+    http.server) lets a new router bind it while old scrapes sit in TIME_WAIT."""
+
+    def __init__(self, host: str, port: int, registry) -> None:
+        family, _, _, _, sockaddr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                       flags=socket.AI_PASSIVE)[0]
+        server_class = type("_MetricsWSGIServer", (ThreadingWSGIServer,), {"address_family": family})
+        self.httpd = make_server(sockaddr[0], port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+        self.port = self.httpd.server_port
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self._thread.join(1)
+
+
+class RequestTracker(grpc.aio.ServerInterceptor):
+    """Counts the gRPC calls that carry a request, so that a stop waits for those and no others,
+    and refuses new ones (UNAVAILABLE: Envoy fails open) once ``draining`` is set.
+
+    Carrying a request: a routing ``Process`` stream (for its whole life: it ends with the
+    request), a usage ``Process`` stream (observability mode) until the message that ends the
+    response has been handled, any unary call but health checks. Not carrying one: Envoy's
+    access-log stream and other streaming calls (health ``Watch``), and usage streams once their
+    response has ended, which Envoy may keep open far longer. Handlers are wrapped once per method.
+
+    (grpc.aio's ``stop(grace)`` waits for every call; calling ``stop`` again while one runs, to
+    cut it short, crashed the process here: one ``stop(None)`` after our own wait instead.)"""
+
+    def __init__(self) -> None:
+        self.carrying = 0
+        self.draining = False
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    async def intercept_service(self, continuation, details):
+        method = details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = await continuation(details)
+        if handler is None or method.startswith("/grpc.health.v1.Health/"):
+            wrapped = handler
+        elif method == PROCESS_METHOD and handler.stream_stream is not None:
+            wrapped = grpc.stream_stream_rpc_method_handler(
+                self._process(handler.stream_stream), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        elif handler.unary_unary is not None:
+            wrapped = grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        else:
+            wrapped = handler
+        self._wrapped[method] = wrapped
+        return wrapped
+
+    def _unary(self, behaviour):
+        async def call(request, context):
+            if self.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+            self.carrying += 1
+            try:
+                return await behaviour(request, context)
+            finally:
+                self.carrying -= 1
+        return call
+
+    def _process(self, behaviour):
+        async def stream(request_iterator, context):
+            if self.draining:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "draining")
+            state = {"carrying": True}
+            self.carrying += 1
+            try:
+                async for response in behaviour(self._watch(request_iterator, state), context):
+                    yield response
+            finally:
+                if state["carrying"]:
+                    self.carrying -= 1
+        return stream
+
+    async def _watch(self, request_iterator, state: dict):
+        async for msg in request_iterator:
+            yield msg
+            # Resumed only when the servicer asks for the next message: it has handled this one.
+            if state["carrying"] and msg.observability_mode and _ends_response(msg):
+                state["carrying"] = False
+                self.carrying -= 1
+
+
+def _ends_response(msg) -> bool:
+    kind = msg.WhichOneof("request")
+    return ((kind == "response_headers" and msg.response_headers.end_of_stream)
+            or (kind == "response_body" and msg.response_body.end_of_stream)
+            or kind == "response_trailers")
 
 
 def write_snapshot(text: str, path: str) -> None:
@@ -97,7 +220,9 @@ class Service:
         self.port: int | None = None
         self.check: CheckServer | None = None
         self._snapshot_task: asyncio.Task | None = None
-        self._metrics_server = None
+        self._metrics_server: MetricsServer | None = None
+        self.tracker = RequestTracker()
+        self.hurry = asyncio.Event()  # set (a second signal): stop waiting for in-flight requests
 
     async def start(self, grpc_address: str | None = None, metrics_address: str | None = "",
                     http_address: str | None = None) -> None:
@@ -108,10 +233,10 @@ class Service:
         if maddr:  # bound first: a taken port fails the start before anything else is running
             host, _, port = maddr.rpartition(":")
             try:
-                self._metrics_server, _ = start_http_server(int(port), addr=host, registry=self.metrics.registry)
+                self._metrics_server = MetricsServer(host, int(port), self.metrics.registry)
             except OSError as exc:
                 raise OSError(f"cannot bind the metrics address {maddr}: {exc.strerror}") from None
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=[self.tracker], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0)])
         pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.router), self.server)
@@ -125,7 +250,7 @@ class Service:
             self.port = 0
         if not self.port:
             if self._metrics_server is not None:
-                self._metrics_server.shutdown()
+                self._metrics_server.stop()
             raise OSError(f"cannot bind the gRPC address {address} (in use, or not an address of this host)")
         if s.routing_filter == "ext_authz":
             self.check = CheckServer(self.router)
@@ -133,7 +258,8 @@ class Service:
                 await self.check.start(http_address or s.http_address)
             except OSError:
                 if self._metrics_server is not None:
-                    self._metrics_server.shutdown()
+                    self._metrics_server.stop()
+                await self.server.stop(None)
                 raise
         await self.server.start()
         for name in ("", SERVICE_NAME):
@@ -158,8 +284,10 @@ class Service:
                 log.warning("calibration snapshot %s not saved: %s", path, exc)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking new streams, let in-flight ones finish (up to the grace period), save."""
+        """Stop taking new calls and checks, let those carrying a request finish (up to the grace
+        period, or until ``hurry`` is set), cancel the rest, save the calibration, free the ports."""
         s = self.config.service
+        t0 = time.monotonic()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self._snapshot_task:
@@ -169,20 +297,41 @@ class Service:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         grace = s.grace_period_s if grace is None else grace
-        if self.check is not None:
-            await self.check.stop(grace)
-        if self.server:
-            t0 = time.monotonic()
-            await self.server.stop(grace)
-            log.info("stopped after %.1fs", time.monotonic() - t0)
+        await asyncio.gather(self._stop_grpc(grace), self._stop_check(grace))
+        log.info("stopped after %.2fs", time.monotonic() - t0)
         if s.snapshot_path:
             try:
                 save_snapshot(self.budget, s.snapshot_path)
                 log.info("calibration saved to %s", s.snapshot_path)
             except OSError as exc:
                 log.warning("calibration snapshot %s not saved: %s", s.snapshot_path, exc)
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
+        if self._metrics_server is not None:  # last: scrapes keep working while requests drain
+            await asyncio.to_thread(self._metrics_server.stop)
+            self._metrics_server = None
+
+    async def _stop_grpc(self, grace: float) -> None:
+        if self.server is None:
+            return
+        self.tracker.draining = True
+        deadline = time.monotonic() + grace
+        while self.tracker.carrying > 0 and not self.hurry.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.tracker.carrying > 0:
+            log.warning("%d calls still carrying a request at the end of the grace period: cancelled",
+                        self.tracker.carrying)
+        await self.server.stop(None)  # cancels what carries no request: the access-log stream, idle usage streams
+
+    async def _stop_check(self, grace: float) -> None:
+        if self.check is None:
+            return
+        waiting = asyncio.create_task(self.check.stop(grace))
+        hurry = asyncio.create_task(self.hurry.wait())
+        await asyncio.wait({waiting, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        if not waiting.done():
+            waiting.cancel()
+            for conn in list(self.check.connections):
+                conn.close()
 
 
 def install_event_loop() -> None:
@@ -196,12 +345,18 @@ def install_event_loop() -> None:
 
 
 async def run(config: Config) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully; a second signal stops at once."""
     service = Service(config)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def signalled() -> None:
+        if stop.is_set():
+            service.hurry.set()
+        stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, signalled)
     await stop.wait()
-    log.info("signal received: draining")
+    log.info("signal received: draining (up to %.0fs for requests in flight)", config.service.grace_period_s)
     await service.stop()
