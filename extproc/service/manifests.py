@@ -10,6 +10,10 @@ rendering (as tests/envoy does for envoy/envoy.yaml), so they cannot drift from 
   gateway's router filter (ext_authz by default, ``envoyfilter-ext-proc.yaml`` the alternative),
   the ``Gateway``/``VirtualService`` routing on the pool header, and ``DestinationRule``s;
 * ``envoy/envoy-gateway/``: Gateway API resources and an ``EnvoyExtensionPolicy`` (ext_proc);
+* ``envoy/gie/``: the Gateway API Inference Extension on Istio: an ``InferencePool`` and its
+  endpoint picker per pool, one ``HTTPRoute`` choosing the InferencePool on the pool header, and an
+  ``EnvoyFilter`` that puts our filters before the picker's (the router decides the pool, then
+  that pool's picker the pod);
 * ``envoy/kubernetes/configmap.yaml``: config/router.yaml as a ConfigMap (one copy, not two).
 """
 
@@ -71,12 +75,31 @@ class ClusterNames:
     gateway_namespace: str = "istio-system"
     gateway_selector: tuple[tuple[str, str], ...] = (("istio", "ingressgateway"),)
     upstream_timeout_s: int = 600
+    # The Inference Extension target (envoy/gie): a Gateway API Gateway that Istio deploys in our
+    # namespace, and one endpoint picker (EPP) per InferencePool, as the GIE guides deploy it
+    # (the inferencepool chart of GIE v1.5.0, the last GIE release that ships the EPP; later
+    # pickers are llm-d's: llm-d/llm-d-router).
+    inference_gateway: str = "llm-inference-gateway"
+    epp_image: str = "registry.k8s.io/gateway-api-inference-extension/epp:v1.5.0"
+    epp_port: int = 9002
+    epp_health_port: int = 9003
+    epp_metrics_port: int = 9090
 
     def fqdn(self, service: str) -> str:
         return f"{service}.{self.namespace}.svc.cluster.local"
 
     def pool_service(self, pool: str) -> str:
         return f"pool-{pool}"
+
+    def pool_labels(self, pool: str) -> dict[str, str]:
+        """The labels of a pool's vLLM pods (envoy/kubernetes/vllm-pools.yaml): its InferencePool's selector."""
+        return {"app.kubernetes.io/name": self.pool_service(pool)}
+
+    def inference_pool(self, pool: str) -> str:
+        return self.pool_service(pool)
+
+    def epp(self, pool: str) -> str:
+        return f"{self.inference_pool(pool)}-epp"
 
     @staticmethod
     def istio_cluster(host: str, port: int) -> str:
@@ -104,6 +127,13 @@ def _route_names(pools: list[str]) -> dict[str, list[str]]:
             "undecided": ["llm-undecided"], "other": ["other"]}
 
 
+ROUTER_FILTER = "envoy.filters.http.router"
+# The endpoint picker's filter in an Istio gateway with an InferencePool attached (Istio's
+# xdsfilters.InferencePoolExtProc, wellknown.HTTPExternalProcessing): enabled per route on the
+# routes whose backend is an InferencePool.
+PICKER_FILTER = "envoy.filters.http.ext_proc"
+
+
 # -- Istio ----------------------------------------------------------------------------------------
 
 def istio_layout(config: Config, names: ClusterNames, routing_filter: str) -> EnvoyLayout:
@@ -120,11 +150,23 @@ def istio_layout(config: Config, names: ClusterNames, routing_filter: str) -> En
 def istio_envoy_filter(config: Config, names: ClusterNames, routing_filter: str) -> dict:
     """The EnvoyFilter for the ingress gateway: the same filters, header strip, request-ends log,
     per-route switches and buffer limits as our own bootstrap, patched into Istio's."""
+    pools = [p.name for p in config.budget.pools]
+    return _envoy_filter(config, names, routing_filter, name=f"extproc-{routing_filter.replace('_', '-')}",
+                         namespace=names.gateway_namespace, selector=dict(names.gateway_selector),
+                         before=ROUTER_FILTER, route_names=_route_names(pools),
+                         pool_clusters=[(names.fqdn(names.pool_service(p)), names.pool_port) for p in pools])
+
+
+def _envoy_filter(config: Config, names: ClusterNames, routing_filter: str, *, name: str, namespace: str,
+                  selector: dict, before: str, route_names: dict[str, list[str]],
+                  pool_clusters: list[tuple[str, int]]) -> dict:
+    """Our filters patched into an Istio gateway's Envoy: the header strip and the request-ends log on
+    the connection manager, the routing and usage filters right before the ``before`` filter, the
+    per-route switches on the routes named in ``route_names`` (by kind), and the buffer limits."""
     lay = istio_layout(config, names, routing_filter)
     gateway = {"context": "GATEWAY"}
     hcm_match = {**gateway, "listener": {"filterChain": {"filter": {"name": _HCM}}}}
-    before_router = {**gateway, "listener": {"filterChain": {"filter": {
-        "name": _HCM, "subFilter": {"name": "envoy.filters.http.router"}}}}}
+    anchor = {**gateway, "listener": {"filterChain": {"filter": {"name": _HCM, "subFilter": {"name": before}}}}}
     patches: list[dict] = [
         # Client copies of the router's headers go before the route is chosen, and request ends
         # reach the router (ext_authz): both live on the connection manager.
@@ -132,30 +174,29 @@ def istio_envoy_filter(config: Config, names: ClusterNames, routing_filter: str)
             "typed_config": {"@type": _HCM_TYPE, "early_header_mutation_extensions": [header_strip(lay)],
                              **({"access_log": request_ends_log(lay)} if request_ends_log(lay) else {})}}}},
     ]
-    # Each INSERT_BEFORE lands right before the router filter: routing, then usage, then router.
+    # Each INSERT_BEFORE lands right before the anchor: routing, then usage, then the anchor.
     for f in http_filters(lay):
-        patches.append({"applyTo": "HTTP_FILTER", "match": before_router,
-                        "patch": {"operation": "INSERT_BEFORE", "value": f}})
+        patches.append({"applyTo": "HTTP_FILTER", "match": anchor, "patch": {"operation": "INSERT_BEFORE", "value": f}})
     per_route = per_route_filters(lay)
-    for kind, route_names in _route_names([p.name for p in config.budget.pools]).items():
+    for kind, kind_routes in route_names.items():
         if not per_route[kind]:
             continue
-        for name in route_names:
+        for route in kind_routes:
             patches.append({"applyTo": "HTTP_ROUTE",
-                            "match": {**gateway, "routeConfiguration": {"vhost": {"route": {"name": name}}}},
+                            "match": {**gateway, "routeConfiguration": {"vhost": {"route": {"name": route}}}},
                             "patch": {"operation": "MERGE",
                                       "value": {"typed_per_filter_config": copy.deepcopy(per_route[kind])}}})
     # Bodies up to the routing filter's limit are buffered, not refused with a 413.
     patches.append({"applyTo": "LISTENER", "match": gateway,
                     "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": BUFFER_LIMIT}}})
-    for host, port in [(h, p) for _, h, p in lay.pools] + [lay.router_address, lay.router_http_address]:
+    for host, port in pool_clusters + [lay.router_address, lay.router_http_address]:
         if routing_filter != "ext_authz" and (host, port) == lay.router_http_address:
             continue
         patches.append({"applyTo": "CLUSTER", "match": {**gateway, "cluster": {"service": host, "portNumber": port}},
                         "patch": {"operation": "MERGE", "value": {"per_connection_buffer_limit_bytes": BUFFER_LIMIT}}})
     return {"apiVersion": "networking.istio.io/v1alpha3", "kind": "EnvoyFilter",
-            "metadata": {"name": f"extproc-{routing_filter.replace('_', '-')}", "namespace": names.gateway_namespace},
-            "spec": {"workloadSelector": {"labels": dict(names.gateway_selector)}, "configPatches": patches}}
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"workloadSelector": {"labels": selector}, "configPatches": patches}}
 
 
 def istio_routing(config: Config, names: ClusterNames) -> list[dict]:
@@ -188,23 +229,26 @@ def istio_routing(config: Config, names: ClusterNames) -> list[dict]:
     virtual_service = {"apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
                        "metadata": {"name": "llm-pools", "namespace": names.namespace},
                        "spec": {"hosts": ["*"], "gateways": ["llm-gateway"], "http": http}}
-    router_rule = {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-                   "metadata": {"name": names.router_service, "namespace": names.namespace},
-                   "spec": {"host": names.fqdn(names.router_service), "trafficPolicy": {
-                       # Checks and streams are short and many: keep connections, spread them, and
-                       # take a failing replica out fast (the filter fails open meanwhile).
-                       "loadBalancer": {"simple": "LEAST_REQUEST"},
-                       "connectionPool": {"http": {"http2MaxRequests": 100000, "maxRequestsPerConnection": 0,
-                                                   "idleTimeout": "300s"}},
-                       "outlierDetection": {"consecutive5xxErrors": 3, "interval": "5s", "baseEjectionTime": "15s",
-                                            "maxEjectionPercent": 50}}}}
     pool_rules = [{"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
                    "metadata": {"name": names.pool_service(p), "namespace": names.namespace},
                    "spec": {"host": names.fqdn(names.pool_service(p)), "trafficPolicy": {
                        # Generation takes minutes: no idle cut, and the least busy vLLM replica.
                        "loadBalancer": {"simple": "LEAST_REQUEST"},
                        "connectionPool": {"http": {"idleTimeout": "3600s", "maxRetries": 0}}}}} for p in pools]
-    return [gateway, virtual_service, router_rule, *pool_rules]
+    return [gateway, virtual_service, router_destination_rule(names), *pool_rules]
+
+
+def router_destination_rule(names: ClusterNames) -> dict:
+    return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": names.router_service, "namespace": names.namespace},
+            "spec": {"host": names.fqdn(names.router_service), "trafficPolicy": {
+                # Checks and streams are short and many: keep connections, spread them, and
+                # take a failing replica out fast (the filter fails open meanwhile).
+                "loadBalancer": {"simple": "LEAST_REQUEST"},
+                "connectionPool": {"http": {"http2MaxRequests": 100000, "maxRequestsPerConnection": 0,
+                                            "idleTimeout": "300s"}},
+                "outlierDetection": {"consecutive5xxErrors": 3, "interval": "5s", "baseEjectionTime": "15s",
+                                     "maxEjectionPercent": 50}}}}
 
 
 # -- Envoy Gateway ----------------------------------------------------------------------------------
@@ -268,6 +312,176 @@ def envoy_gateway(config: Config, names: ClusterNames) -> list[dict]:
     return [gateway_class, gateway, llm_route, other_route, extension, client, backend_policy]
 
 
+# -- Gateway API Inference Extension (Istio) ---------------------------------------------------------
+
+INFERENCE_GROUP = "inference.networking.k8s.io"
+
+
+def _gie_route_names(pools: list[str], route: str = "llm-pools") -> dict[str, list[str]]:
+    """The HTTPRoute's rule names by kind of route. Istio names a rule's Envoy routes by the rule's
+    name alone, and keys the picker's per-route settings by it, so the names carry the route's."""
+    return {"read": [f"{route}-{p}-read" for p in pools], "unread": [f"{route}-{p}" for p in pools],
+            "undecided": [f"{route}-undecided"], "other": [f"{route}-other"]}
+
+
+def gie_envoy_filter(config: Config, names: ClusterNames, routing_filter: str) -> dict:
+    """Our filters in the Inference Extension gateway: before the endpoint picker's filter, so the
+    router's pool header (and its cleared route cache) chooses the rule, hence the InferencePool
+    and the picker asked, before any picker runs. The picker's own header and metadata
+    (x-gateway-destination-endpoint) are never touched: we strip and set only the router's headers."""
+    pools = [p.name for p in config.budget.pools]
+    return _envoy_filter(config, names, routing_filter, name=f"extproc-gie-{routing_filter.replace('_', '-')}",
+                         namespace=names.namespace,
+                         selector={"gateway.networking.k8s.io/gateway-name": names.inference_gateway},
+                         before=PICKER_FILTER, route_names=_gie_route_names(pools),
+                         # the pools' clusters are Istio's shadow Services of the InferencePools:
+                         # internal names; their buffer limits only pace uploads (no 413)
+                         pool_clusters=[])
+
+
+def gie_routing(config: Config, names: ClusterNames) -> list[dict]:
+    """The Gateway (class ``istio``) and one HTTPRoute choosing between the InferencePools on the
+    router's pool header: per pool a rule for responses the router reads and one for the rest (the
+    usage filter runs only on the first), LLM calls without the header (router down or slow) and
+    everything else (``GET /v1/models``: no body, no router call) on the largest pool."""
+    pools = [p.name for p in config.budget.pools]
+    largest = pools[-1]
+    header = config.service.pool_header
+    read = f"{config.service.header_prefix}read"
+    rule_names = _gie_route_names(pools)
+    timeouts = {"request": f"{names.upstream_timeout_s}s"}
+
+    def to(pool: str) -> list[dict]:
+        return [{"group": INFERENCE_GROUP, "kind": "InferencePool", "name": names.inference_pool(pool)}]
+
+    def llm(headers: list[tuple[str, str]]) -> list[dict]:
+        # Exact paths as the other rules: Gateway API ranks an exact path above any prefix, then
+        # the method, then the number of header matches (read > unread > undecided)
+        return [{"path": {"type": "Exact", "value": path}, "method": "POST",
+                 **({"headers": [{"type": "Exact", "name": k, "value": v} for k, v in headers]} if headers else {})}
+                for path in LLM_PATHS]
+
+    rules = []
+    for pool, read_rule, unread_rule in zip(pools, rule_names["read"], rule_names["unread"]):
+        rules.append({"name": read_rule, "matches": llm([(header, pool), (read, "1")]), "backendRefs": to(pool),
+                      "timeouts": timeouts})
+        rules.append({"name": unread_rule, "matches": llm([(header, pool)]), "backendRefs": to(pool),
+                      "timeouts": timeouts})
+    rules.append({"name": rule_names["undecided"][0], "matches": llm([]), "backendRefs": to(largest),
+                  "timeouts": timeouts})
+    rules.append({"name": rule_names["other"][0], "matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                  "backendRefs": to(largest), "timeouts": timeouts})
+    gateway = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": names.inference_gateway, "namespace": names.namespace},
+               "spec": {"gatewayClassName": "istio", "listeners": [{"name": "http", "protocol": "HTTP", "port": 80}]}}
+    route = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+             "metadata": {"name": "llm-pools", "namespace": names.namespace},
+             "spec": {"parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                      "name": names.inference_gateway}],
+                      "rules": rules}}
+    return [gateway, route, router_destination_rule(names)]
+
+
+# The picker's scheduling, as GIE's chart configures it for vLLM (queue, KV-cache and prefix-cache
+# scorers over the metrics each vLLM pod serves on /metrics).
+EPP_PLUGINS = """apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: metrics-data-source
+  parameters:
+    scheme: "http"
+    path: "/metrics"
+    insecureSkipVerify: true
+- type: core-metrics-extractor
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: queue-scorer
+    weight: 2
+  - pluginRef: kv-cache-utilization-scorer
+    weight: 2
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+"""
+
+
+def gie_pools(config: Config, names: ClusterNames) -> list[dict]:
+    """Per pool: the InferencePool (v1) over that pool's vLLM pods, and its endpoint picker as GIE's
+    inferencepool chart deploys it for Istio: ConfigMap, ServiceAccount and RBAC, Deployment (one
+    replica, Recreate), Service, and the DestinationRule that speaks TLS to the picker (it serves
+    its own certificate)."""
+    ns = names.namespace
+    out: list[dict] = []
+    for p in (p.name for p in config.budget.pools):
+        pool, epp = names.inference_pool(p), names.epp(p)
+        labels = {"app.kubernetes.io/name": epp}
+        selector = {"inferencepool": epp}
+        meta = {"name": epp, "namespace": ns, "labels": labels}
+        out.append({"apiVersion": f"{INFERENCE_GROUP}/v1", "kind": "InferencePool",
+                    "metadata": {"name": pool, "namespace": ns},
+                    "spec": {"targetPorts": [{"number": names.pool_port}], "appProtocol": "http",
+                             "selector": {"matchLabels": names.pool_labels(p)},
+                             # a picker outage sends requests to any pod of the pool, never fails them
+                             "endpointPickerRef": {"name": epp, "port": {"number": names.epp_port},
+                                                   "failureMode": "FailOpen"}}})
+        out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": dict(meta),
+                    "data": {"default-plugins.yaml": EPP_PLUGINS}})
+        out.append({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)})
+        out.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
+                    "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "watch", "list"]},
+                              {"apiGroups": [INFERENCE_GROUP], "resources": ["inferencepools"],
+                               "verbs": ["get", "watch", "list"]},
+                              {"apiGroups": ["inference.networking.x-k8s.io"],
+                               "resources": ["inferenceobjectives", "inferencemodelrewrites"],
+                               "verbs": ["get", "watch", "list"]}]})
+        out.append({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": dict(meta),
+                    "subjects": [{"kind": "ServiceAccount", "name": epp, "namespace": ns}],
+                    "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": epp}})
+        health = {"grpc": {"port": names.epp_health_port, "service": "inference-extension"}}
+        out.append({"apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {**meta, "labels": {**labels, "inference.networking.k8s.io/igw-mode": "inferencepool"}},
+                    "spec": {
+                        # one active picker (its prefix-cache state is its own), replaced at once
+                        "replicas": 1, "strategy": {"type": "Recreate"},
+                        "selector": {"matchLabels": selector},
+                        "template": {
+                            # no mesh sidecar: the gateway speaks TLS to the picker itself (the
+                            # DestinationRule below), and the picker scrapes the vLLM pods directly
+                            "metadata": {"labels": {**selector, "sidecar.istio.io/inject": "false"}},
+                            "spec": {
+                                "serviceAccountName": epp,
+                                # as long as the longest grace period of the pool's pods
+                                "terminationGracePeriodSeconds": 130,
+                                "containers": [{
+                                    "name": "epp", "image": names.epp_image, "imagePullPolicy": "IfNotPresent",
+                                    "args": ["--pool-name", pool, "--pool-namespace", ns,
+                                             "--pool-group", INFERENCE_GROUP, "--zap-encoder", "json",
+                                             "--config-file", "/config/default-plugins.yaml", "--v", "1",
+                                             "--tracing=false"],
+                                    "ports": [{"name": "grpc", "containerPort": names.epp_port},
+                                              {"name": "grpc-health", "containerPort": names.epp_health_port},
+                                              {"name": "metrics", "containerPort": names.epp_metrics_port}],
+                                    "livenessProbe": {**health, "initialDelaySeconds": 5, "periodSeconds": 10},
+                                    "readinessProbe": {**health, "periodSeconds": 2},
+                                    "env": [{"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                                            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                                    # the chart's sizing (its scale tests: p90 scheduling within 100 ms)
+                                    "resources": {"requests": {"cpu": "4", "memory": "8Gi"}, "limits": {"memory": "16Gi"}},
+                                    "volumeMounts": [{"name": "plugins-config", "mountPath": "/config"}]}],
+                                "volumes": [{"name": "plugins-config", "configMap": {"name": epp}}]}}}})
+        out.append({"apiVersion": "v1", "kind": "Service", "metadata": dict(meta),
+                    "spec": {"selector": selector, "type": "ClusterIP",
+                             "ports": [{"name": "grpc-ext-proc", "protocol": "TCP", "port": names.epp_port},
+                                       {"name": "http-metrics", "protocol": "TCP", "port": names.epp_metrics_port}]}})
+        out.append({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": dict(meta),
+                    "spec": {"host": names.fqdn(epp),
+                             "trafficPolicy": {"tls": {"mode": "SIMPLE", "insecureSkipVerify": True}}}})
+    return out
+
+
 # -- Kubernetes -------------------------------------------------------------------------------------
 
 def router_configmap(config_text: str, names: ClusterNames) -> dict:
@@ -293,6 +507,10 @@ def render_all(root: pathlib.Path, names: ClusterNames | None = None) -> dict[st
         "envoy/istio/envoyfilter-ext-proc.yaml": head + _docs(istio_envoy_filter(config, names, "ext_proc")),
         "envoy/istio/routing.yaml": head + _docs(*istio_routing(config, names)),
         "envoy/envoy-gateway/gateway.yaml": head + _docs(*envoy_gateway(config, names)),
+        "envoy/gie/inferencepools.yaml": head + _docs(*gie_pools(config, names)),
+        "envoy/gie/gateway.yaml": head + _docs(*gie_routing(config, names)),
+        "envoy/gie/envoyfilter.yaml": head + _docs(gie_envoy_filter(config, names, "ext_authz")),
+        "envoy/gie/envoyfilter-ext-proc.yaml": head + _docs(gie_envoy_filter(config, names, "ext_proc")),
         "envoy/kubernetes/configmap.yaml": head + _docs(router_configmap(config_text, names)),
     }
 
@@ -310,5 +528,6 @@ def write_all(root: pathlib.Path, check: bool = False) -> list[str]:
     return stale
 
 
-__all__ = ["COMPOSE_ENVOY", "compose_envoy_args", "ClusterNames", "envoy_gateway", "istio_envoy_filter", "istio_routing",
+__all__ = ["COMPOSE_ENVOY", "compose_envoy_args", "ClusterNames", "envoy_gateway", "gie_envoy_filter", "gie_pools",
+           "gie_routing", "istio_envoy_filter", "istio_routing",
            "render_all", "router_configmap", "router_headers", "write_all"]

@@ -69,7 +69,8 @@ def test_rendering_follows_the_router_config(tmp_path):
     (tmp_path / "config" / "router.yaml").write_text(yaml.safe_dump(doc))
     files = render_all(tmp_path)
     for rel in ("envoy/compose/envoy.yaml", "envoy/istio/envoyfilter.yaml", "envoy/istio/routing.yaml",
-                "envoy/envoy-gateway/gateway.yaml", "envoy/kubernetes/configmap.yaml"):
+                "envoy/envoy-gateway/gateway.yaml", "envoy/kubernetes/configmap.yaml", "envoy/gie/gateway.yaml",
+                "envoy/gie/envoyfilter.yaml", "envoy/gie/envoyfilter-ext-proc.yaml"):
         assert "x-llm-pool" in files[rel], rel
         assert "x-token-pool" not in files[rel], rel
 

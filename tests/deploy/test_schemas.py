@@ -66,7 +66,8 @@ def test_every_shipped_object_has_a_schema(crds):
     assert {("v1", "Namespace"), ("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"),
             ("policy/v1", "PodDisruptionBudget"), ("autoscaling/v2", "HorizontalPodAutoscaler"),
             ("networking.istio.io/v1alpha3", "EnvoyFilter"), ("gateway.networking.k8s.io/v1", "HTTPRoute"),
-            ("gateway.envoyproxy.io/v1alpha1", "EnvoyExtensionPolicy")} <= kinds
+            ("gateway.envoyproxy.io/v1alpha1", "EnvoyExtensionPolicy"), ("inference.networking.k8s.io/v1", "InferencePool"),
+            ("rbac.authorization.k8s.io/v1", "Role")} <= kinds
     unchecked = [f"{p}:{describe(d)} ({d['apiVersion']})" for p, d in OBJECTS
                  if not crds.knows(d) and _kubernetes_errors(d) is None]
     assert not unchecked, f"no CRD and no Kubernetes schema for: {unchecked}"
@@ -104,6 +105,12 @@ def _shipped(kind: str, path: str) -> dict:
     ("DestinationRule", "envoy/istio/routing.yaml",
      lambda d: d["spec"]["trafficPolicy"]["connectionPool"]["http"].update(idleTimeoutSeconds=3600),
      "'idleTimeoutSeconds' was unexpected"),
+    ("InferencePool", "envoy/gie/inferencepools.yaml",
+     lambda d: d["spec"]["endpointPickerRef"].update(portNumber=9002), "'portNumber' was unexpected"),
+    ("InferencePool", "envoy/gie/inferencepools.yaml",
+     lambda d: d["spec"]["endpointPickerRef"].update(failureMode="Open"), "is not one of"),
+    ("InferencePool", "envoy/gie/inferencepools.yaml",
+     lambda d: d["spec"].pop("targetPorts"), "'targetPorts' is a required property"),
     # a wrong type, a value outside an enum, a pattern, a bound, a missing required field
     ("EnvoyExtensionPolicy", "envoy/envoy-gateway/gateway.yaml",
      lambda d: d["spec"]["extProc"][0]["backendRefs"][0].update(port="50051"), "is not of type 'integer'"),
