@@ -182,7 +182,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from .demo import up
 
     _config(args.config)  # fail here, naming the field, before starting anything
-    return up(args.config, demo=args.demo, exit_after=args.exit, time_scale=args.time_scale, workdir=args.workdir)
+    ports = {"listen": args.port, "admin": args.admin_port, "grpc": args.grpc_port, "http": args.http_port,
+             "metrics": args.metrics_port}
+    return up(args.config, demo=args.demo, exit_after=args.exit, time_scale=args.time_scale, workdir=args.workdir,
+              ports=ports)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-scale", type=float, default=0.01,
                    help="scale of simulated GPU delays (1.0 = the A100 profile's real speed)")
     p.add_argument("--workdir", help="where configs and logs go (default: a new temp dir)")
+    for flag, default, what in (("--port", 10000, "Envoy's listener"), ("--admin-port", 9901, "Envoy's admin"),
+                                ("--grpc-port", 50051, "the router's gRPC service"),
+                                ("--http-port", 50052, "the router's ext_authz check endpoint"),
+                                ("--metrics-port", 9464, "the router's metrics")):
+        p.add_argument(flag, type=int, metavar="PORT",
+                       help=f"port of {what} on 127.0.0.1 (default {default}; 0: any free port; "
+                            "one in use is replaced by a free one, and the run says so)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("envoy-config", help="render the Envoy bootstrap for this config")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")

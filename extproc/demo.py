@@ -1,5 +1,9 @@
 """``extproc up``: the local stack, a short demo through it, then serve until Ctrl-C.
 
+While it runs, a router or engine that dies is restarted (``Stack.supervise``: bounded restarts
+with backoff; Envoy fails open meanwhile); Envoy dying, or a child that keeps dying, ends the
+stack and says why. Every address is printed, with a note for each port that was taken and moved.
+
 The demo replays real request bodies (../shared/data/requests when present, else the bundled
 sample) plus long conversations stacked from them, some streamed, through Envoy; then prints
 requests per pool, misroutes, and how calibration moved, read from the router's own metrics.
@@ -12,21 +16,17 @@ import json
 import pathlib
 import random
 import signal
-import socket
 import tempfile
 import time
 import urllib.request
 
-from .stack import Stack, free_port
+from .service.check import CHECK_PREFIX
+from .stack import Stack, choose_ports
 
-
-def _port_or_free(port: int) -> int:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            return free_port()
+# What `extproc up` binds unless told otherwise: the ports the README and envoy/envoy.yaml use.
+DEFAULT_PORTS = {"listen": 10000, "admin": 9901, "grpc": 50051, "http": 50052, "metrics": 9464}
+PORT_NAMES = {"listen": "Envoy listener", "admin": "Envoy admin", "grpc": "router gRPC",
+              "http": "router checks", "metrics": "router metrics"}
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -119,25 +119,48 @@ def run_demo(stack: Stack, rows: list[dict]) -> None:
         for k in ("prose", "code", "cjk")))
 
 
-def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float, workdir: str | None) -> int:
+def print_addresses(stack: Stack) -> None:
+    """Every address the stack listens on, with the process behind it."""
+    wd = stack.workdir
+    pid = {name: proc.pid for name, proc in stack.procs.items()}
+    print(f"send OpenAI requests to  {stack.url}/v1/chat/completions  (model {stack.model})")
+    print(f"Envoy admin              http://127.0.0.1:{stack.admin_port}/  (pid {pid.get('envoy')}; "
+          f"access log {wd / 'access.log'})")
+    print(f"router gRPC              127.0.0.1:{stack.grpc_port}  (ext_proc, Envoy's access-log stream, "
+          f"grpc.health.v1, operator API; pid {pid.get('router')})")
+    if stack.config.service.routing_filter == "ext_authz":
+        print(f"router checks            http://127.0.0.1:{stack.http_port}{CHECK_PREFIX}  (Envoy's ext_authz; "
+              f"GET /healthz)")
+    print(f"router metrics           {stack.metrics_url}")
+    for pool in stack.config.budget.pools:
+        print(f"pool {pool.name:<6}              {stack.pool_url(pool.name)}  (simulated vLLM, {pool.max_context} "
+              f"tokens, /metrics; pid {pid.get(f'engine-{pool.name}')})")
+
+
+def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float, workdir: str | None,
+       ports: dict[str, int | None] | None = None) -> int:
+    """``ports``: {listen, admin, grpc, http, metrics} -> port to use (None: DEFAULT_PORTS; 0: any
+    free port); a port that is taken is replaced by a free one, and the run says so."""
     from .cli import _long_requests, _request_rows
 
     wd = pathlib.Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
-    stack = Stack(wd, config_path=config_path, time_scale=time_scale, listen_port=_port_or_free(10000),
-                  admin_port=_port_or_free(9901), grpc_port=_port_or_free(50051), http_port=_port_or_free(50052),
-                  metrics_port=_port_or_free(9464),
-                  quiet=True)
+    wanted = {PORT_NAMES[k]: (DEFAULT_PORTS[k] if (ports or {}).get(k) is None else ports[k]) for k in DEFAULT_PORTS}
+    chosen, moved = choose_ports(wanted)
+    by_key = {k: chosen[PORT_NAMES[k]] for k in DEFAULT_PORTS}
+    stack = Stack(wd, config_path=config_path, time_scale=time_scale, listen_port=by_key["listen"],
+                  admin_port=by_key["admin"], grpc_port=by_key["grpc"], http_port=by_key["http"],
+                  metrics_port=by_key["metrics"], quiet=True)
+    for line in moved:
+        print(line, flush=True)
     print(f"starting Envoy, router and {len(stack.pool_ports)} simulated pools (logs in {wd}) ...", flush=True)
+
     def handler(*_):
         raise KeyboardInterrupt  # out of a start or demo in progress; `finally` stops the children
     signal.signal(signal.SIGTERM, handler)
     try:
         stack.start()
-        print(f"send OpenAI requests to  {stack.url}/v1/chat/completions  (model {stack.model})")
-        print(f"router metrics           {stack.metrics_url}")
-        print(f"Envoy admin              http://127.0.0.1:{stack.admin_port}/  (access log {wd / 'access.log'})")
-        for pool, port in stack.pool_ports.items():
-            print(f"pool {pool:<6}              http://127.0.0.1:{port}  (simulated vLLM, /metrics)")
+        print_addresses(stack)
+        supervisor = stack.supervise()
         if demo:
             rows, label = _request_rows([])
             rows = rows[:80] + _long_requests(rows, count=6)
@@ -145,11 +168,10 @@ def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float,
             run_demo(stack, rows)
         if exit_after:
             return 0
-        print("\nrunning; Ctrl-C stops everything", flush=True)
-        while all(p.poll() is None for p in stack.procs.values()):
-            time.sleep(0.2)
-        dead = [name for name, p in stack.procs.items() if p.poll() is not None]
-        print(f"stopped: {', '.join(dead)} exited (logs in {wd})", flush=True)
+        print("\nrunning; a router or engine that dies is restarted; Ctrl-C stops everything", flush=True)
+        while not supervisor.failed.wait(0.2):
+            pass
+        print(f"stopped: {supervisor.reason}", flush=True)
         return 1
     except KeyboardInterrupt:
         return 0

