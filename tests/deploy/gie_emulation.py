@@ -29,7 +29,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from google.protobuf import struct_pb2
-from istio_emulation import ROUTER_FILTER, apply_patch
+from istio_emulation import ISTIO_OVERLOAD_MANAGER, ROUTER_FILTER, apply_patch
 
 PICKER_FILTER = "envoy.filters.http.ext_proc"
 SHADOW_PORT = 54321
@@ -159,6 +159,7 @@ def gateway_bootstrap(envoy_filter: dict, http_route: dict, inference_pools: lis
     for patch in envoy_filter["spec"]["configPatches"]:
         apply_patch(patch, listener, hcm, routes, clusters)
     return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+            "overload_manager": ISTIO_OVERLOAD_MANAGER,
             "static_resources": {"listeners": [listener], "clusters": clusters}}
 
 

@@ -12,6 +12,11 @@ from __future__ import annotations
 import copy
 
 ROUTER_FILTER = "envoy.filters.http.router"
+# Istio's bootstrap caps downstream connections, by default at 2^31-1 (pkg/bootstrap/config.go)
+ISTIO_OVERLOAD_MANAGER = {"resource_monitors": [{
+    "name": "envoy.resource_monitors.global_downstream_max_connections",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                              "DownstreamConnectionsConfig", "max_active_downstream_connections": 2**31 - 1}}]}
 _HCM = "envoy.filters.network.http_connection_manager"
 
 
@@ -76,6 +81,7 @@ def gateway_bootstrap(envoy_filter: dict, virtual_service: dict, endpoints: dict
     for patch in envoy_filter["spec"]["configPatches"]:
         apply_patch(patch, listener, hcm, routes, clusters)
     return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+            "overload_manager": ISTIO_OVERLOAD_MANAGER,
             "static_resources": {"listeners": [listener], "clusters": clusters}}
 
 
