@@ -61,6 +61,13 @@ class SLO:
         basis = " beyond the prompt's own prefill" if self.ttft_basis == "queue" else ""
         return f"P99 TTFT{basis} <= {self.ttft_p99_s} s, P99 TPOT <= {1000 * self.tpot_p99_s:.0f} ms"
 
+    def ttft_p99(self, result: sim.SimResult | None, profile: InstanceProfile) -> float | None:
+        """The P99 TTFT this SLO judges (on its basis), over the requests latency statistics count."""
+        if result is None:
+            return None
+        ttft = self.ttft_measure(result, profile)[result.measured()]
+        return float(np.percentile(ttft, 99)) if len(ttft) else None
+
 
 @dataclass
 class Sized:
@@ -78,13 +85,17 @@ class Sized:
     def gpus(self) -> int:
         return self.instances * self.profile.gpus
 
-    def row(self) -> dict:
+    def row(self, slo: SLO | None = None) -> dict:
+        """The pool's size and latencies; with ``slo``, also the P99 TTFT on the basis it judges
+        feasibility (``slo_ttft_s_p99``: beyond the prompt's own prefill for the queue basis)."""
         lat = self.result.latency() if self.result is not None else {}
+        judged = {} if slo is None else {"slo_ttft_basis": slo.ttft_basis,
+                                         "slo_ttft_s_p99": slo.ttft_p99(self.result, self.profile)}
         return {"pool": self.name, "max_model_len": self.profile.max_model_len,
                 "max_num_seqs": self.profile.max_num_seqs, "requests": self.requests,
                 "instances": self.instances, "gpus": self.gpus, "feasible": self.feasible,
                 "simulations": self.simulations,
-                **{k: lat.get(k) for k in ("ttft_s_p50", "ttft_s_p99", "tpot_s_p50", "tpot_s_p99")},
+                **{k: lat.get(k) for k in ("ttft_s_p50", "ttft_s_p99", "tpot_s_p50", "tpot_s_p99")}, **judged,
                 "preemptions": int(self.result.preempted.sum()) if self.result is not None else 0,
                 "kv_util": self.result.pools[0].kv_util if self.result is not None else 0.0,
                 "seq_util": self.result.pools[0].seq_util if self.result is not None else 0.0}
@@ -161,7 +172,7 @@ class Plan:
         return {
             "workload": self.workload, "rate": self.rate, "requests": self.requests,
             "slo": vars(self.slo), "short_limit": self.short_limit, "error_model": self.error_model,
-            "homogeneous": self.homogeneous.row(), "pools": [p.row() for p in self.pools],
+            "homogeneous": self.homogeneous.row(self.slo), "pools": [p.row(self.slo) for p in self.pools],
             "homogeneous_gpus": self.homogeneous.gpus, "pooled_gpus": self.pooled_gpus,
             "homogeneous_instances": self.homogeneous.instances, "pooled_instances": self.pooled_instances,
             "savings": self.savings,

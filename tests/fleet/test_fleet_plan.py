@@ -105,9 +105,46 @@ def test_plan_cli_json_table_and_plot(tmp_path):
         assert 0 < p["cost_model"]["alpha_load"] <= 1 and p["cost_model"]["rho"] > 1
         assert any("SLO" in a for a in p["assumptions"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert doc["rate_asked"] == 100
+    for p in doc["plans"]:
+        for row in [p["homogeneous"], *p["pools"]]:
+            assert row["slo_ttft_basis"] == "queue"
+            # the queue basis forgives the prompt's own prefill: never above the literal TTFT
+            assert row["slo_ttft_s_p99"] is None or row["slo_ttft_s_p99"] <= row["ttft_s_p99"] + 1e-9
+            if row["feasible"] and row["slo_ttft_s_p99"] is not None:
+                assert row["slo_ttft_s_p99"] <= p["slo"]["ttft_p99_s"]
     table = _cli("plan", "--rate", "100", "--requests", "3000")
     assert table.returncode == 0, table.stderr
     assert "cost model: alpha" in table.stdout and "per year at $2.21/GPU-h" in table.stdout
+    # the rate asked for, and apart from it what the time-scaled trace delivered
+    assert "3,000 requests at 100 req/s asked (" in table.stdout and "req/s delivered by the trace" in table.stdout
+    # the TTFT feasibility is judged on, labelled, beside the literal TTFT
+    assert "queue TTFT p99 s" in table.stdout and "TTFT p99 s" in table.stdout
+    assert "feasible: P99 queue TTFT (TTFT beyond the prompt's own unloaded prefill) <= 2 s" in table.stdout
+    total = _cli("plan", "--rate", "100", "--requests", "3000", "--ttft-basis", "total")
+    assert total.returncode == 0 and "queue TTFT" not in total.stdout and "feasible: P99 TTFT <= 2 s" in total.stdout
+
+
+def test_the_cli_says_rates_and_gpu_changes_in_words():
+    from extproc.fleet.cli import change_text, rate_text
+
+    assert rate_text(1000, 1000.4) == "1,000 req/s"
+    assert rate_text(1000, 883.2) == "1,000 req/s asked (883 req/s delivered by the trace's arrivals)"
+    assert change_text(0.135) == "13.5% fewer"
+    assert change_text(-0.097) == "9.7% more"  # never "-9.7% fewer"
+    assert change_text(0.0) == "no change"
+
+
+def test_sized_rows_carry_the_ttft_the_slo_judges():
+    prof = profile_named("long")
+    n = 200
+    wl = workload.synthetic(np.arange(n) * 100.0, np.full(n, 60_000), np.full(n, 10))
+    res = sim.simulate(wl, [sim.PoolSpec("long", prof, 1)], routing.LeastLoaded)
+    sized = plan.Sized("long", prof, 1, n, res)
+    queue, total = sized.row(plan.SLO(ttft_basis="queue")), sized.row(plan.SLO(ttft_basis="total"))
+    assert total["slo_ttft_s_p99"] == pytest.approx(total["ttft_s_p99"]) and total["ttft_s_p99"] > 2.0
+    assert queue["slo_ttft_s_p99"] < 2.0 < queue["ttft_s_p99"]  # what made it feasible, now printed
+    assert "slo_ttft_s_p99" not in sized.row()
 
 
 def test_simulate_cli_reports_each_pool():
@@ -116,9 +153,12 @@ def test_simulate_cli_reports_each_pool():
                "--error", "lognormal:0.02:0.03")
     assert out.returncode == 0, out.stderr
     assert "short" in out.stdout and "long" in out.stdout and "µs per request" in out.stdout
+    # the warm-up left out of the latencies is said, with its size
+    assert "latencies leave out the first 10% of requests (300, --warmup" in out.stdout
     doc = json.loads(_cli("simulate", "--rate", "100", "--requests", "2000", "--router", "round-robin",
                           "--instances", "4", "--json").stdout)
     assert doc["completed"] + doc["rejected"] == 2000
+    assert doc["warmup"] == 0.1 and doc["rate_asked"] == 100
 
 
 @pytest.mark.parametrize("args, message", [
