@@ -236,6 +236,14 @@ class Service:
                 self._metrics_server = MetricsServer(host, int(port), self.metrics.registry)
             except OSError as exc:
                 raise OSError(f"cannot bind the metrics address {maddr}: {exc.strerror}") from None
+        if s.routing_filter == "ext_authz":
+            self.check = CheckServer(self.router)
+            try:
+                await self.check.start(http_address or s.http_address)
+            except OSError:
+                self._release_ports()
+                raise
+        # bound last: a gRPC server that never started cannot give its port back before exit
         self.server = grpc.aio.server(interceptors=[self.tracker], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0)])
@@ -249,18 +257,10 @@ class Service:
         except RuntimeError:  # grpcio's way of saying the address is taken or invalid
             self.port = 0
         if not self.port:
-            if self._metrics_server is not None:
-                self._metrics_server.stop()
+            self._release_ports()
+            if self.check is not None:
+                await self.check.stop(0)
             raise OSError(f"cannot bind the gRPC address {address} (in use, or not an address of this host)")
-        if s.routing_filter == "ext_authz":
-            self.check = CheckServer(self.router)
-            try:
-                await self.check.start(http_address or s.http_address)
-            except OSError:
-                if self._metrics_server is not None:
-                    self._metrics_server.stop()
-                await self.server.stop(None)
-                raise
         await self.server.start()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -271,6 +271,12 @@ class Service:
                  f", ext_authz checks on port {self.check.port}" if self.check else "", maddr or "-",
                  ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools), s.operator_api,
                  " [shadow]" if s.shadow else "")
+
+    def _release_ports(self) -> None:
+        """After a failed start: free the metrics port (the check server is the caller's)."""
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
+            self._metrics_server = None
 
     async def _snapshot_loop(self) -> None:
         path = self.config.service.snapshot_path
