@@ -16,6 +16,11 @@ def test_up_demo_reports_pools_misroutes_and_calibration(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     text = out.stdout
     assert "send OpenAI requests to" in text and "router metrics" in text
+    # every address it chose, the router's gRPC port included, each with the pid behind it
+    for label in ("send OpenAI requests to", "Envoy admin", "router gRPC", "router checks", "router metrics",
+                  "pool short", "pool long"):
+        assert re.search(rf"^{label}\s+\S*127\.0\.0\.1:\d+", text, re.M), (label, text)
+    assert len(re.findall(r"pid \d+", text)) == 4, text  # Envoy, the router, two engines
     statuses = re.search(r"HTTP statuses \{([^}]*)\}", text).group(1)
     assert statuses.startswith("200:") and "," not in statuses, text  # every demo request answered 200
     short = int(re.search(r"routed to short\s+(\d+)", text).group(1))
