@@ -138,6 +138,7 @@ class Stack:
             taken.add(port)
         self.router_config = self.workdir / "router.yaml"
         self.procs: dict[str, subprocess.Popen] = {}
+        self.supervisor: Supervisor | None = None  # set by supervise()
         self._write_router_config()
         self.config: Config = load_config(str(self.router_config))
 
@@ -276,9 +277,8 @@ class Stack:
         return self.supervisor
 
     def stop(self) -> None:
-        supervisor = getattr(self, "supervisor", None)
-        if supervisor is not None:  # first: nothing is restarted while the stack stops
-            supervisor.stop()
+        if self.supervisor is not None:  # first: nothing is restarted while the stack stops
+            self.supervisor.stop()
         for name in ["envoy", "router"] + [n for n in list(self.procs) if n.startswith("engine-")]:
             self.stop_process(name)
 
