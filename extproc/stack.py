@@ -396,7 +396,7 @@ class Supervisor:
         backoff = min(p.max_backoff_s, p.first_backoff_s * 2 ** (len(child.deaths) - 1))
         meanwhile = ("Envoy fails open meanwhile: requests go to the largest pool" if child.name == "router"
                      else "requests routed to its pool fail until it is back")
-        self.say(f"{what}; restarting in {backoff:.1f}s (restart {len(child.deaths)} of at most {p.max_restarts} "
+        self.say(f"{what}; restarting in {backoff:g}s (restart {len(child.deaths)} of at most {p.max_restarts} "
                  f"in {p.window_s:.0f}s; log {log}); {meanwhile}")
         if child.state == "running":
             child.since = now
