@@ -386,6 +386,8 @@ def build(label: str, cache: pathlib.Path | None, make: Callable[[], list[Req]])
 
 
 def honest_stream(args, by_cat, models: list[Model], n: int, seed: int, cache) -> list[Req]:
+    seed += 1000 * args.seed
+
     def make():
         rng = random.Random(seed)
         return [honest_request(rng, by_cat, rng.choice(models), args.near_share, args.near_width,
@@ -404,10 +406,11 @@ def attack_scenario(args, by_cat, attack: str, cache) -> list[str]:
     n_attack = 1 if attack == "outlier" else args.requests
 
     def make():
-        rng = random.Random(11)
+        rng = random.Random(11 + 1000 * args.seed)
         return [attack_request(rng, attack, target, by_cat, f"attacker-{rng.randrange(args.attacker_clients)}")
                 for _ in range(n_attack)]
-    attacks = build(f"attack-{attack}-{target.counter}-{n_attack}-{args.attacker_clients}-{args.half}", cache, make)
+    attacks = build(f"attack-{attack}-{target.counter}-{n_attack}-{args.attacker_clients}-{args.half}-{args.seed}",
+                    cache, make)
     run = Run(Stack(args.priors, args.client_share))
     run.honest(warm, None)
     t_before = Tally()
@@ -501,13 +504,14 @@ def main() -> None:
     ap.add_argument("--half", type=int, choices=(0, 1), help="texts of one half only (held out from priors "
                     "fitted on the other: fit_priors.py --half)")
     ap.add_argument("--priors", help="priors.json to route with (default: the packaged one)")
+    ap.add_argument("--seed", type=int, default=0, help="another draw of every request stream")
     ap.add_argument("--cache", type=pathlib.Path, help="keep built requests here (building counts every body)")
     args = ap.parse_args()
     if not args.texts.exists():
         sys.exit(f"SKIP: texts not found at {args.texts} (the shared data set is needed)")
     by_cat = load_texts(args.texts, args.half)
     t0 = time.time()
-    print(f"texts {args.texts.name}{'' if args.half is None else f' (half {args.half})'}, priors "
+    print(f"seed {args.seed}; texts {args.texts.name}{'' if args.half is None else f' (half {args.half})'}, priors "
           f"{args.priors or 'packaged'}; honest budgets: {100 * args.near_share:.0f}% within "
           f"±{100 * args.near_width:.0f}% of {SHORT}; {args.honest_clients} honest clients\n")
     if args.scenario == "clean":

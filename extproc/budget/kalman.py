@@ -19,8 +19,13 @@ What one response may do is bounded (margins.py keeps the per-kind windows it re
   evidence of content the features do not see, not of a new rate: it moves no scale (it still
   enters its kind's windows: when most of a kind's recent errors move together — a template
   that ignores tools, a new tokenizer behind an old name — they are learned again);
+* when a kind's recent samples all disagree with the scales (a change: a new tokenizer behind an
+  old name), the filter forgets faster to follow them — unless the step would make the other
+  kinds' recent samples worse than their spread: then the kind's samples are content the
+  features do not see, and nothing moves;
 * each scale moves at most a third of its prior spread per sample, and stays within a band around
-  the prior (¼x–2.5x for content: real tokenizers differ from each other by less than 1.5x);
+  the prior (¼x–2.5x for content: real tokenizers differ from each other by less than 1.5x; one
+  prior spread until enough clients stand behind the key's samples);
 * a lower bound ("at least N tokens", a 0.32+ context-length 400) can only raise the estimate.
 
 The routing margin is a high quantile of the kind's own out-of-sample errors (``KindErrors``).
@@ -66,7 +71,8 @@ class KalmanSettings:
     huber: float = 2.5               # innovations clipped at this many robust spreads
     reject: float = 5.0              # beyond this many, a sample is unexplained: no rate moves
     step_sd: float = 0.34            # most one sample moves a scale, in prior spreads
-    small_tokens: float = 256.0      # errors are judged relative to estimate + this: a short prompt's
+    change_noise: float = 0.1        # extra drift while a kind's recent samples all disagree with the scales
+    small_tokens: float = 1024.0     # errors are judged relative to estimate + this: a short prompt's
                                      # few tokens of template overhead are not a large error
     client_share: float = 0.2        # most weight one client holds in a kind's windows
     calibrated_after: int = 20       # samples before a key's estimates count as "calibrated"
@@ -145,7 +151,7 @@ class FeatureKalman:
                                       family.per_tool]
         # (how a template renders tool JSON differs most between models: some ignore tools entirely)
         # (and what a template adds once: Llama-3.1's dated system block is +25 tokens over Llama-3)
-        sd = [self.s.content_sd] * _N_CONTENT + [0.5, 0.5, 0.3, 3.0, 10.0, 2.0, 20.0]
+        sd = [self.s.content_sd] * _N_CONTENT + [0.5, 0.5, 0.3, 3.0, 20.0, 2.0, 20.0]
         return theta, [v * v for v in sd]
 
     def _bounds(self, family: Family) -> list[tuple[float, float]]:
@@ -212,43 +218,64 @@ class FeatureKalman:
         if lower_bound and rel <= 0:
             return None  # "at least N" below the estimate says nothing
         kind = error_bucket(g)
-        # the deviation relative to the estimate plus a few hundred tokens: on a long prompt its
+        # the deviation relative to the estimate plus about a thousand tokens: on a long prompt its
         # relative error, on a short one its error in tokens (a template's overhead, not a rate)
         size = max(est, 0.0) + self.s.small_tokens
         dev = (y - est) / size
-        center, scale = st.errors.center_scale(kind)
-        explained = est > 0 and abs(dev - center) <= min(self.s.reject * scale, _MAX_DEVIATION)
+        center, scale, trusted = st.errors.center_scale(kind, st.theta, self.s.small_tokens)
+        # (until enough clients stand behind a kind's samples, only what the priors expect is learned)
+        reject = self.s.reject if trusted else self.s.huber
+        explained = est > 0 and abs(dev - center) <= min(reject * scale, _MAX_DEVIATION)
         if explained:
             lo, hi = center - self.s.huber * scale, center + self.s.huber * scale
             if lower_bound:
                 lo = max(lo, 0.0)
             y_used = est + min(hi, max(lo, dev)) * size  # the count the clipped innovation stands for
             if y_used >= 1.0:
-                self._kalman_update(st, family, [v / y_used for v in g])
-        else:
+                # a kind whose recent samples the current scales all get wrong the same way has
+                # changed (a new tokenizer, a real shift in traffic): forget faster to follow it —
+                # unless following it would make the other kinds' recent samples worse than they
+                # are: then it is content the features do not see, not a new rate
+                changed = trusted and abs(center) > self.s.huber * scale
+                theta, P = self._kalman_step(st, family, [v / y_used for v in g], st.errors.diverse(),
+                                             self.s.change_noise if changed else 0.0)
+                if changed and st.errors.disagrees(kind, st.theta, theta, self.s.small_tokens, self.s.huber):
+                    explained = False
+                else:
+                    st.theta, st.P = theta, P
+        if not explained:
             st.unexplained += 1
         near_limit = y >= self.s.margin_min_tokens and not sampled
         # (errors of approximate measurements on a sample of the text say nothing about requests near a limit)
-        st.errors.add(kind, dev, rel, client, explained, near_limit, family.margin)
+        st.errors.add(kind, dev, rel, client, explained, near_limit, family.margin, tuple(g), y)
         st.n += 1
         return Learned(rel, explained, kind)
 
-    def _kalman_update(self, st: _KeyState, family: Family, x: list[float]) -> None:
+    def _kalman_step(self, st: _KeyState, family: Family, x: list[float], diverse: bool,
+                     change_noise: float = 0.0) -> tuple[list[float], list[list[float]]]:
+        """One filter step's new scales and covariance (the state is not changed); ``diverse``:
+        enough clients stand behind the key's recent samples for its scales to leave the band of
+        one prior spread around the priors; ``change_noise``: extra drift (a fraction of the prior
+        variance) in the directions this sample excites."""
         n = _N_GROUPS
-        P = st.P
-        _, var0 = self._prior(family)
+        P = [row[:] for row in st.P]
+        new = st.theta[:]
+        theta0, var0 = self._prior(family)
         q = self.s.process_noise
         for i in range(n):  # random-walk drift: the forgetting
-            P[i][i] += q * var0[i]
+            P[i][i] += (q + (change_noise if x[i] else 0.0)) * var0[i]
         Px = [sum(P[i][j] * x[j] for j in range(n) if x[j]) for i in range(n)]
         S = sum(x[i] * Px[i] for i in range(n)) + self.s.observation_noise ** 2
-        err = 1.0 - sum(t * v for t, v in zip(st.theta, x))
+        err = 1.0 - sum(t * v for t, v in zip(new, x))
         bounds = self._bounds(family)
         for i in range(n):
             k = Px[i] / S
-            step = self.s.step_sd * math.sqrt(var0[i])  # no sample moves a scale far
+            sd = math.sqrt(var0[i])
+            step = self.s.step_sd * sd  # no sample moves a scale far
             lo, hi = bounds[i]
-            st.theta[i] = min(hi, max(lo, st.theta[i] + max(-step, min(step, k * err))))
+            if not diverse:  # one client (or a few) cannot take the scales far from the priors
+                lo, hi = max(lo, theta0[i] - sd), min(hi, theta0[i] + sd)
+            new[i] = min(hi, max(lo, new[i] + max(-step, min(step, k * err))))
             row = P[i]
             for j in range(n):
                 row[j] -= k * Px[j]
@@ -258,6 +285,7 @@ class FeatureKalman:
                 for j in range(n):
                     P[i][j] *= f
                     P[j][i] *= f
+        return new, P
 
     # -- keys ----------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -296,7 +324,7 @@ class FeatureKalman:
             e = st.errors
             keys[key] = {"theta": st.theta, "P": st.P, "n": st.n, "unexplained": st.unexplained,
                          "margins": e.margins, "margin_n": e.n,
-                         "recent": {b: [[v, ref(c)] for v, c in w] for b, w in e.recent.items() if w},
+                         "recent": {b: [[v, ref(c)] for v, c, _, _ in w] for b, w in e.recent.items() if w},
                          "tail": {b: [[v, ref(c), int(ok)] for v, c, ok in w] for b, w in e.tail.items() if w},
                          "clients": list(clients)}
         return {"version": SNAPSHOT_VERSION, "estimator": self.name, "groups": list(GROUPS),
@@ -362,7 +390,7 @@ class FeatureKalman:
                         if type(c) is not int or not -1 <= c < len(clients):
                             raise ValueError(f"snapshot key {key!r} names an unknown client")
                         who = clients[c] if c >= 0 else None
-                        target.append((e, who) if width == 2 else (e, who, bool(entry[2])))
+                        target.append((e, who, None, 0.0) if width == 2 else (e, who, bool(entry[2])))
         errors.n = int(v.get("margin_n", 0))
         return _KeyState(theta, P, errors, int(v["n"]), int(v.get("unexplained", 0)))
 

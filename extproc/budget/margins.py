@@ -8,7 +8,7 @@ entry tagged with the client that sent it (no client holds more than its share o
 places: past it, its new sample replaces its own oldest):
 
 * ``recent`` — the last few dozen samples of any size (their deviation: relative to the
-  estimate plus a few hundred tokens, so a short prompt's template overhead is not a large
+  estimate plus about a thousand tokens, so a short prompt's template overhead is not a large
   error): their client-balanced median and median absolute deviation say what this kind's
   errors look like now. A sample far outside them is one
   the features cannot explain (content they do not see): it is not learned as a new rate. When
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .robust import ClientWindow, balanced_weights, robust_center_scale, weighted_quantile
+from .robust import ClientWindow, balanced_weights, robust_center_scale, weighted_median, weighted_quantile
 
 KINDS = ("prose", "code", "digits", "cjk", "script", "json")
 BUCKETS = KINDS + tuple(k + "/turns" for k in KINDS)
@@ -67,22 +67,67 @@ class KindErrors:
     def margin(self, bucket: str) -> float:
         return self.margins[bucket]
 
-    def center_scale(self, bucket: str) -> tuple[float, float]:
-        """Where this kind's recent deviations sit and how far they spread (client-balanced)."""
+    def center_scale(self, bucket: str, theta: list[float], small_tokens: float) -> tuple[float, float, bool]:
+        """Where this kind's recent samples' deviations from the *current* scales sit and how far
+        they spread (client-balanced), and whether enough clients stand behind them to outvote
+        the priors (at least 1/client_share; else the priors' view: centred on them, cold spread)."""
         s = self.s
         window = self.recent[bucket]
+        if window.distinct() * s.client_share < 1.0:
+            return 0.0, s.cold_scale, False
         if len(window) < s.min_recent:
-            return 0.0, s.cold_scale
-        values = [e for e, _ in window]
-        center, scale = robust_center_scale(values, balanced_weights([c for _, c in window], s.client_share))
-        return center, max(s.scale_floor, scale)
+            return 0.0, s.cold_scale, True
+        values = []
+        for dev, _, g, y in window:
+            if g is not None:  # what the scales as they are now get wrong on it
+                est = sum(t * x for t, x in zip(theta, g))
+                dev = (y - est) / (max(est, 0.0) + small_tokens)
+            values.append(dev)
+        center, scale = robust_center_scale(values, balanced_weights([c for _, c, _, _ in window], s.client_share))
+        return center, max(s.scale_floor, scale), True
+
+    def disagrees(self, bucket: str, theta: list[float], new_theta: list[float], small_tokens: float,
+                  tolerance: float) -> bool:
+        """Would ``new_theta`` move another kind's recent samples (ones enough clients stand
+        behind) further off than ``tolerance`` of their spread, and further than they are now?"""
+        s = self.s
+        for b, window in self.recent.items():
+            if b == bucket or len(window) < s.min_recent or window.distinct() * s.client_share < 1.0:
+                continue
+            old, new, clients = [], [], []
+            for dev, c, g, y in window:
+                if g is None:
+                    continue
+                e0 = sum(t * x for t, x in zip(theta, g))
+                e1 = sum(t * x for t, x in zip(new_theta, g))
+                old.append((y - e0) / (max(e0, 0.0) + small_tokens))
+                new.append((y - e1) / (max(e1, 0.0) + small_tokens))
+                clients.append(c)
+            if len(old) < s.min_recent:
+                continue
+            weights = balanced_weights(clients, s.client_share)
+            c0, spread = robust_center_scale(old, weights)
+            c1 = weighted_median(new, weights)
+            if abs(c1) > tolerance * max(s.scale_floor, spread) and abs(c1) > abs(c0):
+                return True
+        return False
+
+    def diverse(self) -> bool:
+        """Do enough clients stand behind this key's recent samples to outvote its priors?"""
+        clients: set = set()
+        unknown = 0
+        for w in self.recent.values():
+            clients.update(w.counts)
+            unknown += sum(1 for e in w if e[1] is None)
+        return (len(clients) + unknown) * self.s.client_share >= 1.0
 
     def add(self, bucket: str, deviation: float, rel_error: float, client: str | None, explained: bool,
-            near_limit: bool, prior: float) -> None:
-        """File one sample: its ``deviation`` (what ``center_scale`` describes) in the recent window,
-        its relative error, if it is near a limit, in the tail."""
+            near_limit: bool, prior: float, g: tuple[float, ...] | None = None, y: float = 0.0) -> None:
+        """File one sample: its ``deviation`` (and its group vector and count, from which
+        ``center_scale`` recomputes it) in the recent window, its relative error, if it is near
+        a limit, in the tail."""
         s = self.s
-        self.recent[bucket].append((deviation, client))
+        self.recent[bucket].append((deviation, client, g, y))
         if not near_limit:
             return
         self.tail[bucket].append((rel_error, client, explained))

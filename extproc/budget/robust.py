@@ -117,8 +117,9 @@ class ClientRing:
 
 
 class ClientWindow:
-    """The last ``maxlen`` entries (tuples whose second item is the client, None for unknown),
-    no client holding more than ``cap`` of them while others hold the rest."""
+    """The last ``maxlen`` entries (tuples whose second item is the client, None for unknown).
+    Once the window is full, a client holding ``cap`` entries replaces its own oldest, so no
+    client holds more than ``cap`` places that others' samples had (alone, it is a plain window)."""
 
     __slots__ = ("maxlen", "cap", "items", "counts")
 
@@ -137,15 +138,21 @@ class ClientWindow:
     def __bool__(self) -> bool:
         return bool(self.items)
 
+    def distinct(self) -> int:
+        """Clients with an entry here, each entry of no known client counting as one."""
+        return len(self.counts) + sum(1 for e in self.items if e[1] is None)
+
     def append(self, entry: tuple) -> None:
         client = entry[1]
-        if client is not None and self.counts[client] >= self.cap:
+        if len(self.items) < self.maxlen:
+            pass  # room for everyone
+        elif client is not None and self.counts[client] >= self.cap:
             for i, old in enumerate(self.items):  # its own oldest entry makes room
                 if old[1] == client:
                     del self.items[i]
                     break
             self.counts[client] -= 1
-        elif len(self.items) >= self.maxlen:
+        else:
             old = self.items.popleft()
             if old[1] is not None:
                 self.counts[old[1]] -= 1
