@@ -103,6 +103,26 @@ def envoy_cluster_healthy(admin_port: int, cluster: str) -> bool:
     return any("health_flags::healthy" in ln for ln in lines)
 
 
+def envoy_counter(admin_port: int, name: str) -> int:
+    """One of Envoy's stats by its full name (0 when Envoy has none of that name)."""
+    url = f"http://127.0.0.1:{admin_port}/stats?filter=^{name.replace('.', '[.]')}$"
+    with urllib.request.urlopen(url, timeout=1) as r:
+        text = r.read().decode().strip()
+    return int(text.rpartition(":")[2].strip() or 0) if text else 0
+
+
+def router_clusters(routing_filter: str) -> list[str]:
+    """Envoy's clusters that reach the router: its gRPC side, and the check endpoint with ext_authz."""
+    return ["extproc"] + (["extproc_http"] if routing_filter == "ext_authz" else [])
+
+
+def router_healthy_since(admin_port: int, successes: dict[str, int]) -> bool:
+    """Whether each cluster in ``successes`` ({cluster: its health_check.success count before}) has
+    had a health check succeed since, and reads healthy: Envoy routes through the router again."""
+    return all(envoy_counter(admin_port, f"cluster.{c}.health_check.success") > n
+               and envoy_cluster_healthy(admin_port, c) for c, n in successes.items())
+
+
 def _http_ok(url: str) -> bool:
     with urllib.request.urlopen(url, timeout=1) as r:
         return r.status == 200
@@ -234,19 +254,9 @@ class Stack:
         """Until Envoy's health checks have *newly* seen the router up (routing, not failing open),
         on each cluster that reaches it. A fresh success is required: right after a router restart
         the host can still read healthy from before the outage and turn unhealthy a moment later."""
-        clusters = ["extproc"] + (["extproc_http"] if self.config.service.routing_filter == "ext_authz" else [])
-
-        def stat(cluster: str, name: str) -> int:
-            url = f"http://127.0.0.1:{self.admin_port}/stats?filter=^cluster\\.{cluster}\\.health_check\\.{name}$"
-            with urllib.request.urlopen(url, timeout=1) as r:
-                text = r.read().decode()
-            return int(text.rpartition(":")[2].strip() or 0) if text.strip() else 0
-
-        base = {c: stat(c, "success") for c in clusters}
-
-        def healthy() -> bool:
-            return all(stat(c, "success") > base[c] and envoy_cluster_healthy(self.admin_port, c) for c in clusters)
-        _wait(healthy, "router health in Envoy", timeout)
+        clusters = router_clusters(self.config.service.routing_filter)
+        base = {c: envoy_counter(self.admin_port, f"cluster.{c}.health_check.success") for c in clusters}
+        _wait(lambda: router_healthy_since(self.admin_port, base), "router health in Envoy", timeout)
 
     def start(self) -> "Stack":
         try:

@@ -24,11 +24,12 @@ import pytest
 from e2e_helpers import MODEL, access_line, access_lines, chat_body, need_envoy, post, rid
 
 from extproc.service.healthcheck import check as grpc_serving
+from extproc.stack import envoy_counter, router_clusters, router_healthy_since
 
 LOAD_REQUESTS = 3000      # at least this many, every one answered by a pool
 LOAD_CONCURRENCY = 16
 KILL_AFTER = 1000         # the router is SIGKILLed once this many have finished
-AFTER_RESTART = 1000      # and the load goes on for this many after the restart is reported
+AFTER_RESTART = 500       # and goes on for this many once Envoy's health checks see the new router
 MAX_REQUESTS = 20_000
 LOAD_BUDGET_S = 150.0
 
@@ -168,25 +169,33 @@ def test_every_address_printed_and_a_taken_port_moved(up):
     assert access_line(up.stack, r).served_by == "short"
 
 
-async def _load(url: str, kill, restarted) -> tuple[list[tuple[str, float, object]], int]:
+async def _load(url: str, kill, routing_again) -> tuple[list[tuple[str, float, object]], int, float]:
     """Short chats at LOAD_CONCURRENCY: ``kill()`` once KILL_AFTER have finished, then on until
-    ``restarted()`` has said yes and AFTER_RESTART more have finished, LOAD_REQUESTS at least
-    (at most MAX_REQUESTS, within LOAD_BUDGET_S). Returns (request id, start time, status or
-    error) per request and how many had finished at the kill."""
+    ``routing_again()`` (polled in a thread) has said yes and AFTER_RESTART more have finished;
+    LOAD_REQUESTS at least, at most MAX_REQUESTS, within LOAD_BUDGET_S. Returns (request id, start
+    time, status or error) per request, how many had finished at the kill, and when
+    ``routing_again`` first said yes."""
     results: list[tuple[str, float, object]] = []
     killed_at: list[int] = []
-    back_at: list[int] = []
+    back: list[tuple[int, float]] = []  # (requests finished, time) when routing came back
     issued = 0
+
+    def more() -> bool:
+        if issued >= MAX_REQUESTS:
+            return False
+        if len(results) < LOAD_REQUESTS or not back:
+            return True
+        return len(results) < back[0][0] + AFTER_RESTART
+
+    async def watch() -> None:
+        while more():
+            if killed_at and not back and await asyncio.to_thread(routing_again):
+                back.append((len(results), time.monotonic()))
+            await asyncio.sleep(0.05)
+
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout,
                                      connector=aiohttp.TCPConnector(limit=LOAD_CONCURRENCY)) as session:
-        def more() -> bool:
-            if issued >= MAX_REQUESTS:
-                return False
-            if len(results) < LOAD_REQUESTS or not back_at:
-                return True
-            return len(results) < back_at[0] + AFTER_RESTART
-
         async def worker() -> None:
             nonlocal issued
             while more():
@@ -208,29 +217,32 @@ async def _load(url: str, kill, restarted) -> tuple[list[tuple[str, float, objec
                 if len(results) == KILL_AFTER:
                     kill()
                     killed_at.append(len(results))
-                if killed_at and not back_at and restarted():
-                    back_at.append(len(results))
 
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(LOAD_CONCURRENCY))), LOAD_BUDGET_S)
-    return results, (killed_at or [0])[0]
+        await asyncio.wait_for(asyncio.gather(watch(), *(worker() for _ in range(LOAD_CONCURRENCY))),
+                               LOAD_BUDGET_S)
+    return results, (killed_at or [0])[0], (back[0][1] if back else 0.0)
 
 
 def test_router_sigkill_mid_load_loses_no_request_and_routing_resumes(up):
     mark = len(up.lines)
     restart = re.compile(r"^router restarted \(pid (\d+)\): ready ([\d.]+)s after it exited")
-    seen: list[float] = []
+    successes: dict[str, int] = {}
 
-    def restarted() -> bool:
-        if not seen and any(restart.search(line) for line in up.lines[mark:]):
-            seen.append(time.monotonic())
-        return bool(seen)
+    def routing_again() -> bool:
+        """The restart is reported and Envoy's health checks have seen the new router since."""
+        if not successes:
+            if not any(restart.search(line) for line in up.lines[mark:]):
+                return False
+            successes.update({c: envoy_counter(up.admin_port, f"cluster.{c}.health_check.success")
+                              for c in router_clusters("ext_authz")})
+        return router_healthy_since(up.admin_port, successes)
 
     t0 = time.monotonic()
-    results, killed_at = asyncio.run(_load(f"http://127.0.0.1:{up.listen_port}",
-                                           lambda: os.kill(up.router_pid, signal.SIGKILL), restarted))
+    results, killed_at, t_back = asyncio.run(_load(f"http://127.0.0.1:{up.listen_port}",
+                                                   lambda: os.kill(up.router_pid, signal.SIGKILL), routing_again))
     elapsed = time.monotonic() - t0
     assert killed_at == KILL_AFTER, killed_at
-    assert len(results) >= LOAD_REQUESTS and seen, (len(results), seen)
+    assert len(results) >= LOAD_REQUESTS and t_back, (len(results), t_back)
     bad = {r: s for r, _, s in results if s != 200}
     assert not bad, f"{len(bad)} of {len(results)} lost after the router was killed at #{killed_at}: " \
                     f"{dict(list(bad.items())[:5])}"
@@ -242,15 +254,14 @@ def test_router_sigkill_mid_load_loses_no_request_and_routing_resumes(up):
     assert len(lines) == len(results)
     by_time = sorted((t, lines[r].served_by) for r, t, _ in results)
     before = [pool for t, pool in by_time[:KILL_AFTER - LOAD_CONCURRENCY]]
-    after = [pool for t, pool in by_time if t > seen[0]]
+    after = [pool for t, pool in by_time if t > t_back]
     failed_open = sum(1 for _, pool in by_time if pool == "long")
-    tail = after[-AFTER_RESTART // 2:]
     print(f"\n{len(results)} requests in {elapsed:.1f}s, router SIGKILLed after #{killed_at}: {len(bad)} lost, "
           f"{failed_open} failed open to the long pool; restarted, ready {ready_s:.1f}s after the kill; "
-          f"of the last {len(tail)} requests {tail.count('short')} routed to short")
+          f"of the {len(after)} requests sent once Envoy saw it healthy {after.count('short')} routed to short")
     assert set(before) == {"short"}, set(before)
     assert failed_open > 0  # really killed mid-load: some requests found no router and went long
-    assert tail.count("short") == len(tail), tail  # routing through the restarted router resumed under load
+    assert len(after) >= AFTER_RESTART - LOAD_CONCURRENCY and after.count("short") == len(after), after
     up.router_pid = new_pid
 
 
