@@ -83,7 +83,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
               "--config, --calibration and --no-learn apply to a local router only", file=sys.stderr)
         return 2
     rows, label = _request_rows(args.files)
-    requests = _explain_requests(rows[: args.limit] + _long_requests(rows))
+    requests = _explain_requests((rows[: args.limit] + _long_requests(rows))[: args.limit])
     if args.server:
         explainer = RemoteExplainer(args.server)
     else:
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="*", help="JSONL files of request bodies or {body: …} rows "
                    "(default: ../shared/data/requests, else a bundled sample)")
     p.add_argument("--config", help="YAML config (default: built-in defaults)")
-    p.add_argument("--limit", type=int, default=40, help="at most this many requests from the files")
+    p.add_argument("--limit", type=int, default=40, help="at most this many rows: requests from the files, then long ones stacked from them")
     p.add_argument("--server", metavar="HOST:PORT", help="ask a running router (its service.grpc_address) "
                    "through the operator API instead of a local router; it does not learn from these")
     p.add_argument("--no-learn", action="store_true", help="the local router does not learn from the true "
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address of a pool's vLLM service (default: 127.0.0.1:8001, 8002, … in pool order)")
     p.add_argument("-o", "--output", help="write here instead of stdout")
     p.set_defaults(func=cmd_envoy_config)
-    p = sub.add_parser("deploy-manifests", help="render the compose Envoy config, Istio, Envoy Gateway and "
+    p = sub.add_parser("deploy-manifests", help="render the compose Envoy config, Istio, Envoy Gateway, Inference Extension and "
                        "Kubernetes files from config/router.yaml")
     p.add_argument("--root", default=".", help="the repository checkout (default: the current directory)")
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed file differs")
