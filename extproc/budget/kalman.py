@@ -19,10 +19,11 @@ What one response may do is bounded (margins.py keeps the per-kind windows it re
   evidence of content the features do not see, not of a new rate: it moves no scale (it still
   enters its kind's windows: when most of a kind's recent errors move together — a template
   that ignores tools, a new tokenizer behind an old name — they are learned again);
+* no step is taken that would move a kind's recent samples (its own or another's, where enough
+  clients stand behind them) further off than their spread allows: a sample that pulls the
+  scales where the rest of the traffic disagrees is content the features do not see;
 * when a kind's recent samples all disagree with the scales (a change: a new tokenizer behind an
-  old name), the filter forgets faster to follow them — unless the step would make the other
-  kinds' recent samples worse than their spread: then the kind's samples are content the
-  features do not see, and nothing moves;
+  old name), the filter forgets faster to follow them;
 * each scale moves at most a third of its prior spread per sample, and stays within a band around
   the prior (¼x–2.5x for content: real tokenizers differ from each other by less than 1.5x; one
   prior spread until enough clients stand behind the key's samples);
@@ -52,6 +53,10 @@ _N_CONTENT = len(CONTENT_GROUPS)
 # The learned group scales multiply priors fitted on these features: a snapshot learned on other
 # features (an older version) does not apply and is refused.
 FEATURES_ID = f"{N_FEATURES}:{zlib.crc32(' '.join(FEATURE_NAMES).encode()):08x}"
+# what a chat template adds per request, turn and tool, and special-token strings: learned from
+# every sample relative to its count; the content rates, relative to the count plus small_tokens
+_OVERHEAD = tuple(_G[k] for k in ("special", "turns", "chat", "prompt", "tools"))
+_CONTENT = tuple(i for i in range(_N_GROUPS) if i not in _OVERHEAD)
 _MAX_DEVIATION = 0.5  # a sample further than this (relative) from its kind's recent errors is never a rate
 
 
@@ -237,9 +242,16 @@ class FeatureKalman:
                 # unless following it would make the other kinds' recent samples worse than they
                 # are: then it is content the features do not see, not a new rate
                 changed = trusted and abs(center) > self.s.huber * scale
-                theta, P = self._kalman_step(st, family, [v / y_used for v in g], st.errors.diverse(),
-                                             self.s.change_noise if changed else 0.0)
-                if changed and st.errors.disagrees(kind, st.theta, theta, self.s.small_tokens, self.s.huber):
+                noise = self.s.change_noise if changed else 0.0
+                diverse = st.errors.diverse()
+                # what the template adds (and special tokens) first, relative to the count: a short
+                # prompt says most about it; then the content rates, relative to the count plus a
+                # thousand tokens: a short prompt says little about rates, so many short prompts
+                # the features misjudge cannot move them far
+                theta, P = self._kalman_step(st.theta, st.P, family, g, y_used, y_used, _OVERHEAD, diverse, noise)
+                theta, P = self._kalman_step(theta, P, family, g, y_used, y_used + self.s.small_tokens, _CONTENT,
+                                             diverse, noise)
+                if st.errors.disagrees(st.theta, theta, self.s.small_tokens, self.s.huber):
                     explained = False
                 else:
                     st.theta, st.P = theta, P
@@ -251,24 +263,27 @@ class FeatureKalman:
         st.n += 1
         return Learned(rel, explained, kind)
 
-    def _kalman_step(self, st: _KeyState, family: Family, x: list[float], diverse: bool,
+    def _kalman_step(self, theta: list[float], P: list[list[float]], family: Family, g: list[float], y: float,
+                     norm: float, block: tuple[int, ...], diverse: bool,
                      change_noise: float = 0.0) -> tuple[list[float], list[list[float]]]:
-        """One filter step's new scales and covariance (the state is not changed); ``diverse``:
-        enough clients stand behind the key's recent samples for its scales to leave the band of
-        one prior spread around the priors; ``change_noise``: extra drift (a fraction of the prior
-        variance) in the directions this sample excites."""
-        n = _N_GROUPS
-        P = [row[:] for row in st.P]
-        new = st.theta[:]
+        """One filter step towards θ·g = y, normalised by ``norm``, moving only the groups in
+        ``block`` (new scales and covariance; nothing changed in place). ``diverse``: enough clients
+        stand behind the key's recent samples for its scales to leave the band of one prior spread
+        around the priors; ``change_noise``: extra drift (a fraction of the prior variance) in the
+        directions this sample excites."""
+        P = [row[:] for row in P]
+        new = theta[:]
         theta0, var0 = self._prior(family)
         q = self.s.process_noise
-        for i in range(n):  # random-walk drift: the forgetting
+        x = [v / norm for v in g]
+        live = [i for i in block if x[i]]
+        for i in block:  # random-walk drift: the forgetting
             P[i][i] += (q + (change_noise if x[i] else 0.0)) * var0[i]
-        Px = [sum(P[i][j] * x[j] for j in range(n) if x[j]) for i in range(n)]
-        S = sum(x[i] * Px[i] for i in range(n)) + self.s.observation_noise ** 2
-        err = 1.0 - sum(t * v for t, v in zip(new, x))
+        Px = {i: sum(P[i][j] * x[j] for j in live) for i in block}
+        S = sum(x[i] * Px[i] for i in live) + self.s.observation_noise ** 2
+        err = y / norm - sum(t * v for t, v in zip(new, x))
         bounds = self._bounds(family)
-        for i in range(n):
+        for i in block:
             k = Px[i] / S
             sd = math.sqrt(var0[i])
             step = self.s.step_sd * sd  # no sample moves a scale far
@@ -277,12 +292,12 @@ class FeatureKalman:
                 lo, hi = max(lo, theta0[i] - sd), min(hi, theta0[i] + sd)
             new[i] = min(hi, max(lo, new[i] + max(-step, min(step, k * err))))
             row = P[i]
-            for j in range(n):
+            for j in block:
                 row[j] -= k * Px[j]
-        for i in range(n):  # no wind-up: a direction never excited stays at its prior spread
+        for i in block:  # no wind-up: a direction never excited stays at its prior spread
             if P[i][i] > var0[i]:
                 f = math.sqrt(var0[i] / P[i][i])
-                for j in range(n):
+                for j in block:
                     P[i][j] *= f
                     P[j][i] *= f
         return new, P

@@ -86,13 +86,12 @@ class KindErrors:
         center, scale = robust_center_scale(values, balanced_weights([c for _, c, _, _ in window], s.client_share))
         return center, max(s.scale_floor, scale), True
 
-    def disagrees(self, bucket: str, theta: list[float], new_theta: list[float], small_tokens: float,
-                  tolerance: float) -> bool:
-        """Would ``new_theta`` move another kind's recent samples (ones enough clients stand
-        behind) further off than ``tolerance`` of their spread, and further than they are now?"""
+    def disagrees(self, theta: list[float], new_theta: list[float], small_tokens: float, tolerance: float) -> bool:
+        """Would ``new_theta`` move some kind's recent samples (where enough clients stand behind
+        them) further off than ``tolerance`` of their spread, and further than they are now?"""
         s = self.s
-        for b, window in self.recent.items():
-            if b == bucket or len(window) < s.min_recent or window.distinct() * s.client_share < 1.0:
+        for window in self.recent.values():
+            if len(window) < s.min_recent or window.distinct() * s.client_share < 1.0:
                 continue
             old, new, clients = [], [], []
             for dev, c, g, y in window:
