@@ -37,7 +37,7 @@ BUCKETS = KINDS + tuple(k + "/turns" for k in KINDS)
 
 @dataclass(frozen=True, slots=True)
 class MarginSettings:
-    quantile: float = 0.96        # of out-of-sample relative errors
+    quantile: float = 0.97        # of out-of-sample relative errors
     tail_window: int = 256        # samples near a limit kept per kind
     recent_window: int = 48       # samples of any size kept per kind (what "normal" looks like now)
     prior_weight: float = 10.0    # samples' worth of the family's cold-start margin in the blend
