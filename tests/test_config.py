@@ -69,6 +69,17 @@ def test_file_and_environment_overrides(tmp_path):
     ({"service": {"snapshot_path": ""}}, "service.snapshot_path"),
     ({"service": {"operator_api": "on"}}, "service.operator_api"),
     ({"service": {"operator_api": True}}, "service.operator_api"),
+    ({"learning": {"client_share": 0}}, "learning.client_share"),
+    ({"learning": {"client_share": 1.5}}, "learning.client_share"),
+    ({"learning": {"client_share": "a fifth"}}, "learning.client_share"),
+    ({"learning": {"client_window": 2}}, "learning.client_window"),
+    ({"learning": {"window": 100}}, "learning.window"),
+    ({"service": {"client_header": "authorization"}}, "service.client_header"),  # Envoy keeps it from the check
+    ({"service": {"client_header": "X-User"}}, "service.client_header"),
+    ({"service": {"client_header": "x-token-user"}}, "service.client_header"),  # the router's own prefix
+    ({"service": {"client_hash_key": "short"}}, "service.client_hash_key"),
+    ({"estimator": {"settings": {"client_share": 2.0}}}, "estimator.settings.client_share"),
+    ({"estimator": {"kind": "fixed-ratio", "settings": {"margin_quantile": 0.9}}}, "estimator.settings.margin_quantile"),
 ])
 def test_invalid_values_name_their_field(doc, field):
     with pytest.raises(ConfigError) as err:
@@ -115,3 +126,16 @@ def test_explain_runs_on_the_bundled_sample(tmp_path):
 def test_the_shipped_compose_config_is_valid():
     cfg = load_config(str(pathlib.Path(__file__).resolve().parents[1] / "config" / "router.yaml"), {})
     assert cfg.service.spillover_limit("short") == 96 and cfg.service.routing_filter == "ext_authz"
+
+
+def test_learning_guards_and_client_identity_are_configured_together():
+    cfg = parse_config({"learning": {"client_share": 0.1, "client_window": 500},
+                        "service": {"client_header": "x-api-key-hash", "client_hash_key": "k" * 32},
+                        "estimator": {"kind": "fixed-ratio", "settings": {"ratio": 3}}})
+    assert (cfg.budget.client_share, cfg.budget.client_window) == (0.1, 500)
+    assert (cfg.service.client_header, cfg.service.client_hash_key) == ("x-api-key-hash", "k" * 32)
+    assert cfg.budget.estimator_settings == {"ratio": 3.0}  # the registry's settings, one table for all estimators
+    router = BudgetRouter(cfg.budget)
+    assert (router.guard.s.client_share, router.guard.s.window, router.guard.cap) == (0.1, 500, 50)
+    assert router.estimator.learns is False and router.estimator.ratio == 3.0
+    assert parse_config({}).service.client_header is None  # default: the address Envoy reports

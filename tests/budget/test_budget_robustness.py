@@ -328,3 +328,52 @@ def test_a_few_absurd_observations_do_not_disable_the_short_pool():
     d = r.route(raw)
     assert (d.pool, d.reason) == ("short", "fits")
     assert d.budget_tokens < 2 * d.prompt_tokens + d.output_tokens
+
+
+# --- the size bound is a true upper bound --------------------------------------------------------
+
+def test_hypothesis_the_size_bound_holds_under_roles_names_and_special_tokens():
+    """Whenever the request path decides on the size bound alone (source ``bound``), the bound is
+    at least what vLLM counts for the body with each built-in family's own template and tokenizer:
+    custom role names (Llama-3 prints them in the turn's header), name fields, special-token
+    strings typed in content (one token each, several bytes), text of any cost per byte (random
+    letters and digits are a token per byte)."""
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    from extproc.tokens import counter_for
+
+    try:
+        counters = {f: counter_for(f) for f in ("llama3", "llama3_1", "qwen3")}
+    except (OSError, RuntimeError) as exc:
+        pytest.skip(f"tokenizer files not available: {exc}")
+    specials = sorted(set().union(*(c.special_tokens for c in counters.values())))
+    router = BudgetRouter()
+    dense = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_size=3000)
+    piece = st.one_of(st.text(max_size=60), st.sampled_from(specials), dense,
+                      st.sampled_from(["\n", " ", "  ", "\n\n", "...", "🙂", "語"]))
+    text = st.lists(piece, max_size=12).map("".join)
+    long_dense = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789QXZ", min_size=1500, max_size=4000)
+    role = st.one_of(st.sampled_from(["system", "user", "assistant", "developer"]), text.filter(bool),
+                     st.sampled_from(specials), long_dense)
+    message = st.fixed_dictionaries({"role": role, "content": text}, optional={"name": text})
+
+    @hypothesis.settings(max_examples=120, deadline=None, database=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.example(messages=[{"role": "k9q2zb7x" * 400, "content": "hi"}],
+                        model="meta-llama/Meta-Llama-3-8B-Instruct")  # a role name of ~3,000 tokens
+    @hypothesis.example(messages=[{"role": "user", "content": "".join(specials[:200]) * 4}], model="acme/x")
+    @hypothesis.given(messages=st.lists(message, min_size=1, max_size=5),
+                      model=st.sampled_from(["meta-llama/Meta-Llama-3-8B-Instruct", "Qwen/Qwen3-8B", "acme/x"]))
+    def prop(messages, model):
+        body = {"model": model, "messages": messages}
+        d = router.route(json.dumps(body).encode(), by_size=True)
+        if d.source != "bound":
+            return
+        for family, counter in counters.items():
+            try:
+                (count,) = counter.count_request("chat", body)
+            except ValueError:  # the template refuses it: vLLM answers 400, nothing to bound
+                continue
+            assert d.prompt_tokens >= count, (family, d.prompt_tokens, count)
+
+    prop()
