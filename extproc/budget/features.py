@@ -308,15 +308,27 @@ def _measure_exact(text: str) -> np.ndarray:
     return out
 
 
-def measure(text: str) -> np.ndarray:
-    """Feature counts of one text (aligned with FEATURE_NAMES)."""
+def sample(text: str) -> tuple[str, float]:
+    """The text itself, or for one longer than SAMPLE_CHARS evenly spaced blocks of it, with the
+    factor that scales the blocks' counts up to the whole text."""
     n = len(text)
     if n <= SAMPLE_CHARS:
-        return _measure_exact(text)
+        return text, 1.0
     block = SAMPLE_CHARS // _SAMPLE_BLOCKS
     stride = n // _SAMPLE_BLOCKS
-    sample = "".join(text[i * stride: i * stride + block] for i in range(_SAMPLE_BLOCKS))
-    return _measure_exact(sample) * (n / len(sample))
+    blocks = "".join(text[i * stride: i * stride + block] for i in range(_SAMPLE_BLOCKS))
+    return blocks, n / len(blocks)
+
+
+def measure(text: str) -> np.ndarray:
+    """Feature counts of one text (aligned with FEATURE_NAMES)."""
+    part, factor = sample(text)
+    return _measure_exact(part) if factor == 1.0 else _measure_exact(part) * factor
+
+
+def measure_sampled(text: str, factor: float) -> np.ndarray:
+    """Feature counts of a ``sample`` of a text, scaled up by its factor."""
+    return _measure_exact(text) if factor == 1.0 else _measure_exact(text) * factor
 
 
 def utf8_len(text: str) -> int:

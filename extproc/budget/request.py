@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
-from .features import SAMPLE_CHARS, measure, utf8_len
+from .features import measure_sampled, sample, utf8_len
 from .specials import NONE, SpecialTokens
 
 MAX_OUTPUT_TOKENS = 1 << 31  # larger requested outputs are clamped (they fit no pool anyway)
@@ -45,7 +45,7 @@ class Prompt:
     json: np.ndarray | None = None       # features of JSON the template renders (tools, arguments)
     schema: np.ndarray | None = None     # features of output schemas (response_format)
     text_bytes: int = 0                  # UTF-8 bytes of everything measured (special-token strings too)
-    special: int = 0                     # special-token strings typed in the text: one token each
+    special: float = 0                   # special-token strings typed in the text: one token each
     messages: int = 0                    # chat turns (the template adds tokens per turn)
     chat: int = 0                        # 1 when a chat template wraps the prompt
     media: int = 0                       # image/audio/file parts
@@ -59,10 +59,11 @@ class Prompt:
         the family's special-token strings, counted apart and cut out of the measured text."""
         if self.unmeasured:
             for kind, joined in self.unmeasured.items():
-                joined, found = specials.split(joined)
-                self.special += found
-                setattr(self, kind, measure(joined))
-                self.measured_on_sample |= len(joined) > SAMPLE_CHARS
+                part, factor = sample(joined)  # (a very long text: evenly spaced blocks, counts scaled up)
+                part, found = specials.split(part)
+                self.special += found * factor
+                setattr(self, kind, measure_sampled(part, factor))
+                self.measured_on_sample |= factor != 1.0
         self.unmeasured = None
         return self
 
