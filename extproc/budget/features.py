@@ -232,7 +232,7 @@ for _j, (_n, _vals) in enumerate(SCRIPTS):
     for _v in _vals:
         _SCRIPT_W[_v, _j] = 1.0
 _LEAD_E = _CODE["i"]
-# Group of each feature, for the calibrator (content groups in calibrate.CONTENT_GROUPS).
+# Group of each feature, for the calibrator (content groups in priors.CONTENT_GROUPS).
 def _group(name: str) -> str:
     kind, what = name.split(":", 1)
     if kind in "bvw":
