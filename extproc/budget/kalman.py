@@ -7,15 +7,20 @@ output schemas), the special-token strings typed in the text, and the chat templ
 (per turn, per request, per raw prompt, per tool). θ starts at the prior (1 for each content
 group, the template's counts for the overheads) and is learned per model key by a random-walk
 Kalman filter — recursive least squares with forgetting that cannot wind up in directions a key's
-traffic never excites. Each observation is normalised by its true count, so the filter minimises
-relative error; because each group enters separately, a stream of mixed requests separates their
-rates from single totals.
+traffic never excites — in two blocks per sample: the template's overheads normalised by the
+true count (a short prompt says most about them), then the content rates normalised by the count
+plus ``small_tokens`` (relative error on long prompts; a short one says little about rates, so a
+flood of short prompts the features misjudge cannot move them far). Because each group enters
+separately, a stream of mixed requests separates their rates from single totals.
 
 What one response may do is bounded (margins.py keeps the per-kind windows it reads):
 
-* the innovation is clipped to this kind's recent errors ± ``huber`` robust spreads (a Huber
-  M-estimate), so no sample pulls harder than a typical one;
-* a sample further than ``reject`` spreads from them, or 2x off them, is *unexplained* —
+* deviations are measured against the estimate plus ``small_tokens`` (a short prompt's few tokens
+  of template overhead are not a large error) and compared with what the current scales get wrong
+  on the kind's recent samples (client-balanced median and spread);
+* the innovation is clipped to that centre ± ``huber`` robust spreads (a Huber M-estimate), so no
+  sample pulls harder than a typical one;
+* a sample further than ``reject`` spreads from it (or 0.5), is *unexplained* —
   evidence of content the features do not see, not of a new rate: it moves no scale (it still
   enters its kind's windows: when most of a kind's recent errors move together — a template
   that ignores tools, a new tokenizer behind an old name — they are learned again);
@@ -238,9 +243,7 @@ class FeatureKalman:
             y_used = est + min(hi, max(lo, dev)) * size  # the count the clipped innovation stands for
             if y_used >= 1.0:
                 # a kind whose recent samples the current scales all get wrong the same way has
-                # changed (a new tokenizer, a real shift in traffic): forget faster to follow it —
-                # unless following it would make the other kinds' recent samples worse than they
-                # are: then it is content the features do not see, not a new rate
+                # changed (a new tokenizer, a real shift in traffic): forget faster to follow it
                 changed = trusted and abs(center) > self.s.huber * scale
                 noise = self.s.change_noise if changed else 0.0
                 diverse = st.errors.diverse()
@@ -251,6 +254,8 @@ class FeatureKalman:
                 theta, P = self._kalman_step(st.theta, st.P, family, g, y_used, y_used, _OVERHEAD, diverse, noise)
                 theta, P = self._kalman_step(theta, P, family, g, y_used, y_used + self.s.small_tokens, _CONTENT,
                                              diverse, noise)
+                # no step that would push some kind's recent samples further off than their spread:
+                # where the rest of the traffic disagrees, this is content the features do not see
                 # (a step under a quarter of the largest allowed cannot push any kind far: not checked)
                 _, var0 = self._prior(family)
                 big = any(abs(a - b) > 0.25 * self.s.step_sd * math.sqrt(v) for a, b, v in zip(theta, st.theta, var0))
