@@ -69,6 +69,7 @@ class ServiceSettings:
     # address Envoy reports (the last x-forwarded-for entry). Only a keyed hash of it is kept.
     client_header: str | None = None
     client_hash_key: str | None = None    # the hash's key; unset: a random key per process start
+    client_trusted_hops: int = 0          # trusted proxies in front of Envoy (their x-forwarded-for entries are skipped)
 
     def spillover_limit(self, pool: str) -> int | None:
         return dict(self.spillover).get(pool)
@@ -282,6 +283,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         operator_api=operator_api,
         client_header=client_header,
         client_hash_key=hash_key,
+        client_trusted_hops=_int(svc, "client_trusted_hops", "service.", d.client_trusted_hops, hi=16),
     )
 
 

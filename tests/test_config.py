@@ -78,6 +78,7 @@ def test_file_and_environment_overrides(tmp_path):
     ({"service": {"client_header": "X-User"}}, "service.client_header"),
     ({"service": {"client_header": "x-token-user"}}, "service.client_header"),  # the router's own prefix
     ({"service": {"client_hash_key": "short"}}, "service.client_hash_key"),
+    ({"service": {"client_trusted_hops": -1}}, "service.client_trusted_hops"),
     ({"estimator": {"settings": {"client_share": 2.0}}}, "estimator.settings.client_share"),
     ({"estimator": {"kind": "fixed-ratio", "settings": {"margin_quantile": 0.9}}}, "estimator.settings.margin_quantile"),
 ])

@@ -7,8 +7,9 @@ it knows no protocol. Runs on the event loop only: nothing here is shared with w
 
 Who sent a request (``client_of``): the configured identity header (``service.client_header``,
 e.g. a hashed API key or a user id a gateway sets), else the address Envoy saw (the last
-``x-forwarded-for`` entry, which Envoy appends itself with ``use_remote_address``). The core only
-ever sees a keyed hash of it, and so do the operator API and the logs.
+``x-forwarded-for`` entry, which Envoy appends itself with ``use_remote_address``; with
+``service.client_trusted_hops`` proxies in front of Envoy, that many entries further left). The
+core only ever sees a keyed hash of it, and so do the operator API and the logs.
 """
 
 from __future__ import annotations
@@ -113,10 +114,13 @@ class Router:
             if value:
                 return self.client_hash("id:" + value)
         forwarded = header("x-forwarded-for")
-        if forwarded:  # the last entry is the address Envoy saw; earlier ones are the client's word
-            address = forwarded.rsplit(",", 1)[-1].strip()
-            if address:
-                return self.client_hash("addr:" + address)
+        if forwarded:
+            # Envoy (use_remote_address) appends the address it saw; with trusted proxies in front
+            # of it, theirs follow the client's. Entries further left are the client's own word.
+            hops = [h.strip() for h in forwarded.split(",")]
+            at = len(hops) - 1 - self.s.client_trusted_hops
+            if at >= 0 and hops[at]:
+                return self.client_hash("addr:" + hops[at])
         return None
 
     def client_hash(self, identity: str) -> str:

@@ -87,6 +87,19 @@ def test_without_the_header_the_address_envoy_appended_names_the_sender():
     run(scenario())
 
 
+def test_with_trusted_proxies_in_front_the_address_before_theirs_names_the_sender():
+    async def scenario():
+        doc = {**IDENTITY, "service": {**IDENTITY["service"], "client_trusted_hops": 1}}
+        async with running(doc) as h:
+            await _learn_via_check(h, "x-forwarded-for: 6.6.6.6, 198.51.100.4, 10.0.0.2\r\n")  # client, LB added
+            await _learn_via_check(h, "x-forwarded-for: 10.0.0.2\r\n")  # nothing before the proxy: unknown
+            await _settle(h, 2)
+            learning = h.service.budget.learning(MODEL)
+            assert [c["client"] for c in learning["clients"]] == [h.service.router.client_hash("addr:198.51.100.4")]
+            assert learning["unidentified"] == 1
+    run(scenario())
+
+
 def test_a_sender_named_by_nothing_is_learned_but_not_bounded():
     async def scenario():
         async with running(IDENTITY) as h:
