@@ -208,9 +208,10 @@ def replayed_errors(requests_path: str | pathlib.Path, seed: int = 0) -> ErrorMo
             row = rows[k]
             body = dict(row["body"], model=model)
             truth = row["prompt_tokens"][family]
-            decision = router.route(orjson.dumps(body))
+            decision, observation = router.route_learnable(orjson.dumps(body))
             ratios.append((decision.budget_tokens - decision.output_tokens) / truth)
-            router.observe(decision, truth)
+            if observation is not None:
+                router.observe(observation, truth)
     return ErrorModel("replay", samples=tuple(ratios))
 
 

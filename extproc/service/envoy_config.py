@@ -250,6 +250,9 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "llm",
+        # the edge proxy: Envoy appends the peer it saw to x-forwarded-for, the one address a
+        # client cannot forge (the router's default client identity, service.client_trusted_hops)
+        "use_remote_address": True,
         "codec_type": "AUTO",
         "stream_idle_timeout": "600s",
         "request_timeout": "0s",
