@@ -253,6 +253,7 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
         # the edge proxy: Envoy appends the peer it saw to x-forwarded-for, the one address a
         # client cannot forge (the router's default client identity, service.client_trusted_hops)
         "use_remote_address": True,
+        "preserve_external_request_id": True,  # a client's x-request-id still names its request in the logs
         "codec_type": "AUTO",
         "stream_idle_timeout": "600s",
         "request_timeout": "0s",
