@@ -86,8 +86,12 @@ class _CalibrationCollector:
                                    labels=["model", "kind"])
         scale = GaugeMetricFamily("extproc_calibration_scale", "Learned scale of each feature group per model",
                                   labels=["model", "group"])
+        unexplained = GaugeMetricFamily("extproc_calibration_unexplained", "Samples per model the features could "
+                                        "not explain (learned as content unseen, not as a rate)", labels=["model"])
         for model, state in self.source():
             samples.add_metric([model], state.get("samples", 0))
+            if "unexplained" in state:
+                unexplained.add_metric([model], state["unexplained"])
             for kind, m in (state.get("margins") or {}).items():
                 margin.add_metric([model, kind], m)
             for group, s in (state.get("scales") or {}).items():
@@ -95,3 +99,4 @@ class _CalibrationCollector:
         yield samples
         yield margin
         yield scale
+        yield unexplained
