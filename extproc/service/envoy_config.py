@@ -108,13 +108,13 @@ def _cluster(name: str, host: str, port: int, http2: bool = False, health_path: 
                     "initial_stream_window_size": 16 * 1024 * 1024,
                     "initial_connection_window_size": 64 * 1024 * 1024}}}}
         c["health_checks"] = [{
-            "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_interval": "0.25s",
+            "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
             "unhealthy_threshold": 2, "healthy_threshold": 1,
             "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
         }]
     if health_path:
         c["health_checks"] = [{
-            "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s", "unhealthy_interval": "0.25s",
+            "timeout": "1s", "interval": "1s", "no_traffic_interval": "1s",
             "unhealthy_threshold": 2, "healthy_threshold": 1, "http_health_check": {"path": health_path}}]
     if http2 or health_path:
         # Fail-open must stay fast: a dead router is reported unhealthy, and the filter fails
