@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .estimate import SNAPSHOT_VERSION, Estimate, Learned, check_snapshot, finite
 from .features import FEATURE_NAMES
-from .keys import KeyTable, bounded_keys
+from .keys import KeyTable, TableKeys, bounded_keys
 from .priors import Family
 from .request import Prompt
 
@@ -46,7 +46,7 @@ class PaperSettings:
     max_keys: int = 64
 
 
-class PaperEMA:
+class PaperEMA(TableKeys):
     name = "paper-ema"
     learns = True
 
@@ -89,21 +89,9 @@ class PaperEMA:
         self.table.states.setdefault(slot, {})[cat] = (new_c, new_sigma, n + 1)
         return Learned(rel_error, True, cat)
 
-    def keys(self) -> list[str]:
-        return list(self.table)
-
-    def resolve(self, key: str) -> str | None:
-        return self.table.resolve(key)
-
-    def slot(self, key: str) -> str:
-        return self.table.slot(key)
-
     def samples(self, key: str) -> int:
         st = self.table.get(key)
         return sum(v[2] for v in st.values()) if st else 0
-
-    def reset(self, key: str) -> bool:
-        return self.table.reset(key)
 
     def describe(self, key: str) -> dict | None:
         st = self.table.get(key)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from .estimate import SNAPSHOT_VERSION, Estimate, Learned, check_snapshot, finite
 from .features import FEATURE_NAMES, N_FEATURES
-from .keys import KeyTable, bounded_keys
+from .keys import KeyTable, TableKeys, bounded_keys
 from .margins import BUCKETS, KindErrors, MarginSettings
 from .priors import CONTENT_GROUPS, Family
 from .request import Prompt
@@ -142,7 +142,7 @@ class _KeyState:
         self.unexplained = unexplained
 
 
-class FeatureKalman:
+class FeatureKalman(TableKeys):
     """The default estimator: per-group scales over prior feature coefficients (see module doc)."""
 
     name = "feature-kalman"
@@ -311,21 +311,9 @@ class FeatureKalman:
         return new, P
 
     # -- keys ----------------------------------------------------------------------------------
-    def keys(self) -> list[str]:
-        return list(self.table)
-
-    def resolve(self, key: str) -> str | None:
-        return self.table.resolve(key)
-
-    def slot(self, key: str) -> str:
-        return self.table.slot(key)
-
     def samples(self, key: str) -> int:
         st = self.table.get(key)
         return st.n if st else 0
-
-    def reset(self, key: str) -> bool:
-        return self.table.reset(key)
 
     def describe(self, key: str) -> dict | None:
         st = self.table.get(key)

@@ -57,3 +57,22 @@ def bounded_keys(keys: dict, max_keys: int) -> list[tuple[str, object]]:
     if OVERFLOW_KEY in keys:
         items.append((OVERFLOW_KEY, keys[OVERFLOW_KEY]))
     return items
+
+
+class TableKeys:
+    """The key methods of the ``Estimator`` protocol for an estimator whose state per model lives
+    in ``self.table`` (a ``KeyTable``)."""
+
+    table: KeyTable
+
+    def keys(self) -> list[str]:
+        return list(self.table)
+
+    def resolve(self, key: str) -> str | None:
+        return self.table.resolve(key)
+
+    def slot(self, key: str) -> str:
+        return self.table.slot(key)
+
+    def reset(self, key: str) -> bool:
+        return self.table.reset(key)
