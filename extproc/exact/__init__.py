@@ -1,0 +1,117 @@
+"""Exact prompt counts for the few requests whose decision is close (issue 12).
+
+Only a request whose budget range contains a pool's capacity (``BudgetRouter.close``) is
+counted; the size bound and the estimate decide the rest as before. ``ExactCounts.count`` asks
+the source the config names for the model (settings.py): the router's own tokenizer (local.py) or
+a pool's vLLM /tokenize (pool.py). It never raises: every failure is an outcome (``OUTCOMES``) and
+the estimate decides.
+
+    exact = ExactCounts(ExactSettings())
+    found = await exact.count(model, api, body)     # None: no source for this model
+    if found.outcome == "counted":
+        d = budget.decide_exact(d, found.tokens, found.margin_tokens, why=...)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+import orjson
+
+from .local import LocalCounters, count_local
+from .pool import PoolCounter, PoolError
+from .settings import DEFAULT_RULES, OUTCOMES, SOURCES, ExactRule, ExactSettings, LocalSettings, PoolSettings
+
+__all__ = ["DEFAULT_RULES", "OUTCOMES", "SOURCES", "ExactCount", "ExactCounts", "ExactRule", "ExactSettings",
+           "LocalSettings", "PoolSettings"]
+
+
+@dataclass(slots=True)
+class ExactCount:
+    source: str                 # "local" or "pool": who was asked (last)
+    outcome: str                # one of OUTCOMES
+    tokens: int = 0             # the longest prompt's count (what routing needs)
+    total: int = 0              # every prompt's together (what learning takes)
+    margin_tokens: int = 0      # what the source may differ from vLLM by
+    seconds: float = 0.0        # time the count took (waiting on a pool included)
+    tried: tuple[tuple[str, str, float], ...] = ()  # (source, outcome, seconds) of each source asked
+
+
+class ExactCounts:
+    def __init__(self, settings: ExactSettings | None = None) -> None:
+        self.s = s = settings or ExactSettings()
+        self.local = LocalCounters()
+        p = s.pool
+        self.pool = PoolCounter(p.timeout_s, p.max_concurrent, p.max_per_s, p.max_bytes, p.max_response_bytes)
+
+    def rule_for(self, model: str) -> ExactRule | None:
+        return self.s.rule_for(model)
+
+    def warm(self, model: str) -> None:
+        """Load the local counter for a model now (raises what loading raises)."""
+        rule = self.rule_for(model)
+        if rule is not None and rule.source == "local":
+            self.local.load(rule, model)
+
+    async def count(self, model: str, api: str, body: bytes) -> ExactCount | None:
+        """The exact count of a body's prompts, or None where no rule names the model. Never raises."""
+        rule = self.rule_for(model)
+        if rule is None:
+            return None
+        t0 = time.perf_counter()
+        try:
+            doc = orjson.loads(body)
+        except (orjson.JSONDecodeError, RecursionError):
+            return ExactCount(rule.source, "unsupported", seconds=time.perf_counter() - t0)
+        if not isinstance(doc, dict):
+            return ExactCount(rule.source, "unsupported", seconds=time.perf_counter() - t0)
+        tried: list[tuple[str, str, float]] = []
+        found = None
+        if rule.source == "local":
+            found = await self._local(rule, model, api, doc, len(body))
+            tried.append((found.source, found.outcome, found.seconds))
+        if found is None or (found.outcome in ("too_large", "unavailable") and rule.pool_url):
+            found = await self._pool(rule, api, doc, len(body))
+            tried.append((found.source, found.outcome, found.seconds))
+        found.seconds = time.perf_counter() - t0
+        found.tried = tuple(tried)
+        return found
+
+    async def _local(self, rule: ExactRule, model: str, api: str, doc: dict, size: int) -> ExactCount:
+        t0 = time.perf_counter()
+        ls = self.s.local
+        if size > ls.max_bytes:
+            return ExactCount("local", "too_large")
+        local = self.local.get(rule, model)
+        if local is None:
+            return ExactCount("local", "unavailable")
+        try:
+            if size > ls.inline_bytes:
+                counts = await asyncio.to_thread(count_local, local, api, doc)
+            else:
+                counts = count_local(local, api, doc)
+        except Exception:  # noqa: BLE001 - vLLM would refuse it (a TemplateError), or a bug: the estimate decides
+            return ExactCount("local", "error", seconds=time.perf_counter() - t0)
+        if not counts:
+            return ExactCount("local", "error", seconds=time.perf_counter() - t0)
+        longest = max(counts)
+        margin = ls.margin_tokens + math.ceil(ls.margin_ratio * longest) if local.quick else 0
+        return ExactCount("local", "counted", longest, sum(counts), margin, time.perf_counter() - t0)
+
+    async def _pool(self, rule: ExactRule, api: str, doc: dict, size: int) -> ExactCount:
+        t0 = time.perf_counter()
+        if not rule.pool_url:
+            return ExactCount("pool", "unavailable")
+        try:
+            n = await self.pool.count(rule.pool_url, api, doc, size)
+        except PoolError as exc:
+            return ExactCount("pool", exc.outcome, seconds=time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001 - a bug must cost exactness, never the request
+            return ExactCount("pool", "error", seconds=time.perf_counter() - t0)
+        return ExactCount("pool", "counted", n, n, 0, time.perf_counter() - t0)
+
+    async def close(self) -> None:
+        await self.pool.close()
