@@ -103,8 +103,9 @@ def close_to(d: Decision, pools: tuple[Pool, ...], distrust: bool = False) -> Po
     Close means the budget's range contains the capacity: from the point estimate less the
     safety margin (an estimate errs both ways: a prompt over-estimated near a limit is the waste)
     to the conservative estimate, each plus the output reserve. A distrusted estimate's range is
-    at least ±``DISTRUST_WIDTH`` around the point. Decisions on a proven count (the size bound,
-    token ids, an exact count) and unreadable ones are never close."""
+    at least ±``DISTRUST_WIDTH`` around the point. Only pools below the largest count (near the
+    largest, the request goes there whether it fits or not). Decisions on a proven count (the
+    size bound, token ids, an exact count) and unreadable ones are never close."""
     if d.source in ("bound", "exact", "fallback") or d.reason == REASON_UNREADABLE:
         return None
     point = float(d.prompt_tokens)
@@ -113,7 +114,7 @@ def close_to(d: Decision, pools: tuple[Pool, ...], distrust: bool = False) -> Po
     if distrust:
         low, high = min(low, point * (1 - DISTRUST_WIDTH)), max(high, point * (1 + DISTRUST_WIDTH))
     out = d.output_tokens
-    for pool in pools:
+    for pool in pools[:-1]:
         if low + out <= pool.max_context < high + out:
             return pool
     return None

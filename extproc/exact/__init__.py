@@ -21,12 +21,17 @@ from dataclasses import dataclass
 
 import orjson
 
+from ..budget import BudgetRouter, Decision, Observation
+from ..budget.router import close_to, distrusted
 from .local import LocalCounters, count_local
 from .pool import PoolCounter, PoolError
 from .settings import DEFAULT_RULES, OUTCOMES, SOURCES, ExactRule, ExactSettings, LocalSettings, PoolSettings
 
 __all__ = ["DEFAULT_RULES", "OUTCOMES", "SOURCES", "ExactCount", "ExactCounts", "ExactRule", "ExactSettings",
-           "LocalSettings", "PoolSettings"]
+           "LocalSettings", "PoolSettings", "Refined"]
+
+
+SLOWER = 30  # Hugging Face tokenizers against quicktok: a body this much smaller goes to a thread
 
 
 @dataclass(slots=True)
@@ -40,6 +45,21 @@ class ExactCount:
     tried: tuple[tuple[str, str, float], ...] = ()  # (source, outcome, seconds) of each source asked
 
 
+@dataclass(slots=True)
+class Refined:
+    """An estimated decision after the exact-count step."""
+
+    decision: Decision              # decided on the exact count (source "exact") when one was had
+    count: ExactCount | None = None  # what was asked and how it went; None: not close, or no source
+    why: str = ""                    # "close to short (8192)", "distrusted estimate near long (65536)"
+
+    def header(self) -> str | None:
+        """The provenance header's value: the source, its outcome and why it was asked."""
+        if self.count is None:
+            return None
+        return f"{self.count.source} {self.count.outcome}; {self.why}"
+
+
 class ExactCounts:
     def __init__(self, settings: ExactSettings | None = None) -> None:
         self.s = s = settings or ExactSettings()
@@ -51,13 +71,39 @@ class ExactCounts:
         return self.s.rule_for(model)
 
     def warm(self, model: str) -> None:
-        """Load the local counter for a model now (raises what loading raises)."""
+        """Load the local counter for a model now, its template compiled (raises what loading raises)."""
         rule = self.rule_for(model)
         if rule is not None and rule.source == "local":
-            self.local.load(rule, model)
+            count_local(self.local.load(rule, model), "chat", {"model": model, "messages": [{"role": "user", "content": "hi"}]})
 
-    async def count(self, model: str, api: str, body: bytes) -> ExactCount | None:
-        """The exact count of a body's prompts, or None where no rule names the model. Never raises."""
+    async def refine(self, budget: BudgetRouter, d: Decision, observation: Observation | None,
+                     body: bytes) -> Refined:
+        """Decide again on an exact count where ``d`` is close to a pool's capacity and a source
+        counts its model; else ``d`` as it is. Never raises."""
+        if not self.s.enabled or not d.model or self.rule_for(d.model) is None:
+            return Refined(d)
+        distrust = distrusted(d, observation)
+        near = close_to(d, budget.pools, distrust)
+        if near is None:
+            return Refined(d)
+        why = f"{'distrusted estimate near' if distrust else 'close to'} {near.name} ({near.max_context})"
+        found = await self.count(d.model, d.api, body)
+        if found is None or found.outcome != "counted":
+            return Refined(d, found, why)
+        exact = budget.decide_exact(d, found.tokens, found.margin_tokens, f"exact: {found.source}, {why}")
+        if found.margin_tokens and exact.pool != budget.decide_exact(d, found.tokens).pool:
+            # the safety margin alone moves it: count again where the margin is not needed
+            again = await self.count(d.model, d.api, body, precise=True)
+            if again is not None and again.outcome == "counted":
+                again.seconds += found.seconds
+                again.tried = found.tried + again.tried
+                found = again
+                exact = budget.decide_exact(d, found.tokens, found.margin_tokens, f"exact: {found.source}, {why}")
+        return Refined(exact, found, why)
+
+    async def count(self, model: str, api: str, body: bytes, precise: bool = False) -> ExactCount | None:
+        """The exact count of a body's prompts, or None where no rule names the model. Never raises.
+        ``precise``: no safety margin (a local count on Hugging Face tokenizers, 30x slower)."""
         rule = self.rule_for(model)
         if rule is None:
             return None
@@ -71,7 +117,7 @@ class ExactCounts:
         tried: list[tuple[str, str, float]] = []
         found = None
         if rule.source == "local":
-            found = await self._local(rule, model, api, doc, len(body))
+            found = await self._local(rule, model, api, doc, len(body), precise)
             tried.append((found.source, found.outcome, found.seconds))
         if found is None or (found.outcome in ("too_large", "unavailable") and rule.pool_url):
             found = await self._pool(rule, api, doc, len(body))
@@ -80,7 +126,8 @@ class ExactCounts:
         found.tried = tuple(tried)
         return found
 
-    async def _local(self, rule: ExactRule, model: str, api: str, doc: dict, size: int) -> ExactCount:
+    async def _local(self, rule: ExactRule, model: str, api: str, doc: dict, size: int,
+                     precise: bool = False) -> ExactCount:
         t0 = time.perf_counter()
         ls = self.s.local
         if size > ls.max_bytes:
@@ -88,17 +135,18 @@ class ExactCounts:
         local = self.local.get(rule, model)
         if local is None:
             return ExactCount("local", "unavailable")
+        slow = precise or not local.quick  # Hugging Face tokenizers: 30x the time of quicktok
         try:
-            if size > ls.inline_bytes:
-                counts = await asyncio.to_thread(count_local, local, api, doc)
+            if size > (ls.inline_bytes // SLOWER if slow else ls.inline_bytes):
+                counts = await asyncio.to_thread(count_local, local, api, doc, precise)
             else:
-                counts = count_local(local, api, doc)
+                counts = count_local(local, api, doc, precise)
         except Exception:  # noqa: BLE001 - vLLM would refuse it (a TemplateError), or a bug: the estimate decides
             return ExactCount("local", "error", seconds=time.perf_counter() - t0)
         if not counts:
             return ExactCount("local", "error", seconds=time.perf_counter() - t0)
         longest = max(counts)
-        margin = ls.margin_tokens + math.ceil(ls.margin_ratio * longest) if local.quick else 0
+        margin = ls.margin_tokens + math.ceil(ls.margin_ratio * longest) if local.quick and not slow else 0
         return ExactCount("local", "counted", longest, sum(counts), margin, time.perf_counter() - t0)
 
     async def _pool(self, rule: ExactRule, api: str, doc: dict, size: int) -> ExactCount:

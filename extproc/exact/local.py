@@ -64,7 +64,8 @@ class _QuickTokens:
 @dataclass(frozen=True, slots=True)
 class LocalCounter:
     counter: TokenCounter
-    quick: bool  # counted with quicktok: the safety margin applies
+    quick: bool                           # counted with quicktok: the safety margin applies
+    precise: TokenCounter | None = None   # the same on Hugging Face tokenizers (exact, 30x slower)
 
 
 def quick_counter(counter: TokenCounter, encoding: str) -> TokenCounter:
@@ -82,7 +83,7 @@ def load_counter(key: tuple[str, str]) -> LocalCounter:
         return LocalCounter(TokenCounter.from_dir(name), False)
     hf = counter_for(name)
     encoding = QUICK_ENCODINGS.get(name)
-    return LocalCounter(quick_counter(hf, encoding), True) if encoding else LocalCounter(hf, False)
+    return LocalCounter(quick_counter(hf, encoding), True, hf) if encoding else LocalCounter(hf, False)
 
 
 def counter_key(rule: ExactRule, model: str) -> tuple[str, str]:
@@ -134,8 +135,10 @@ class LocalCounters:
                 self._loading.discard(key)
 
 
-def count_local(local: LocalCounter, api: str, doc: Mapping[str, Any]) -> list[int]:
+def count_local(local: LocalCounter, api: str, doc: Mapping[str, Any], precise: bool = False) -> list[int]:
     """Prompt tokens of each prompt the engine runs for the body, as vLLM counts them (a server
-    with a tool parser: a request with tools is counted, not refused). Raises ValueError
-    (TemplateError) where vLLM would answer 400."""
-    return local.counter.count_request(api, doc, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    with a tool parser: a request with tools is counted, not refused); ``precise``: on Hugging
+    Face tokenizers even where quicktok could count. Raises ValueError (TemplateError) where
+    vLLM would answer 400."""
+    counter = local.precise if precise and local.precise is not None else local.counter
+    return counter.count_request(api, doc, enable_auto_tool_choice=True, tool_call_parser="hermes")

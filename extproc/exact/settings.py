@@ -37,7 +37,7 @@ class LocalSettings:
 
 @dataclass(frozen=True, slots=True)
 class PoolSettings:
-    timeout_s: float = 0.02          # the whole call; past it the estimate decides
+    timeout_s: float = 0.05          # the whole call; past it the estimate decides (an 8K-token chat: ~15 ms)
     max_concurrent: int = 16         # calls in flight at once (the pool's API server does the work)
     max_per_s: float = 200.0         # calls a second (a token bucket); over it: the estimate
     max_bytes: int = 4_194_304       # bodies above this are not sent
