@@ -27,7 +27,7 @@ from .exact.settings import ExactRule, ExactSettings, LocalSettings, PoolSetting
 ENV_PREFIX = "EXTPROC_"
 ROUTING_FILTERS = ("ext_authz", "ext_proc")
 OPERATOR_API_MODES = ("read_only", "read_write", "off")
-PROVENANCE = ("budget", "estimate", "source", "reason", "read", "decision", "shadow", "spilled")
+PROVENANCE = ("budget", "estimate", "source", "reason", "read", "decision", "shadow", "spilled", "exact")
 
 
 class ConfigError(ValueError):

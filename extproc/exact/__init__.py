@@ -15,6 +15,7 @@ the estimate decides.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -76,20 +77,31 @@ class ExactCounts:
         if rule is not None and rule.source == "local":
             count_local(self.local.load(rule, model), "chat", {"model": model, "messages": [{"role": "user", "content": "hi"}]})
 
-    async def refine(self, budget: BudgetRouter, d: Decision, observation: Observation | None,
-                     body: bytes) -> Refined:
-        """Decide again on an exact count where ``d`` is close to a pool's capacity and a source
-        counts its model; else ``d`` as it is. Never raises."""
-        if not self.s.enabled or not d.model or self.rule_for(d.model) is None:
-            return Refined(d)
+    def wants(self, budget: BudgetRouter, d: Decision, observation: Observation | None) -> str | None:
+        """Why an estimated decision should be counted ("close to short (8192)"), or None: not
+        close, or no source counts its model. Pure and cheap (no body is read)."""
+        if not self.s.enabled or not d.model or d.source in ("bound", "exact", "fallback"):
+            return None
         distrust = distrusted(d, observation)
         near = close_to(d, budget.pools, distrust)
-        if near is None:
+        if near is None or self.rule_for(d.model) is None:
+            return None
+        return f"{'distrusted estimate near' if distrust else 'close to'} {near.name} ({near.max_context})"
+
+    async def refine(self, budget: BudgetRouter, d: Decision, observation: Observation | None,
+                     body: bytes, why: str | None = None) -> Refined:
+        """Decide again on an exact count where ``d`` is close to a pool's capacity and a source
+        counts its model; else ``d`` as it is (its detail says what was tried). ``why``: what
+        ``wants`` said, when the caller asked already. Never raises."""
+        why = why or self.wants(budget, d, observation)
+        if why is None:
             return Refined(d)
-        why = f"{'distrusted estimate near' if distrust else 'close to'} {near.name} ({near.max_context})"
         found = await self.count(d.model, d.api, body)
-        if found is None or found.outcome != "counted":
-            return Refined(d, found, why)
+        if found is None:
+            return Refined(d)
+        if found.outcome != "counted":
+            note = f"exact: {found.source} {found.outcome}, {why}"
+            return Refined(dataclasses.replace(d, detail=f"{d.detail}; {note}" if d.detail else note), found, why)
         exact = budget.decide_exact(d, found.tokens, found.margin_tokens, f"exact: {found.source}, {why}")
         if found.margin_tokens and exact.pool != budget.decide_exact(d, found.tokens).pool:
             # the safety margin alone moves it: count again where the margin is not needed
@@ -98,7 +110,7 @@ class ExactCounts:
                 again.seconds += found.seconds
                 again.tried = found.tried + again.tried
                 found = again
-                exact = budget.decide_exact(d, found.tokens, found.margin_tokens, f"exact: {found.source}, {why}")
+                exact = budget.decide_exact(d, found.tokens, 0, f"exact: {found.source}, {why}")
         return Refined(exact, found, why)
 
     async def count(self, model: str, api: str, body: bytes, precise: bool = False) -> ExactCount | None:

@@ -31,6 +31,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from ..budget import BudgetRouter
 from ..config import Config
+from ..exact import ExactCounts
 from .check import CheckServer
 from .metrics import Metrics
 from .operator import add_to_server as add_operator_api
@@ -214,7 +215,7 @@ class Service:
         self.config = config
         self.budget = BudgetRouter(config.budget)
         self.metrics = Metrics(self.budget.calibration_states)
-        self.router = Router(self.budget, config.service, self.metrics)
+        self.router = Router(self.budget, config.service, self.metrics, ExactCounts(config.exact))
         self.server: grpc.aio.Server | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -304,6 +305,8 @@ class Service:
                 pass
         grace = s.grace_period_s if grace is None else grace
         await asyncio.gather(self._stop_grpc(grace), self._stop_check(grace))
+        if self.router.exact is not None:
+            await self.router.exact.close()  # the pools' /tokenize connections
         log.info("stopped after %.2fs", time.monotonic() - t0)
         if s.snapshot_path:
             try:
