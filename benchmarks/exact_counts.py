@@ -231,7 +231,11 @@ async def main_async(args) -> None:
     finally:
         for proc in engines:
             proc.terminate()
-            proc.wait(10)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
 def main() -> None:
