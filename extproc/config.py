@@ -309,13 +309,13 @@ def _exact_url(value: object, path: str) -> str:
     return value.rstrip("/")
 
 
-def _exact_rule(item: object, i: int) -> ExactRule:
+def _exact_rule(item: object, i: int, addresses: Mapping[str, str]) -> ExactRule:
     from .tokens.files import BUILTIN, CONFIG_FILE, TOKENIZER_FILE
 
     path = f"exact.models[{i}]."
     if not isinstance(item, Mapping):
         raise ConfigError(f"exact.models[{i}]", "must be a mapping with model and source")
-    _check_keys(item, {"model", "source", "family", "tokenizer", "pool_url"}, path)
+    _check_keys(item, {"model", "source", "family", "tokenizer", "pool", "pool_url"}, path)
     model = item.get("model")
     if not isinstance(model, str) or not model or len(model) > 256:
         raise ConfigError(f"{path}model", f"must be a model-name glob such as 'llama*', got {model!r}")
@@ -333,9 +333,17 @@ def _exact_rule(item: object, i: int) -> ExactRule:
                               f"{CONFIG_FILE} with the chat template), got {tokenizer!r}")
     url = item.get("pool_url")
     if url is not None:
+        if item.get("pool") is not None:
+            raise ConfigError(f"{path}pool_url", "names an address: leave out pool")
         url = _exact_url(url, f"{path}pool_url")
+    elif item.get("pool") is not None:  # a pool by name: its address from exact.pool_addresses
+        url = addresses.get(item["pool"])
+        if url is None:
+            raise ConfigError(f"{path}pool", f"no address for pool {item['pool']!r} in exact.pool_addresses "
+                              f"(has: {', '.join(sorted(addresses)) or 'none'})")
     if source == "pool" and url is None:
-        raise ConfigError(f"{path}pool_url", "source pool needs the URL of a vLLM serving the model")
+        raise ConfigError(f"{path}pool_url", "source pool needs the URL of a vLLM serving the model "
+                          "(pool_url, or pool: a pool named in exact.pool_addresses)")
     if source != "local" and (family is not None or tokenizer is not None):
         raise ConfigError(f"{path}source", "family and tokenizer are for source local")
     return ExactRule(model, source, family, tokenizer, url)
@@ -348,9 +356,16 @@ def _exact_number(doc: Mapping, key: str, path: str, default: float, lo: float, 
     return float(value)
 
 
-def _exact(doc: Mapping) -> ExactSettings:
+def _exact(doc: Mapping, pools: tuple[Pool, ...]) -> ExactSettings:
     ex = _mapping(doc, "exact", "")
-    _check_keys(ex, {"enabled", "models", "local", "pool"}, "exact.")
+    _check_keys(ex, {"enabled", "models", "local", "pool", "pool_addresses"}, "exact.")
+    # where each pool's vLLM answers /tokenize (EXTPROC_EXACT__POOL_ADDRESSES__SHORT=... per deployment)
+    addresses = {}
+    names = {p.name for p in pools}
+    for name, url in _mapping(ex, "pool_addresses", "exact.").items():
+        if name not in names:
+            raise ConfigError(f"exact.pool_addresses.{name}", f"no such pool (pools: {', '.join(sorted(names))})")
+        addresses[name] = _exact_url(url, f"exact.pool_addresses.{name}")
     d = ExactSettings()
     enabled = ex.get("enabled", d.enabled)
     if type(enabled) is not bool:
@@ -361,7 +376,7 @@ def _exact(doc: Mapping) -> ExactSettings:
     elif not isinstance(raw, list) or len(raw) > 64:
         raise ConfigError("exact.models", "must be a list (at most 64) of {model, source, family | tokenizer, pool_url}")
     else:
-        rules = tuple(_exact_rule(item, i) for i, item in enumerate(raw))
+        rules = tuple(_exact_rule(item, i, addresses) for i, item in enumerate(raw))
     local = _mapping(ex, "local", "exact.")
     _check_keys(local, {f.name for f in dataclasses.fields(LocalSettings)}, "exact.local.")
     ld = LocalSettings()
@@ -411,7 +426,7 @@ def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Conf
         client_share=float(share),
         client_window=_int(learning, "client_window", "learning.", BudgetSettings().client_window, lo=8, hi=100_000),
     )
-    return Config(budget=budget, service=_service(doc, budget.pools), source=source, exact=_exact(doc))
+    return Config(budget=budget, service=_service(doc, budget.pools), source=source, exact=_exact(doc, budget.pools))
 
 
 def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:

@@ -24,6 +24,8 @@ BOUND_TOKENS_PER_MESSAGE = 16
 # features measured on a sample of a very long text. Its close range widens to ±DISTRUST_WIDTH.
 DISTRUST_MARGIN = 0.25
 DISTRUST_WIDTH = 0.5
+# A decision is close when a capacity lies within this many safety margins of its point estimate.
+CLOSE_SPAN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,17 +102,19 @@ def distrusted(d: Decision, observation: Observation | None) -> bool:
 def close_to(d: Decision, pools: tuple[Pool, ...], distrust: bool = False) -> Pool | None:
     """The pool whose capacity an estimated decision lies close to, or None: pure.
 
-    Close means the budget's range contains the capacity: from the point estimate less the
-    safety margin (an estimate errs both ways: a prompt over-estimated near a limit is the waste)
-    to the conservative estimate, each plus the output reserve. A distrusted estimate's range is
-    at least ±``DISTRUST_WIDTH`` around the point. Only pools below the largest count (near the
-    largest, the request goes there whether it fits or not). Decisions on a proven count (the
-    size bound, token ids, an exact count) and unreadable ones are never close."""
+    Close means the budget's range contains the capacity: the point estimate ± ``CLOSE_SPAN``
+    times its safety margin (the conservative estimate less the point), plus the output reserve.
+    Both sides matter: under-estimates near a limit overflow, over-estimates are the waste; and
+    the margin is a high quantile of the errors, not their bound, so the range reaches beyond it.
+    A distrusted estimate's range is at least ±``DISTRUST_WIDTH`` around the point. Only pools
+    below the largest count (near the largest, the request goes there whether it fits or not).
+    Decisions on a proven count (the size bound, token ids, an exact count) and unreadable ones
+    are never close."""
     if d.source in ("bound", "exact", "fallback") or d.reason == REASON_UNREADABLE:
         return None
     point = float(d.prompt_tokens)
-    high = float(d.budget_tokens - d.output_tokens)
-    low = point - (high - point)
+    span = CLOSE_SPAN * (d.budget_tokens - d.output_tokens - point)
+    low, high = point - span, point + span
     if distrust:
         low, high = min(low, point * (1 - DISTRUST_WIDTH)), max(high, point * (1 + DISTRUST_WIDTH))
     out = d.output_tokens

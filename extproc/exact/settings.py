@@ -29,10 +29,11 @@ class ExactRule:
 class LocalSettings:
     max_bytes: int = 262_144         # larger bodies are not counted here (the pool, if named, or the estimate)
     inline_bytes: int = 65_536       # larger bodies are counted in a worker thread (the event loop goes on)
-    # What a local count may differ from vLLM's by: quicktok's BPE differs from Hugging Face's on a
-    # few multilingual texts (2-7 tokens on 4 of 1,292), so the budget adds this much.
-    margin_tokens: int = 8
-    margin_ratio: float = 0.001
+    # Added to a local count's budget: none by default, since both tokenizers the source uses are
+    # exact where it uses them (local.py). For a tokenizer directory whose template may lag the
+    # deployed model's, say by how much.
+    margin_tokens: int = 0
+    margin_ratio: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

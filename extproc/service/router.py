@@ -258,17 +258,17 @@ class Router:
                            may_inject: bool, ended_by_log: bool, client: str | None) -> Routed:
         """``route`` for a close decision: the exact count decides where it is had, and is learned
         at once (a calibration sample that needs no response: the client guards apply). Such a
-        request is not at risk and its response is not read; on a failed count the estimate
-        decides as before."""
+        request is not at risk: its response is read only as a proven fit's is (while the model
+        calibrates, or sampled), and teaches nothing twice. On a failed count the estimate decides
+        as before."""
         refined = await self.exact.refine(self.budget, d, observation, body, why)
         self._count_exact(refined)
         d = refined.decision
-        pool, spilled_from = self.choose(d)
         if d.source == "exact":
             self._learn(observation, refined.count.total, client)
-            read, observation = False, None  # (learned: a read response would teach it twice)
-        else:
-            read = self.wants_read(d, pool)
+            observation = None  # learned: a read response would teach it twice
+        pool, spilled_from = self.choose(d)
+        read = self.wants_read(d, pool)
         out = self._record(d, observation, pool, spilled_from, read, body, may_inject, ended_by_log, client)
         out.exact = refined.header()
         return out

@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from extproc.budget import BudgetRouter, BudgetSettings, Decision, Pool
-from extproc.budget.router import DISTRUST_MARGIN, close_to, distrusted
+from extproc.budget.router import CLOSE_SPAN, DISTRUST_MARGIN, close_to, distrusted
 
 POOLS = (Pool("short", 8192), Pool("mid", 32768), Pool("long", 65536))
 
@@ -20,9 +20,10 @@ def decision(point: int, conservative: int, out: int = 1024, source: str = "cali
 @pytest.mark.parametrize("point,cons,out,near", [
     (7000, 7300, 1024, "short"),     # the capacity between point+out (8024) and conservative+out (8324)
     (7168, 7300, 1024, "short"),     # point + out lands on the capacity: still close
-    (6900, 7100, 1024, None),        # the conservative budget fits: decided safely by the estimate
-    (7300, 7500, 1024, "short"),     # point + out over the capacity, less the margin under it: close (waste side)
-    (7600, 7800, 1024, None),        # even the point less its margin is over: safely long
+    (6900, 7100, 1024, "short"),     # conservative + out fits (8124), two margins over the point do not (8324)
+    (6800, 6900, 1024, None),        # two margins over the point still fit (8024): decided safely by the estimate
+    (7300, 7500, 1024, "short"),     # point + out over the capacity, two margins under it: close (waste side)
+    (7600, 7800, 1024, None),        # even the point less two margins is over: safely long
     (4000, 4200, 4096, "short"),     # the output reserve counts: 4000 + 4096 < 8192 < 4200 + 4096
     (31000, 32000, 1024, "mid"),     # any pool but the largest
     (64000, 66000, 1024, None),      # near the largest: it goes there whether it fits or not
@@ -33,12 +34,12 @@ def test_close_when_the_budget_range_holds_a_capacity(point, cons, out, near):
 
 
 def test_range_edges_are_exact():
-    # conservative + out == capacity: routed short with its margin, nothing to count
-    assert close_to(decision(7000, 7168), POOLS) is None
-    assert close_to(decision(7000, 7169), POOLS).name == "short"
-    # low edge: point - (cons - point) + out == capacity is close, one token above is not
-    assert close_to(decision(7268, 7368), POOLS).name == "short"
-    assert close_to(decision(7269, 7369), POOLS) is None
+    # the range is point ± CLOSE_SPAN (2) margins, plus the output reserve
+    assert CLOSE_SPAN == 2.0
+    assert close_to(decision(7000, 7084), POOLS) is None          # 7000 + 168 + 1024 == 8192: fits
+    assert close_to(decision(7000, 7085), POOLS).name == "short"  # 7170 + 1024 > 8192
+    assert close_to(decision(7368, 7468), POOLS).name == "short"  # 7368 - 200 + 1024 == 8192
+    assert close_to(decision(7369, 7469), POOLS) is None          # 7169 + 1024 > 8192: surely long
 
 
 @pytest.mark.parametrize("source,reason", [("bound", "fits"), ("exact", "fits"), ("fallback", "unreadable"),

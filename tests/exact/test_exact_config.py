@@ -29,6 +29,19 @@ def test_rules_first_match_wins_and_off_switches_a_model_off():
     assert parse_config({"exact": {"enabled": False}}).exact.rule_for("llama-3") is None
 
 
+def test_a_rule_names_a_pool_by_its_address_in_pool_addresses():
+    ex = parse_config({"exact": {"pool_addresses": {"long": "http://pool-long:8000"},
+                                 "models": [{"model": "*", "source": "local", "pool": "long"}]}}).exact
+    assert ex.rules[0].pool_url == "http://pool-long:8000" and ex.rules[0].source == "local"
+    env = {"EXTPROC_EXACT__POOL_ADDRESSES__LONG": "http://vllm-long.llm.svc:8000"}
+    import pathlib, tempfile
+    with tempfile.TemporaryDirectory() as d:
+        path = pathlib.Path(d) / "r.yaml"
+        path.write_text("exact:\n  pool_addresses: {long: 'http://pool-long:8000'}\n"
+                        "  models: [{model: '*', source: pool, pool: long}]\n")
+        assert load_config(str(path), environ=env).exact.rules[0].pool_url == "http://vllm-long.llm.svc:8000"
+
+
 def test_a_tokenizer_directory_must_hold_a_tokenizer(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{}")
     ex = parse_config({"exact": {"models": [{"model": "m*", "tokenizer": str(tmp_path)}]}}).exact
@@ -74,6 +87,12 @@ def test_environment_overrides_reach_the_section(tmp_path):
     ({"pool": {"max_per_s": -1}}, "exact.pool.max_per_s", "between"),
     ({"pool": {"max_response_bytes": 10}}, "exact.pool.max_response_bytes", "between"),
     ("on", "exact", "mapping"),
+    ({"pool_addresses": {"medium": "http://h:8000"}}, "exact.pool_addresses.medium", "no such pool"),
+    ({"pool_addresses": {"short": "h:8000"}}, "exact.pool_addresses.short", "http://"),
+    ({"models": [{"model": "x", "source": "pool", "pool": "long"}]}, "exact.models[0].pool", "no address"),
+    ({"pool_addresses": {"long": "http://h"}, "models": [{"model": "x", "source": "pool", "pool": "long",
+                                                          "pool_url": "http://h"}]},
+     "exact.models[0].pool_url", "leave out pool"),
 ])
 def test_invalid_values_fail_with_field_and_reason(exact, field, reason):
     with pytest.raises(ConfigError) as e:
