@@ -277,10 +277,10 @@ class Router:
         if refined.count is None:
             return
         m = self.metrics
-        for source, outcome, seconds in refined.count.tried:
+        for source, outcome, _ in refined.count.tried:  # (a local count checked again on HF: two)
             m.child(m.exact_counts, source, outcome).inc()
-            if outcome == "counted":
-                m.child(m.exact_seconds, source).observe(seconds)
+        if refined.count.outcome == "counted":  # what the request waited, once
+            m.child(m.exact_seconds, refined.count.source).observe(refined.count.seconds)
 
     def _read_and_decide(self, body: bytes, path: str) -> tuple[RequestShape, tuple[Decision, Observation | None]]:
         shape = self.budget.read(body, path)

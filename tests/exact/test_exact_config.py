@@ -15,7 +15,7 @@ def test_defaults_count_the_builtin_families_locally():
     assert ex.rule_for("meta-llama/Llama-3.1-8B-Instruct").source == "local"
     assert ex.rule_for("Qwen/Qwen3-8B").family == "qwen3"
     assert ex.rule_for("gpt-4o") is None and ex.rule_for("mistral-7b") is None
-    assert ex.pool.timeout_s == 0.05 and ex.local.margin_tokens == 0
+    assert ex.pool.timeout_s == 0.05 and (ex.local.margin_tokens, ex.local.margin_ratio) == (8, 0.005)
 
 
 def test_rules_first_match_wins_and_off_switches_a_model_off():

@@ -63,46 +63,50 @@ def test_local_counts_equal_the_real_counter(family, texts):
         return out
 
     pairs = asyncio.run(run())
-    assert [p for p in pairs if p[0] != p[1]] == []
+    # quicktok merges a few non-English words further than Hugging Face (local.py): rare, never more tokens
+    assert sum(a != b for a, b in pairs) <= 2, [p for p in pairs if p[0] != p[1]]
+    assert all(b - 8 <= a <= b for a, b in pairs)
 
 
-TURKISH = "Çekoslovakya'laştıramadıklarımızdan, dünyayı hızla değiştiriyor. " * 150
+TURKISH = "Yeni teknolojileri öğrenmeyi seviyorum. " * 40
 
 
-def test_local_counts_non_ascii_on_hugging_face_where_quicktok_differs():
+def test_local_margin_covers_quicktok_and_precise_counts_on_hugging_face():
     from extproc.exact.local import quick_counter
 
     ex = exact(ExactRule("*", "local", family="llama3"), local=LocalSettings(margin_tokens=8, margin_ratio=0.01))
     ex.warm("m")
     hf = counter_for("llama3")
-    messages = [{"role": "user", "content": TURKISH}]
-    assert quick_counter(hf, "llama3").count_chat(messages) < hf.count_chat(messages)  # why: quicktok undercounts
+    assert quick_counter(hf, "llama3").count_text(" seviyorum") == 2 < hf.count_text(" seviyorum") == 4  # why
     for text in (TURKISH, "The quick brown fox. " * 500):
-        for body in (orjson.dumps(chat(text, "m")), json.dumps(chat(text, "m")).encode()):  # raw and \u escaped
-            found = asyncio.run(ex.count("m", "chat", body))
-            assert found.tokens == hf.count_request("chat", orjson.loads(body))[0]
-            assert found.margin_tokens == 8 + -(-found.tokens // 100)  # the configured margin, on every count
-    assert ExactSettings().local.margin_tokens == 0 and ExactSettings().local.margin_ratio == 0.0
+        body = orjson.dumps(chat(text, "m"))
+        truth = hf.count_request("chat", orjson.loads(body))[0]
+        quick = asyncio.run(ex.count("m", "chat", body))
+        precise = asyncio.run(ex.count("m", "chat", body, precise=True))
+        assert quick.tokens <= truth and quick.margin_tokens == 8 + -(-quick.tokens // 100)
+        assert (precise.tokens, precise.margin_tokens) == (truth, 0)
+    assert quick.tokens == truth  # English: the same
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen3"])
-def test_quicktok_equals_hugging_face_on_ascii(family):
-    """What lets an ASCII body go without a margin: random ASCII (every printable and control
-    character, runs of whitespace, digits, contractions) counts the same on both."""
-    import random
-    import string
+def test_a_margin_that_alone_moves_a_request_is_checked_on_hugging_face():
+    from extproc.budget import BudgetRouter, Decision
 
-    from extproc.exact.local import quick_counter
-
-    hf = counter_for(family)
-    quick = quick_counter(hf, "llama3" if family.startswith("llama") else "qwen3")
-    rng = random.Random(5)
-    pieces = ["  ", "\n\n", "\t", " 123", "4567", "'s", "'ll", "'RE", "...", "\r\n", "   \n", "foo_bar", "a'b"]
-    alphabet = [chr(i) for i in range(128)] + list(string.printable) * 3
-    for _ in range(400):
-        text = "".join(rng.choice(pieces) if rng.random() < 0.3 else rng.choice(alphabet)
-                       for _ in range(rng.randint(1, 200)))
-        assert quick.count_text(text) == hf.count_text(text), repr(text)
+    ex = exact(ExactRule("*", "local", family="llama3"))
+    ex.warm("m")
+    router = BudgetRouter()
+    hf = counter_for("llama3")
+    text = "The quick brown fox. " * 300
+    n = hf.count_chat([{"role": "user", "content": text}])
+    body = orjson.dumps(chat(text, "m", max_tokens=8192 - n))  # fits the short pool to the token
+    d = Decision("long", n + 100, n + 150 + 8192 - n, "fits", "calibrated", output_tokens=8192 - n, model="m",
+                 api="chat", margin=0.03)
+    refined = asyncio.run(ex.refine(router, d, None, body))
+    assert [t[:2] for t in refined.count.tried] == [("local", "counted"), ("local", "counted")]
+    assert (refined.decision.pool, refined.decision.budget_tokens, refined.count.margin_tokens) == ("short", 8192, 0)
+    roomy = orjson.dumps(chat(text, "m", max_tokens=8192 - n - 200))  # the margin changes nothing: one count
+    d.output_tokens = 8192 - n - 200
+    refined = asyncio.run(ex.refine(router, d, None, roomy))
+    assert len(refined.count.tried) == 1 and refined.decision.pool == "short" and refined.count.margin_tokens > 0
 
 
 def test_local_completions_batch_counts_every_prompt():
@@ -287,24 +291,6 @@ def test_pool_body_cap_and_refused_connection():
     assert found.outcome == "too_large"
     ex = exact(ExactRule("*", "pool", pool_url="http://127.0.0.1:9"), pool=PoolSettings(timeout_s=1.0))
     assert asyncio.run(ex.count("m", "chat", orjson.dumps(chat("hi", "m")))).outcome in ("error", "timeout")
-
-
-def test_a_local_rule_with_a_pool_sends_it_the_non_ascii_bodies():
-    async def run():
-        engine = await start_engine(engine_config("llama3", "m"))
-        ex = exact(ExactRule("*", "local", family="llama3", pool_url=engine.url), pool=PoolSettings(timeout_s=5.0))
-        ex.warm("m")
-        try:
-            return (await ex.count("m", "chat", orjson.dumps(chat(TURKISH[:2000], "m"))),
-                    await ex.count("m", "chat", orjson.dumps(chat("plain ascii " * 100, "m"))))
-        finally:
-            await ex.close()
-            await engine.close()
-
-    other, plain = asyncio.run(run())
-    assert [t[:2] for t in other.tried] == [("pool", "counted")]
-    assert other.tokens == counter_for("llama3").count_chat([{"role": "user", "content": TURKISH[:2000]}])
-    assert [t[:2] for t in plain.tried] == [("local", "counted")]
 
 
 def test_local_above_its_cap_asks_the_pool():
