@@ -124,12 +124,14 @@ class ExactCounts:
         if rule is None:
             return None
         t0 = time.perf_counter()
+        if len(body) > self._max_bytes(rule):  # no source would take it: not even parsed again
+            return ExactCount(rule.source, "too_large", tried=((rule.source, "too_large", 0.0),))
         try:
             doc = orjson.loads(body)
         except (orjson.JSONDecodeError, RecursionError):
-            return ExactCount(rule.source, "unsupported", seconds=time.perf_counter() - t0)
+            doc = None
         if not isinstance(doc, dict):
-            return ExactCount(rule.source, "unsupported", seconds=time.perf_counter() - t0)
+            return ExactCount(rule.source, "unsupported", tried=((rule.source, "unsupported", 0.0),))
         tried: list[tuple[str, str, float]] = []
         found = None
         if rule.source == "local":
@@ -141,6 +143,10 @@ class ExactCounts:
         found.seconds = time.perf_counter() - t0
         found.tried = tuple(tried)
         return found
+
+    def _max_bytes(self, rule: ExactRule) -> int:
+        local = self.s.local.max_bytes if rule.source == "local" else 0
+        return max(local, self.s.pool.max_bytes if rule.pool_url else 0)
 
     async def _local(self, rule: ExactRule, model: str, api: str, doc: dict, size: int,
                      precise: bool) -> ExactCount:
