@@ -96,7 +96,8 @@ def exact_settings(source: str, urls: dict[str, str]) -> ExactSettings:
     def rule(glob: str, family: str) -> ExactRule:
         if source == "pool":
             return ExactRule(glob, "pool", pool_url=urls[family])
-        return ExactRule(glob, "local", family=family)
+        # local+pool (the shipped config's way): the pool takes what the local source passes on
+        return ExactRule(glob, "local", family=family, pool_url=urls[family] if source == "local+pool" else None)
     # the replay runs flat out: no rate cap, so that every close request is counted and timed
     return ExactSettings(rules=(rule("*llama*", "llama3"), rule("*qwen3*", "qwen3")),
                          pool=PoolSettings(max_per_s=1e6, timeout_s=0.1))
@@ -186,10 +187,30 @@ def start_engine(family: str) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"simulated engine for {family} did not start")
 
 
+async def latency_table(modes: dict[str, ExactCounts]) -> list[str]:
+    """One count's added time by prompt size and source, 40 runs each (same text mix as the sets)."""
+    by_cat = rq.load_texts(rq.DEFAULT_TEXTS)
+    rng = random.Random(3)
+    lines = [f"{'source':<10} {'prompt':>7} {'body KB':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7}"]
+    for tokens in (2000, 7000, 30000):
+        bodies = [trace_request(rng, by_cat, tokens)["body"] for _ in range(40)]
+        for mode, exact in modes.items():
+            model = rq.MODELS["llama3"]
+            times, c0 = [], time.process_time()
+            for body in bodies:
+                doc = orjson.loads(body)
+                found = await exact.count(doc["model"] or model, "chat", body, precise=False)
+                times.append(found.seconds * 1e3)
+            cpu = (time.process_time() - c0) / len(bodies) * 1e3
+            kb = statistics.fmean(len(b) for b in bodies) / 1024
+            lines.append(f"{mode:<10} {tokens:>7} {kb:>8.1f} {pct(times, 0.5):>7.2f} {pct(times, 0.99):>7.2f} {cpu:>7.2f}")
+    return lines
+
+
 def row(name: str, mode: str, t: Tally, base: Tally) -> str:
     ms = [x * 1e3 for x in t.latency]
     per_s = t.calls / t.wall if t.wall else 0.0
-    return (f"{name:<11} {mode:<6} {t.n:>5} {100 * t.counted / t.n:>8.2f} {1e6 * t.cpu / t.n:>9.1f} "
+    return (f"{name:<11} {mode:<10} {t.n:>5} {100 * t.counted / t.n:>8.2f} {1e6 * t.cpu / t.n:>9.1f} "
             f"{t.cpu / base.cpu:>6.3f} {pct(ms, 0.5):>7.3f} {pct(ms, 0.99):>7.3f} {1000 * t.reads / t.n:>6.0f} "
             f"{per_s:>7.1f} {1000 * t.calls / t.n:>7.1f} {100 * t.overflow / t.n:>8.2f} "
             f"{100 * t.waste / max(1, t.eligible):>7.2f}")
@@ -211,7 +232,10 @@ async def main_async(args) -> None:
         modes = {"local": local}
         if urls:
             modes["pool"] = ExactCounts(exact_settings("pool", urls))
-        print(f"\n{'workload':<11} {'exact':<6} {'n':>5} {'counted%':>8} {'CPU µs/r':>9} {'ratio':>6} "
+            modes["local+pool"] = ExactCounts(exact_settings("local+pool", urls))
+            for model in rq.MODELS.values():
+                modes["local+pool"].warm(model)
+        print(f"\n{'workload':<11} {'exact':<10} {'n':>5} {'counted%':>8} {'CPU µs/r':>9} {'ratio':>6} "
               f"{'p50 ms':>7} {'p99 ms':>7} {'reads':>6} {'tok/s':>7} {'tok/1k':>7} {'overflow':>8} {'waste':>7}")
         outcomes = []
         for name, reqs in loads.items():
@@ -220,12 +244,14 @@ async def main_async(args) -> None:
             base = await replay(reqs, None)
             print(row(name, "off", base, base))
             for mode, exact in modes.items():
-                if mode == "pool":
+                if mode != "local":
                     await replay(reqs[:50], exact)
                 t = await replay(reqs, exact)
                 print(row(name, mode, t, base))
                 outcomes.append(f"{name}/{mode}: " + ", ".join(f"{k} {v}" for k, v in sorted(t.outcomes.items())))
         print("\nexact-count outcomes (close requests):\n  " + "\n  ".join(outcomes))
+        print("\none count by prompt size (router process: wall time p50/p99, CPU per count)")
+        print("\n".join(await latency_table(modes)))
         for exact in modes.values():
             await exact.close()
     finally:

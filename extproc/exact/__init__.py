@@ -118,8 +118,8 @@ class ExactCounts:
         ``precise``: a local count on Hugging Face tokenizers (no margin; 30x slower than quicktok).
 
         A local rule counts on quicktok with the safety margin (local.py says why); a body over
-        ``local.max_bytes``, or a tokenizer not loaded yet, goes to the rule's pool, if it names
-        one (the pool's CPU, not the router's)."""
+        ``local.max_bytes``, a tokenizer not loaded yet, or a precise count goes to the rule's
+        pool, if it names one (the pool's CPU, not the router's)."""
         rule = self.rule_for(model)
         if rule is None:
             return None
@@ -134,7 +134,7 @@ class ExactCounts:
             return ExactCount(rule.source, "unsupported", tried=((rule.source, "unsupported", 0.0),))
         tried: list[tuple[str, str, float]] = []
         found = None
-        if rule.source == "local":
+        if rule.source == "local" and not (precise and rule.pool_url):  # (the pool is exact, and its CPU not ours)
             found = await self._local(rule, model, api, doc, len(body), precise)
             tried.append((found.source, found.outcome, found.seconds))
         if found is None or (found.outcome in ("too_large", "unavailable") and rule.pool_url):
