@@ -8,15 +8,15 @@ import pathlib
 import sys
 from importlib import resources
 
-from .config import ConfigError, load_config
+from .config import ConfigError, default_snapshot_path, load_config
 
 SHARED_REQUESTS = pathlib.Path("../shared/data/requests/dev_requests.jsonl")
 
 
-def _config(path: str | None):
+def _config(path: str | None, default_snapshot: str | None = None):
     """The validated config, or exit 2 with the field and the reason."""
     try:
-        return load_config(path)
+        return load_config(path, default_snapshot=default_snapshot)
     except ConfigError as exc:
         print(f"invalid config: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -140,9 +140,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     install_event_loop()
-    config = _config(args.config)
+    # a bare serve keeps what it learned across restarts (the file or EXTPROC_SERVICE__SNAPSHOT_PATH
+    # may say otherwise, `none` among them); configs built elsewhere (tests, the library) get none
+    snapshot = default_snapshot_path()
+    config = _config(args.config, snapshot)
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, args.config, lambda: load_config(args.config, default_snapshot=snapshot)))
+    except ConfigError as exc:  # the TLS files, read at start
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. an address already in use: say so, no traceback
         print(f"cannot serve: {exc}", file=sys.stderr)
         return 1

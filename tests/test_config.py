@@ -66,7 +66,7 @@ def test_file_and_environment_overrides(tmp_path):
     ({"service": {"pool_header": "x-token-budget"}}, "service.pool_header"),
     ({"service": {"usage_sample_rate": 2}}, "service.usage_sample_rate"),
     ({"service": {"inject_stream_usage": 1}}, "service.inject_stream_usage"),
-    ({"service": {"snapshot_path": ""}}, "service.snapshot_path"),
+    ({"service": {"snapshot_path": 5}}, "service.snapshot_path"),
     ({"service": {"operator_api": "on"}}, "service.operator_api"),
     ({"service": {"operator_api": True}}, "service.operator_api"),
     ({"learning": {"client_share": 0}}, "learning.client_share"),

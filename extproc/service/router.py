@@ -78,6 +78,8 @@ class Placement:
 class Router:
     """Decisions, in-flight counts and the decisions awaiting their responses."""
 
+    _removed: frozenset[str] = frozenset()  # pools a reload removed whose requests still run
+
     def __init__(self, budget: BudgetRouter, settings: ServiceSettings, metrics: Metrics) -> None:
         self.budget = budget
         self.s = settings
@@ -103,6 +105,26 @@ class Router:
         # identities are hashed with a key: stable across restarts and replicas when configured
         self._hash_key = (settings.client_hash_key.encode() if settings.client_hash_key
                           else secrets.token_bytes(16))
+        self._client_header = settings.client_header
+
+    def reconfigure(self, settings: ServiceSettings) -> None:
+        """A reloaded config (service/reload.py), from the next request on; the budget core has its
+        new pools already. In-flight counts and awaited responses stay: a pool kept keeps its count,
+        a new one starts at 0, a removed one is never chosen again and counts down as its requests
+        end (then it goes). Capacities of removed pools stay for judging their late responses."""
+        self.s = settings
+        self.pools = self.budget.pools
+        self.largest = self.pools[-1].name
+        current = {p.name for p in self.pools}
+        for name in current:
+            self.inflight.setdefault(name, 0)
+        for name in [n for n, count in self.inflight.items() if n not in current and count <= 0]:
+            del self.inflight[name]
+        self._removed = frozenset(self.inflight) - current
+        old = self._capacity if len(self._capacity) < 64 else {}  # bounded over any number of reloads
+        self._capacity = {**old, **{p.name: p.max_context for p in self.pools}}
+        self.pool_header = settings.pool_header
+        self.h = {name: settings.provenance_header(name) for name in PROVENANCE}
         self._client_header = settings.client_header
 
     # -- who sent it ---------------------------------------------------------------------------
@@ -292,7 +314,13 @@ class Router:
         return fields
 
     def finished(self, pool: str) -> None:
-        self.inflight[pool] -= 1
+        count = self.inflight.get(pool)
+        if count is None:  # a pool a reload removed, already counted out
+            return
+        self.inflight[pool] = count - 1
+        if count == 1 and pool in self._removed:  # a removed pool's last request ended
+            del self.inflight[pool]
+            self._removed -= {pool}
 
     # -- response side -------------------------------------------------------------------------
     def response_read(self, decision_id: str | None, facts: ResponseFacts) -> None:
