@@ -332,9 +332,11 @@ def overload_manager(lay: EnvoyLayout) -> dict:
 def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
                        upstreams: list[str] | tuple[str, ...] = (), message_timeout_ms: int = 1000,
                        listen_address: str = "127.0.0.1", router: str | None = None,
-                       router_http: str | None = None, admin_address: str = "127.0.0.1") -> EnvoyLayout:
+                       router_http: str | None = None, admin_address: str = "127.0.0.1",
+                       with_tls: bool = True) -> EnvoyLayout:
     """The Envoy layout for a router config; ``upstreams`` are ``pool=host:port`` (default:
-    127.0.0.1:8001, 8002, … in pool order)."""
+    127.0.0.1:8001, 8002, … in pool order). ``with_tls=False``: no TLS to the router even if it
+    serves it (a gateway that sets up its own, from Kubernetes Secrets)."""
     given = {}
     for item in upstreams:
         name, _, addr = item.partition("=")
@@ -354,7 +356,7 @@ def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
     hhost, _, hport = (router_http or config.service.http_address).rpartition(":")
     if not hhost or not hport.isdigit():
         raise ValueError(f"router HTTP address must be host:port, got {router_http!r}")
-    return EnvoyLayout(router_tls=router_tls(config), listen_address=listen_address, listen_port=listen_port, admin_address=admin_address,
+    return EnvoyLayout(router_tls=router_tls(config) if with_tls else None, listen_address=listen_address, listen_port=listen_port, admin_address=admin_address,
                        admin_port=admin_port, router_address=(rhost, int(rport)),
                        router_http_address=(hhost, int(hport)), routing_filter=config.service.routing_filter,
                        upstream_timeout_s=max(1, int(config.service.max_request_s)),
