@@ -109,15 +109,6 @@ class BudgetRouter:
         self.pools = order_pools(settings.pools)
         self.settings = settings
 
-    @classmethod
-    def from_config(cls, path: str | None) -> "BudgetRouter":
-        """Built-in defaults with None; else the budget part of a YAML config file."""
-        if path is None:
-            return cls()
-        from ..config import load_config  # the shell reads files; the core stays pure
-
-        return cls(load_config(path).budget)
-
     def family_for(self, model: str) -> Family:
         m = model.lower()
         for needle, family in self.settings.families:

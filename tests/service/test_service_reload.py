@@ -32,13 +32,13 @@ def test_a_pool_change_keeps_calibration_and_counts_a_removed_pool_out():
         service = Service(parse_config({"pools": TWO}))
         router = service.router
         estimator = service.budget.estimator
-        short = router.decide(chat("hello"), "/v1/chat/completions")
+        short = router.route(chat("hello"), "/v1/chat/completions")
         assert short.pool == "short" and router.inflight == {"short": 1, "long": 0}
         service.apply_config(parse_config({"pools": [{"name": "tiny", "max_context": 4096}, TWO[1]],
                                            "service": {"pool_header": "x-pool"}}))
         assert service.budget.estimator is estimator  # what it learned stays
         assert router.inflight == {"short": 1, "long": 0, "tiny": 0}  # short still runs one request
-        again = router.decide(chat("hello"), "/v1/chat/completions")
+        again = router.route(chat("hello"), "/v1/chat/completions")
         assert again.pool == "tiny" and router.decision_headers(again)[0] == ("x-pool", "tiny")
         router.finished("short")
         assert "short" not in router.inflight  # its last request ended: gone from the table and the gauge
