@@ -168,3 +168,20 @@ def test_tls_section_is_checked_for_shape():
         with pytest.raises(ConfigError) as exc:
             parse_config({"service": {"tls": broken}})
         assert exc.value.field == field, (broken, exc.value)
+
+
+def test_the_readme_config_block_is_the_defaults():
+    """README's Config block, parsed: the config `extproc serve` runs with no file (its snapshot path
+    as shown, for a user without XDG_STATE_HOME)."""
+    import os
+    import re
+
+    from extproc.config import default_snapshot_path
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Config\n.*?```yaml\n(.*?)```", readme, re.S)[1]
+    doc = yaml.safe_load(block)
+    shown = doc["service"]["snapshot_path"]
+    assert os.path.expanduser(shown) == default_snapshot_path({})
+    doc["service"]["snapshot_path"] = os.path.expanduser(shown)
+    assert parse_config(doc) == load_config(None, environ={}, default_snapshot=default_snapshot_path({}))
