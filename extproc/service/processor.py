@@ -289,8 +289,8 @@ class RequestEndsServicer(als_pb2_grpc.AccessLogServiceServicer):
         self.r = router
 
     async def StreamAccessLogs(self, request_iterator, context):
-        header = self.r.h["decision"]
         async for msg in request_iterator:
+            header = self.r.h["decision"]  # per batch: the stream outlives a reload of the header names
             for entry in msg.http_logs.log_entry:
                 decision_id = entry.request.request_headers.get(header)
                 if decision_id:
