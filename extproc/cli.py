@@ -75,8 +75,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
+    tls = cfg.service.tls
+    if tls is not None:  # the files, as `serve` reads them at start (on this machine)
+        from .service.tls import read_material
+
+        try:
+            read_material(tls)
+        except ConfigError as exc:
+            print(f"invalid config: {exc}", file=sys.stderr)
+            return 2
     b = cfg.budget
     print(f"config OK ({cfg.source})")
+    if tls is not None:
+        print(f"TLS: {'mTLS' if tls.client_ca else 'TLS'} with {tls.cert} (files read and checked)")
     print("pools: " + ", ".join(f"{p.name}={p.max_context}" for p in b.pools))
     print(f"estimator: {b.estimator} {b.estimator_settings or ''}".rstrip())
     print(f"default output reserve: {b.default_output_tokens}; media tokens: {b.media_tokens}")

@@ -118,3 +118,14 @@ def test_bad_tls_files_fail_the_start_naming_the_field(tmp_path, certs):
     (tmp_path / "not-a-ca.pem").write_text("hello")
     err = _serve_refused(tmp_path, {**good, "client_ca": str(tmp_path / "not-a-ca.pem")})
     assert "service.tls.client_ca" in err and "no PEM certificate" in err, err
+
+
+def test_check_config_reads_the_tls_files_as_serve_does(tmp_path, certs):
+    config = tmp_path / "router.yaml"
+    for tls, code, said in ((certs.service_tls(mutual=True), 0, "TLS: mTLS with"),
+                            ({**certs.service_tls(mutual=True), "key": certs.path("client.key")}, 2,
+                             "service.tls.key")):
+        config.write_text(yaml.safe_dump({"service": {"tls": tls}}))
+        proc = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == code and said in proc.stdout + proc.stderr, proc.stdout + proc.stderr
