@@ -32,10 +32,10 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from ..budget import BudgetRouter
 from ..config import Config
 from .check import CheckServer
-from .reload import ConfigReloader
 from .metrics import Metrics
 from .operator import add_to_server as add_operator_api
 from .processor import ExtProcServicer, RequestEndsServicer
+from .reload import ConfigReloader
 from .router import Router
 from .tls import TlsFiles
 
@@ -245,8 +245,8 @@ class Service:
             self.tls = TlsFiles(s.tls, on_reload=lambda outcome: self.metrics.tls_reloads.labels(outcome).inc())
         if s.snapshot_path:
             _snapshot_directory(s.snapshot_path)
-        if s.snapshot_path and restore_snapshot(self.budget, s.snapshot_path):
-            log.info("calibration restored from %s", s.snapshot_path)
+            if restore_snapshot(self.budget, s.snapshot_path):
+                log.info("calibration restored from %s", s.snapshot_path)
         maddr = s.metrics_address if metrics_address == "" else metrics_address
         if maddr:  # bound first: a taken port fails the start before anything else is running
             host, _, port = maddr.rpartition(":")
@@ -310,7 +310,7 @@ class Service:
                     log.exception("watcher failed")
         self._watchers.append(asyncio.create_task(loop()))
 
-    def apply_config(self, config: Config, changed: list[str] | None = None) -> None:
+    def apply_config(self, config: Config) -> None:
         """Install a reloaded config (service/reload.py has refused it if any field needs a
         restart). The calibration, in-flight counts and awaited responses stay."""
         self.budget.reconfigure(config.budget)

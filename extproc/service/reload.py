@@ -75,7 +75,7 @@ class ConfigReloader:
     file; ``apply`` installs a config; ``count(outcome)`` counts an outcome."""
 
     def __init__(self, path: str | None, load: Callable[[], Config], current: Callable[[], Config],
-                 apply: Callable[[Config, list[str]], None], count: Callable[[str], None]) -> None:
+                 apply: Callable[[Config], None], count: Callable[[str], None]) -> None:
         self.path = path
         self.load = load
         self.current = current
@@ -121,7 +121,7 @@ class ConfigReloader:
             log.warning("config reload (%s) refused, the running config stays: %s", trigger,
                         "; ".join(f"{f} needs a restart ({why})" for f, why in refused))
             return self._counted("restart_required")
-        self.apply(new, changed)
+        self.apply(new)
         log.info("config reloaded (%s) from %s: %s changed", trigger, new.source, ", ".join(changed))
         rendered = [f for f in changed if f.startswith(ENVOY_RENDERED)]
         if rendered:
@@ -129,5 +129,6 @@ class ConfigReloader:
         return self._counted("applied")
 
     def _counted(self, outcome: str) -> str:
+        assert outcome in OUTCOMES  # the metric's label set
         self.count(outcome)
         return outcome
