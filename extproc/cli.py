@@ -133,6 +133,9 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         layout = layout_from_config(config, listen_port=args.listen_port, admin_port=args.admin_port,
                                     upstreams=args.upstream, listen_address=args.listen_address, router=args.router,
                                     router_http=args.router_http, admin_address=args.admin_address)
+    except ConfigError as exc:  # the config lacks what Envoy needs (service.tls.envoy)
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"invalid arguments: {exc}", file=sys.stderr)
         return 2

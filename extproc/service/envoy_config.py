@@ -356,8 +356,8 @@ def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
     hhost, _, hport = (router_http or config.service.http_address).rpartition(":")
     if not hhost or not hport.isdigit():
         raise ValueError(f"router HTTP address must be host:port, got {router_http!r}")
-    return EnvoyLayout(router_tls=router_tls(config) if with_tls else None, listen_address=listen_address, listen_port=listen_port, admin_address=admin_address,
-                       admin_port=admin_port, router_address=(rhost, int(rport)),
+    return EnvoyLayout(listen_address=listen_address, listen_port=listen_port, admin_address=admin_address,
+                       router_tls=router_tls(config) if with_tls else None, admin_port=admin_port, router_address=(rhost, int(rport)),
                        router_http_address=(hhost, int(hport)), routing_filter=config.service.routing_filter,
                        upstream_timeout_s=max(1, int(config.service.max_request_s)),
                        pools=tuple(pools), pool_header=config.service.pool_header,
