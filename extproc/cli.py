@@ -37,6 +37,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from .explain import LocalExplainer, RemoteExplainer, calibration_keys, explain_all, format_explained
 
+    if not args.server and (args.ca or args.cert or args.key or args.server_name):
+        print("--ca, --cert, --key and --server-name are for --server (a router serving TLS)", file=sys.stderr)
+        return 2
     if args.server and (args.config or args.calibration or args.no_learn):
         print("--server explains with the running router's config and calibration, and never learns: "
               "--config, --calibration and --no-learn apply to a local router only", file=sys.stderr)
@@ -44,7 +47,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     rows, label = request_rows(args.files)
     requests = _explain_requests((rows[: args.limit] + long_requests(rows))[: args.limit])
     if args.server:
-        explainer = RemoteExplainer(args.server)
+        from .service.tls import client_settings
+
+        explainer = RemoteExplainer(args.server, client_settings(args, args.parser))
     else:
         snapshot = None
         if args.calibration:
@@ -182,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="SNAPSHOT", help="start the local router from this calibration "
                    "snapshot (a file service.snapshot_path wrote, or GetCalibration's snapshot_json)")
     p.add_argument("--json", action="store_true", help="one JSON object per request with every number")
-    p.set_defaults(func=cmd_explain)
+    from .service.tls import add_client_arguments
+
+    add_client_arguments(p)  # --server over TLS
+    p.set_defaults(func=cmd_explain, parser=p)
     p = sub.add_parser("check-config", help="validate a config file (and EXTPROC_* overrides)")
     p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     p.set_defaults(func=cmd_check_config)

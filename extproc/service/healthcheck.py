@@ -51,21 +51,15 @@ def check(address: str, timeout_s: float = 2.0, tls: EnvoyTlsSettings | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .tls import add_client_arguments, client_settings
+
     parser = argparse.ArgumentParser(prog="python -m extproc.service.healthcheck", description=__doc__)
     parser.add_argument("--address", help="host:port of the router's gRPC service")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
-    parser.add_argument("--ca", help="TLS (service.tls): the CA that signed the router's certificate")
-    parser.add_argument("--cert", help="mTLS: a client certificate the router's client_ca signed ...")
-    parser.add_argument("--key", help="... and its key")
-    parser.add_argument("--server-name", help="TLS: the name the router's certificate carries (default: the address' host)")
+    add_client_arguments(parser)
     args = parser.parse_args(argv)
     address = args.address or default_address()
-    tls = None
-    if args.ca:
-        tls = EnvoyTlsSettings(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
-    elif args.cert or args.key or args.server_name:
-        parser.error("--cert, --key and --server-name need --ca")
-    healthy = check(address, args.timeout, tls)
+    healthy = check(address, args.timeout, client_settings(args, parser))
     print(f"router at {address}: {'SERVING' if healthy else 'not serving'}")
     return 0 if healthy else 1
 

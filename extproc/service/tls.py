@@ -26,8 +26,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import Iterator
 
-import grpc
-
 from ..config import ConfigError, EnvoyTlsSettings, TlsSettings
 
 log = logging.getLogger("extproc.service")
@@ -172,7 +170,10 @@ class TlsFiles:
         return "reloaded"
 
     # -- gRPC --------------------------------------------------------------------------------------
-    def grpc_credentials(self) -> grpc.ServerCredentials:
+    def grpc_credentials(self):
+        """``grpc.ServerCredentials`` whose certificate follows ``poll``."""
+        import grpc
+
         served = [0]
 
         def fetch():  # at each handshake, on a gRPC thread: no I/O, only a new config per change
@@ -197,18 +198,43 @@ class TlsFiles:
 
 
 def _grpc_config(material: TlsMaterial):
+    import grpc
+
     return grpc.ssl_server_certificate_configuration([(material.key, material.cert)], material.client_ca)
 
 
 # -- clients (Envoy's side: the health check, the stack, tests) ---------------------------------------
 
-def channel_credentials(envoy: EnvoyTlsSettings) -> tuple[grpc.ChannelCredentials, list[tuple[str, str]]]:
-    """gRPC credentials and channel options of a client that reaches the router as Envoy does."""
+def channel_credentials(envoy: EnvoyTlsSettings) -> tuple[object, list[tuple[str, str]]]:
+    """gRPC credentials and channel options of a client that reaches the router as Envoy does.
+    (grpc is imported where used: the command line imports this module for its arguments.)"""
+    import grpc
+
     def read(path: str | None) -> bytes | None:
         return None if path is None else _read(path, "service.tls.envoy")
     creds = grpc.ssl_channel_credentials(read(envoy.ca), read(envoy.key), read(envoy.cert))
     options = [("grpc.ssl_target_name_override", envoy.server_name)] if envoy.server_name else []
     return creds, options
+
+
+def add_client_arguments(parser) -> None:
+    """``--ca``, ``--cert``, ``--key``, ``--server-name``: a command line client of a router serving
+    TLS (the health check, ``extproc explain --server``); ``client_settings`` reads them back."""
+    parser.add_argument("--ca", help="TLS (service.tls): the CA that signed the router's certificate")
+    parser.add_argument("--cert", help="mTLS: a client certificate the router's client_ca signed ...")
+    parser.add_argument("--key", help="... and its key")
+    parser.add_argument("--server-name", help="TLS: the name the router's certificate carries "
+                        "(default: the address' host)")
+
+
+def client_settings(args, parser) -> EnvoyTlsSettings | None:
+    if args.ca:
+        if (args.cert is None) != (args.key is None):
+            parser.error("--cert and --key go together")
+        return EnvoyTlsSettings(ca=args.ca, cert=args.cert, key=args.key, server_name=args.server_name)
+    if args.cert or args.key or args.server_name:
+        parser.error("--cert, --key and --server-name need --ca")
+    return None
 
 
 def client_context(envoy: EnvoyTlsSettings) -> ssl.SSLContext:

@@ -76,6 +76,10 @@ def test_mtls_routes_refuses_clients_without_a_certificate_and_rotates(make_stac
              "--ca", envoy_side.ca, "--server-name", SERVER_NAME]
     assert subprocess.run(probe + ["--cert", envoy_side.cert, "--key", envoy_side.key], timeout=30).returncode == 0
     assert subprocess.run(probe, capture_output=True, timeout=30).returncode == 1
+    explained = subprocess.run([sys.executable, "-m", "extproc", "explain", "--limit", "1", "--json", "--server",
+                                f"127.0.0.1:{stack.grpc_port}", *probe[5:], "--cert", envoy_side.cert, "--key",
+                                envoy_side.key], capture_output=True, text=True, timeout=60)
+    assert explained.returncode == 0 and '"pool"' in explained.stdout, explained.stderr[-2000:]
     assert not grpc_serving(f"127.0.0.1:{stack.grpc_port}", 2.0, no_cert)
     assert _check_port_answer(stack.http_port, client_context(envoy_side))[1].startswith(b"HTTP/1.1 200")
     with pytest.raises((ssl.SSLError, ConnectionError)):
