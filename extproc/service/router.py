@@ -1,6 +1,12 @@
-"""The router's state between the protocols: pool choice with load-aware spillover, which
-responses to read, in-flight counts per pool, and what a response teaches: its usage, and
-whether its request was misrouted (extproc.budget.response judges; this counts and learns).
+"""The router's state between the protocols: pool choice with load-aware spillover (on the
+pools' own metrics, service/pool_load.py), which responses to read, in-flight counts per pool,
+and what a response teaches: its usage, and whether its request was misrouted
+(extproc.budget.response judges; this counts and learns).
+
+In-flight counts are this replica's own view (requests it sent that have not ended) and steer
+nothing: with several replicas behind one gateway, each sees its share, and with ext_authz
+Envoy's access log of ended requests reaches one replica only. They are shown (the operator
+API, ``extproc_inflight_requests``) as what this replica has outstanding.
 
 Both routing filters call it (service/check.py for ext_authz, service/processor.py for ext_proc);
 it knows no protocol. Runs on the event loop only: nothing here is shared with worker threads.
@@ -29,6 +35,7 @@ from ..budget.response import ResponseFacts, judge
 from ..budget.stream_usage import with_stream_usage
 from ..config import PROVENANCE, ServiceSettings
 from .metrics import Metrics
+from .pool_load import LoadView, PoolReadings
 
 log = logging.getLogger("extproc.service")
 
@@ -60,8 +67,8 @@ class Routed:
 @dataclass(frozen=True, slots=True)
 class PoolLoad:
     pool: Pool
-    in_flight: int
-    spillover_limit: int | None
+    in_flight: int            # this replica's requests there not yet ended
+    load: LoadView | None     # the pool's own load as read from its metrics (None: not read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,10 @@ class Router:
         self.largest = budget.pools[-1].name
         self.inflight = {p.name: 0 for p in budget.pools}
         metrics.watch_inflight(lambda: self.inflight)
+        # the pools' own load (service/pool_load.py fills it); None: spillover off
+        self.readings = PoolReadings(settings.spillover) if settings.spillover.pools else None
+        if self.readings is not None:
+            metrics.watch_pool_load(lambda: [v for p in budget.pools if (v := self.readings.view(p.name))])
         self.pending: OrderedDict[str, _Awaited] = OrderedDict()
         self.open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # checked requests not yet ended
         self._ids = itertools.count(1)
@@ -129,26 +140,39 @@ class Router:
 
     # -- request side --------------------------------------------------------------------------
     def choose(self, d: Decision) -> tuple[str, str | None]:
-        """The pool to send to (spillover applied) and the preferred pool when it spilled."""
+        """The pool to send to (spillover applied) and the preferred pool when it spilled: a
+        request that fits goes to the next larger pool that also holds it when its own pool's
+        fresh reading is over a threshold and that pool's fresh reading is not. A stale or
+        missing reading on either side: it stays (never a guess, never to a pool too small)."""
         if self.s.shadow:
             return self.largest, None
         pool = d.pool
-        limit = self.s.spillover_limit(pool)
-        if limit is None or self.inflight[pool] < limit or d.reason != "fits":
+        readings = self.readings
+        if readings is None or d.reason != "fits" or pool == self.largest:
             return pool, None
+        now = time.monotonic()
+        here = readings.view(pool, now)
+        if here is None or not here.pressured:
+            if here is not None and not here.fresh:
+                self.metrics.child(self.metrics.spill_held, pool, "stale").inc()
+            return pool, None
+        blind = False
         for name in d.fits:  # larger pools that also hold the request, smallest first
             if name == pool:
                 continue
-            other = self.s.spillover_limit(name)
-            if other is None or self.inflight[name] < other:
+            there = readings.view(name, now)
+            if there is not None and there.has_room:
                 return name, pool
-        return pool, None  # every pool that holds it is at its limit: stay (never to one too small)
+            blind = blind or there is None or not there.fresh
+        self.metrics.child(self.metrics.spill_held, pool, "stale" if blind else "no_room").inc()
+        return pool, None
 
     def place(self, explanation: Explanation) -> Placement:
         """A dry run of ``decide`` for an explained body: the pool it would go to now, with the
         load that choice read. Counts nothing and draws no sample."""
         pool, spilled_from = self.choose(explanation.decision)
-        loads = tuple(PoolLoad(p, self.inflight[p.name], self.s.spillover_limit(p.name)) for p in self.pools)
+        r = self.readings
+        loads = tuple(PoolLoad(p, self.inflight[p.name], r.view(p.name) if r else None) for p in self.pools)
         return Placement(explanation, pool, spilled_from, self.s.shadow, loads)
 
     def at_risk(self, d: Decision, pool: str) -> bool:
@@ -240,6 +264,8 @@ class Router:
             self.open[out.decision_id] = (pool, time.monotonic())
             self.expire_open()
         self.inflight[pool] += 1
+        if self.readings is not None:
+            self.readings.sent(pool)
         m.child(m.decisions, pool, d.reason, d.source).inc()
         m.child(m.budget, pool).observe(d.budget_tokens)
         if spilled_from:
