@@ -243,6 +243,8 @@ class PoolLoadReader:
             return [f"http://{e}/metrics" for e in src.endpoints]
         host, _, port = src.dns.rpartition(":")
         task = self._resolving.get(src.dns)
+        if task is not None and task.done() and not task.cancelled():
+            task.exception()  # retrieved: one that failed after a timed-out wait is not "never retrieved"
         if task is None or task.done():  # one resolution at a time per name: a hung resolver cannot pile up
             task = self._resolving[src.dns] = asyncio.create_task(self._resolve(host.strip("[]"), int(port)))
         try:

@@ -140,37 +140,41 @@ class Router:
 
     # -- request side --------------------------------------------------------------------------
     def choose(self, d: Decision) -> tuple[str, str | None]:
-        """The pool to send to (spillover applied) and the preferred pool when it spilled: a
-        request that fits goes to the next larger pool that also holds it when its own pool's
-        fresh reading is over a threshold and that pool's fresh reading is not. A stale or
-        missing reading on either side: it stays (never a guess, never to a pool too small)."""
+        """The pool to send to (spillover applied) and the preferred pool when it spilled."""
+        pool, spilled_from, held = self._spill(d)
+        if held:
+            self.metrics.child(self.metrics.spill_held, pool, held).inc()
+        return pool, spilled_from
+
+    def _spill(self, d: Decision) -> tuple[str, str | None, str | None]:
+        """A request that fits goes to the next larger pool that also holds it when its own
+        pool's fresh reading is over a threshold and that pool's fresh reading is not. A stale or
+        missing reading on either side: it stays (never a guess, never to a pool too small); the
+        third value then says why it was held ("stale" or "no_room")."""
         if self.s.shadow:
-            return self.largest, None
+            return self.largest, None, None
         pool = d.pool
         readings = self.readings
         if readings is None or d.reason != "fits" or pool == self.largest:
-            return pool, None
+            return pool, None, None
         now = time.monotonic()
         here = readings.view(pool, now)
         if here is None or not here.pressured:
-            if here is not None and not here.fresh:
-                self.metrics.child(self.metrics.spill_held, pool, "stale").inc()
-            return pool, None
+            return pool, None, "stale" if here is not None and not here.fresh else None
         blind = False
         for name in d.fits:  # larger pools that also hold the request, smallest first
             if name == pool:
                 continue
             there = readings.view(name, now)
             if there is not None and there.has_room:
-                return name, pool
+                return name, pool, None
             blind = blind or there is None or not there.fresh
-        self.metrics.child(self.metrics.spill_held, pool, "stale" if blind else "no_room").inc()
-        return pool, None
+        return pool, None, "stale" if blind else "no_room"
 
     def place(self, explanation: Explanation) -> Placement:
         """A dry run of ``decide`` for an explained body: the pool it would go to now, with the
         load that choice read. Counts nothing and draws no sample."""
-        pool, spilled_from = self.choose(explanation.decision)
+        pool, spilled_from, _ = self._spill(explanation.decision)
         r = self.readings
         loads = tuple(PoolLoad(p, self.inflight[p.name], r.view(p.name) if r else None) for p in self.pools)
         return Placement(explanation, pool, spilled_from, self.s.shadow, loads)

@@ -189,6 +189,13 @@ def test_explain_shows_the_load_reading():
     assert short["load"]["under_pressure"] and short["load"]["fresh"] and short["load"]["kv_cache_usage"] == 0.25
     assert not long_["load"]["under_pressure"] and long_["load"]["queue_threshold"] == 2
     assert 0 <= short["load"]["load_age_s"] < 1
+    read(r, "short", waiting=15, age=5)
+    placed = r.place(r.budget.explain(b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}'
+                                      % MODEL.encode(), "/v1/chat/completions"))
+    assert placed.pool == "short" and not placed.loads[0].load.fresh
+    assert held(r, "stale") == 0  # a dry run counts nothing
+    r.choose(placed.explanation.decision)
+    assert held(r, "stale") == 1
 
 
 # -- config ------------------------------------------------------------------------------------------
@@ -272,7 +279,7 @@ def test_the_reader_reads_good_pages_and_survives_bad_servers():
         t0 = loop.time()
         reader.start()  # the first round at once, the next one period_s (5 s) later
         try:
-            while len(outcomes) < 6 and loop.time() - t0 < 3:
+            while (len(outcomes) < 6 or None in readings.readings.values()) and loop.time() - t0 < 3:
                 await asyncio.sleep(0.01)
             elapsed = loop.time() - t0
             return readings.view("short"), readings.view("long"), readings, elapsed
