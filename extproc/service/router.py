@@ -145,10 +145,7 @@ class Router:
     # -- request side --------------------------------------------------------------------------
     def choose(self, d: Decision) -> tuple[str, str | None]:
         """The pool to send to (spillover applied) and the preferred pool when it spilled."""
-        pool, spilled_from, held = self._spill(d)
-        if held:
-            self.metrics.child(self.metrics.spill_held, pool, held).inc()
-        return pool, spilled_from
+        return self._spill(d)[:2]
 
     def _spill(self, d: Decision) -> tuple[str, str | None, str | None]:
         """A request that fits goes to the next larger pool that also holds it when its own
@@ -252,23 +249,23 @@ class Router:
             return self._route_offloaded(body, path, may_inject, ended_by_log, client)
         shape = self.budget.read(body, path)
         d, observation = self.budget.decide(shape, by_size=True)
-        pool, spilled_from = self.choose(d)
-        read = self.wants_read(d, pool)
+        choice = self._spill(d)
+        read = self.wants_read(d, choice[0])
         if read and d.source == "bound":
             d, observation = self.budget.decide(shape)
-            pool, spilled_from = self.choose(d)
-        return self._record(d, observation, pool, spilled_from, read, body, may_inject, ended_by_log, client)
+            choice = self._spill(d)
+        return self._record(d, observation, choice, read, body, may_inject, ended_by_log, client)
 
     async def _route_offloaded(self, body: bytes, path: str, may_inject: bool, ended_by_log: bool,
                                client: str | None) -> Routed:
         """``route`` for a large body: the pure core in a worker thread, the accounting here."""
         shape, (d, observation) = await asyncio.to_thread(self._read_and_decide, body, path)
-        pool, spilled_from = self.choose(d)
-        read = self.wants_read(d, pool)
+        choice = self._spill(d)
+        read = self.wants_read(d, choice[0])
         if read and d.source == "bound":
             d, observation = await asyncio.to_thread(self.budget.decide, shape)
-            pool, spilled_from = self.choose(d)
-        return self._record(d, observation, pool, spilled_from, read, body, may_inject, ended_by_log, client)
+            choice = self._spill(d)
+        return self._record(d, observation, choice, read, body, may_inject, ended_by_log, client)
 
     def _read_and_decide(self, body: bytes, path: str) -> tuple[RequestShape, tuple[Decision, Observation | None]]:
         shape = self.budget.read(body, path)
@@ -283,10 +280,11 @@ class Router:
             explanation = self.budget.explain(body, path)
         return self.place(explanation)
 
-    def _record(self, d: Decision, observation: Observation | None, pool: str, spilled_from: str | None,
+    def _record(self, d: Decision, observation: Observation | None, choice: tuple[str, str | None, str | None],
                 read: bool, body: bytes, may_inject: bool, ended_by_log: bool, client: str | None) -> Routed:
-        """Reads and accounting for a decision. Runs on the event loop only: in-flight counts and
-        the id tables are not shared with worker threads."""
+        """Reads and accounting for a decision (``choice``: what ``_spill`` chose). Runs on the
+        event loop only: in-flight counts and the id tables are not shared with worker threads."""
+        pool, spilled_from, held = choice
         out = Routed(d, pool, spilled_from, observation=observation, client=client)
         if read:
             if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
@@ -308,7 +306,9 @@ class Router:
         m.child(m.decisions, pool, d.reason, d.source).inc()
         m.child(m.budget, pool).observe(d.budget_tokens)
         if spilled_from:
-            m.spillovers.labels(spilled_from, pool).inc()
+            m.child(m.spillovers, spilled_from, pool).inc()
+        elif held:
+            m.child(m.spill_held, pool, held).inc()
         return out
 
     def _new_id(self) -> str:

@@ -1,5 +1,5 @@
 """The pools' load from their vLLM metrics pages (service/pool_load.py) and the spill decision on
-it (Router.choose): the page parser against real and hostile pages, the reader against real HTTP
+it (Router.choose, counted by Router.route): the page parser against real and hostile pages, the reader against real HTTP
 servers on loopback (slow, huge, endless, lying), and the decision against readings."""
 
 from __future__ import annotations
@@ -114,9 +114,17 @@ def held(r: Router, why: str) -> float:
     return r.metrics.registry.get_sample_value("extproc_spillover_held_total", {"pool": "short", "why": why}) or 0
 
 
+SHORT = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}' % MODEL.encode()
+
+
 def short_request(r: Router):
-    return r.budget.decide(r.budget.read(b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}],'
-                                         b' "max_tokens": 8}' % MODEL.encode(), "/v1/chat/completions"))[0]
+    return r.budget.decide(r.budget.read(SHORT, "/v1/chat/completions"))[0]
+
+
+def send(r: Router) -> tuple[str, str | None]:
+    """Route the short request through the router's door (counted: sends, spills, holds)."""
+    routed = r.route(SHORT, "/v1/chat/completions")
+    return routed.pool, routed.spilled_from
 
 
 def long_request(r: Router):
@@ -143,12 +151,13 @@ def test_no_spill_on_stale_readings_or_when_the_larger_pool_is_full():
     d = short_request(r)
     read(r, "short", waiting=50)
     read(r, "long", waiting=0, age=1.5)                           # the target's reading is stale
-    assert r.choose(d) == ("short", None) and held(r, "stale") == 1
+    assert send(r) == ("short", None) and held(r, "stale") == 1
     read(r, "long", waiting=3)                                    # fresh, over its own threshold of 2
-    assert r.choose(d) == ("short", None) and held(r, "no_room") == 1
+    assert send(r) == ("short", None) and held(r, "no_room") == 1
     read(r, "long", waiting=0)
     read(r, "short", waiting=50, age=1.5)                         # the source's reading is stale
-    assert r.choose(d) == ("short", None) and held(r, "stale") == 2
+    assert send(r) == ("short", None) and held(r, "stale") == 2
+    assert r.choose(d) == ("short", None) and held(r, "stale") == 2  # choose alone counts nothing
 
 
 def test_never_to_a_pool_too_small():
@@ -165,7 +174,7 @@ def test_requests_sent_since_the_read_count_as_queued():
     d = short_request(r)
     read(r, "short", waiting=3)
     read(r, "long", waiting=0)
-    routed = [r.record(d, None, b"{}").pool for _ in range(5)]
+    routed = [send(r)[0] for _ in range(5)]
     # short: 3 waiting + 1 sent = 4 (not over its 4); + 2 sent = 5: spill. long: 0, 1, 2 queued
     # per instance (not over its 2) take one each; with 3 queued it is over: the next one stays.
     assert routed == ["short", "short", "long", "long", "long"]
@@ -194,8 +203,7 @@ def test_explain_shows_the_load_reading():
                                       % MODEL.encode(), "/v1/chat/completions"))
     assert placed.pool == "short" and not placed.loads[0].load.fresh
     assert held(r, "stale") == 0  # a dry run counts nothing
-    r.choose(placed.explanation.decision)
-    assert held(r, "stale") == 1
+    assert send(r) == ("short", None) and held(r, "stale") == 1
 
 
 # -- config ------------------------------------------------------------------------------------------
