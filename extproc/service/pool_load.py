@@ -185,7 +185,7 @@ class PoolLoadReader:
         self._failing: set[str] = set()   # pools whose last read failed: logged once per failure spell
 
     def start(self) -> None:
-        import aiohttp
+        import aiohttp  # here: only a router that reads pools pays for the import
 
         timeout = aiohttp.ClientTimeout(total=self.s.timeout_s)
         connector = aiohttp.TCPConnector(limit=MAX_CONCURRENT_READS, ttl_dns_cache=None, use_dns_cache=False)
