@@ -34,6 +34,7 @@ from ..config import Config
 from .check import CheckServer
 from .metrics import Metrics
 from .operator import add_to_server as add_operator_api
+from .pool_load import PoolLoadReader
 from .processor import ExtProcServicer, RequestEndsServicer
 from .router import Router
 
@@ -221,6 +222,7 @@ class Service:
         self.check: CheckServer | None = None
         self._snapshot_task: asyncio.Task | None = None
         self._metrics_server: MetricsServer | None = None
+        self.pool_load: PoolLoadReader | None = None  # reads the pools' metrics for spillover
         self.tracker = RequestTracker()
         self.hurry = asyncio.Event()  # set (a second signal): stop waiting for in-flight requests
 
@@ -266,6 +268,10 @@ class Service:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.snapshot_path:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop())
+        if self.router.readings is not None:
+            m = self.metrics
+            self.pool_load = PoolLoadReader(self.router.readings, lambda p, o: m.child(m.pool_reads, p, o).inc())
+            self.pool_load.start()
         log.info("serving ext_proc on %s (port %d)%s, metrics on %s, pools %s, operator API %s%s",
                  grpc_address or s.grpc_address, self.port,
                  f", ext_authz checks on port {self.check.port}" if self.check else "", maddr or "-",
@@ -304,6 +310,8 @@ class Service:
                 pass
         grace = s.grace_period_s if grace is None else grace
         await asyncio.gather(self._stop_grpc(grace), self._stop_check(grace))
+        if self.pool_load is not None:  # after the drain: checks still answered keep spilling right
+            await self.pool_load.stop()
         log.info("stopped after %.2fs", time.monotonic() - t0)
         if s.snapshot_path:
             try:
