@@ -28,6 +28,32 @@ OPERATOR_API_MODES = ("read_only", "read_write", "off")
 PROVENANCE = ("budget", "estimate", "source", "reason", "read", "decision", "shadow", "spilled")
 
 
+@dataclass(frozen=True)
+class PoolMetrics:
+    """Where one pool's vLLM ``/metrics`` pages are read (service/pool_load.py) and when the pool
+    counts as under pressure. ``endpoints``: fixed ``host:port`` instances; ``dns``: a
+    ``name:port`` whose A/AAAA records are the pool's pods (a headless Service), re-resolved every
+    period. One of the two is set."""
+    pool: str
+    endpoints: tuple[str, ...] = ()
+    dns: str | None = None
+    queue_per_instance: float = 5.0   # waiting requests per vLLM engine above which the pool is under pressure
+    kv_cache: float = 0.8             # mean KV-cache use (0..1) above which it is (GIE's saturation defaults)
+
+
+@dataclass(frozen=True)
+class SpilloverSettings:
+    """Load-aware spillover from the pools' own metrics; no pools: off."""
+    pools: tuple[PoolMetrics, ...] = ()
+    period_s: float = 0.25            # how often every pool is read
+    timeout_s: float = 0.2            # one page's read, connection included
+    stale_s: float = 1.0              # a reading older than this is no reading: no spill
+    max_page_bytes: int = 1 << 20     # a real vLLM page is ~70 KB
+
+    def of(self, pool: str) -> PoolMetrics | None:
+        return next((m for m in self.pools if m.pool == pool), None)
+
+
 class ConfigError(ValueError):
     """An invalid config: ``field`` is the dotted path, ``reason`` what is wrong with it."""
 
@@ -72,7 +98,7 @@ class ServiceSettings:
     pool_header: str = "x-token-pool"
     header_prefix: str = "x-token-"       # provenance headers: <prefix>budget, estimate, source, reason…
     shadow: bool = False                  # decide and export, but always route to the largest pool
-    spillover: tuple[tuple[str, int], ...] = ()  # (pool, in-flight limit): above it, a larger pool that fits
+    spillover: SpilloverSettings = SpilloverSettings()  # from the pools' own load (service/pool_load.py)
     usage_sample_rate: float = 0.1        # share of responses read for usage once a model is calibrated
     usage_samples_per_s: float = 20.0     # ... and at most this many a second (each read costs a gRPC stream)
     calibration_samples: int = 50         # read every response until a model has this many samples
@@ -95,9 +121,6 @@ class ServiceSettings:
     client_trusted_hops: int = 0          # trusted proxies in front of Envoy (their x-forwarded-for entries are skipped)
     tls: TlsSettings | None = None        # TLS (and mTLS) on the gRPC and check ports; None: plaintext
     config_reload_s: float = 10.0         # the config file is checked for a change this often (0: SIGHUP only)
-
-    def spillover_limit(self, pool: str) -> int | None:
-        return dict(self.spillover).get(pool)
 
     def provenance_header(self, name: str) -> str:
         return f"{self.header_prefix}{name}"
@@ -301,6 +324,74 @@ def _snapshot(svc: Mapping, default: str | None) -> str | None:
     return value
 
 
+_SPILL_FIELDS = {"pools", "period_s", "timeout_s", "stale_s", "max_page_bytes"}
+_SPILL_POOL_FIELDS = {"endpoints", "dns", "queue_per_instance", "kv_cache"}
+MAX_POOL_ENDPOINTS = 256
+
+
+def _host_port(value, path: str) -> str:
+    host, sep, port = str(value).rpartition(":") if isinstance(value, str) else ("", "", "")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not bare or not port.isdigit() or not 0 < int(port) < 65536 or \
+            not all(c.isalnum() or c in "-._:" for c in bare) or (":" in bare and bare == host):
+        raise ConfigError(path, f"must be host:port (an IPv6 address in brackets), got {value!r}")
+    return value
+
+
+def _spillover(doc: Mapping, pools: tuple[Pool, ...]) -> SpilloverSettings:
+    """``service.spillover``: ``{pools: {name: {endpoints: [host:port] | dns: name:port,
+    queue_per_instance, kv_cache}}, period_s, timeout_s, stale_s, max_page_bytes}``; ``{}`` is off."""
+    path = "service.spillover."
+    names = [p.name for p in pools]
+    for key, value in doc.items():
+        if key not in _SPILL_FIELDS and type(value) is int:
+            raise ConfigError(f"{path}{key}", "the in-flight limit form (pool: N) is gone: in-flight counts are "
+                              "one replica's view. Spillover reads the pools' own vLLM metrics now: "
+                              f"{path}pools.{key}: {{dns: name:port | endpoints: [host:port], "
+                              "queue_per_instance: N, kv_cache: 0.9}")
+    _check_keys(doc, _SPILL_FIELDS, path)
+    d = SpilloverSettings()
+
+    def num(key: str, default: float, lo: float, hi: float) -> float:
+        value = doc.get(key, default)
+        if type(value) not in (int, float) or not lo <= value <= hi:
+            raise ConfigError(f"{path}{key}", f"must be a number between {lo} and {hi}, got {value!r}")
+        return float(value)
+    out = []
+    for name, raw in _mapping(doc, "pools", path).items():
+        at = f"{path}pools.{name}"
+        if name not in names:
+            raise ConfigError(at, f"no such pool (pools: {', '.join(names)})")
+        if not isinstance(raw, Mapping):
+            raise ConfigError(at, "must be a mapping with endpoints or dns, and the thresholds")
+        _check_keys(raw, _SPILL_POOL_FIELDS, at + ".")
+        if ("endpoints" in raw) == ("dns" in raw):
+            raise ConfigError(at, "needs exactly one of endpoints (a list of host:port) and dns (name:port)")
+        endpoints = raw.get("endpoints", [])
+        if not isinstance(endpoints, list) or "endpoints" in raw and not 0 < len(endpoints) <= MAX_POOL_ENDPOINTS:
+            raise ConfigError(f"{at}.endpoints", f"must be a list of 1 to {MAX_POOL_ENDPOINTS} host:port")
+        eps = tuple(_host_port(e, f"{at}.endpoints[{i}]") for i, e in enumerate(endpoints))
+        dns = _host_port(raw["dns"], f"{at}.dns") if "dns" in raw else None
+        q = raw.get("queue_per_instance", PoolMetrics.queue_per_instance)
+        if type(q) not in (int, float) or not 0 <= q <= 1e6:
+            raise ConfigError(f"{at}.queue_per_instance", f"must be a number between 0 and 1e6, got {q!r}")
+        kv = raw.get("kv_cache", PoolMetrics.kv_cache)
+        if type(kv) not in (int, float) or not 0 < kv <= 1:
+            raise ConfigError(f"{at}.kv_cache", f"must be a share of the KV cache in (0, 1], got {kv!r}")
+        out.append(PoolMetrics(name, eps, dns, float(q), float(kv)))
+    if len(out) == 1:
+        raise ConfigError(f"{path}pools", "spillover reads the pool it spills from and a larger one it spills to: "
+                          "give at least two pools")
+    out.sort(key=lambda m: names.index(m.pool))
+    period = num("period_s", d.period_s, 0.05, 60.0)
+    timeout = num("timeout_s", d.timeout_s, 0.01, 60.0)
+    stale = num("stale_s", d.stale_s, 0.1, 600.0)
+    if stale < period:
+        raise ConfigError(f"{path}stale_s", f"must be at least period_s ({period:g}): every reading would be stale")
+    return SpilloverSettings(tuple(out), period, timeout, stale,
+                             _int(doc, "max_page_bytes", path, d.max_page_bytes, lo=4096, hi=64 << 20))
+
+
 def _service(doc: Mapping, pools: tuple[Pool, ...], default_snapshot: str | None = None) -> ServiceSettings:
     svc = _mapping(doc, "service", "")
     d = ServiceSettings()
@@ -309,13 +400,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...], default_snapshot: str | None
         if type(svc.get(flag, False)) is not bool:
             raise ConfigError(f"service.{flag}", f"must be true or false, got {svc.get(flag)!r}")
     shadow = svc.get("shadow", d.shadow)
-    spill = _mapping(svc, "spillover", "service.")
-    names = {p.name for p in pools}
-    for name, limit in spill.items():
-        if name not in names:
-            raise ConfigError(f"service.spillover.{name}", f"no such pool (pools: {', '.join(sorted(names))})")
-        if type(limit) is not int or limit < 1:
-            raise ConfigError(f"service.spillover.{name}", f"must be a positive in-flight limit, got {limit!r}")
+    spill = _spillover(_mapping(svc, "spillover", "service."), pools)
     snapshot = _snapshot(svc, default_snapshot)
     pool_header = _header(svc, "pool_header", d.pool_header)
     if pool_header in _RESERVED_HEADERS:
@@ -353,7 +438,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...], default_snapshot: str | None
         pool_header=pool_header,
         header_prefix=prefix,
         shadow=shadow,
-        spillover=tuple((str(k), int(v)) for k, v in spill.items()),
+        spillover=spill,
         usage_sample_rate=_number(svc, "usage_sample_rate", d.usage_sample_rate, 0.0, 1.0),
         usage_samples_per_s=_number(svc, "usage_samples_per_s", d.usage_samples_per_s, 0.0, 1e6),
         calibration_samples=_int(svc, "calibration_samples", "service.", d.calibration_samples),

@@ -25,13 +25,16 @@ def test_file_and_environment_overrides(tmp_path):
     path.write_text(yaml.safe_dump({
         "pools": [{"name": "big", "max_context": 131072}, {"name": "tiny", "max_context": 4096}],
         "output_reserve": {"default_tokens": 512},
-        "service": {"spillover": {"tiny": 8}, "routing_filter": "ext_proc"},
+        "service": {"spillover": {"pools": {"tiny": {"endpoints": ["127.0.0.1:8001"], "queue_per_instance": 8},
+                                            "big": {"dns": "big-pods:8000"}}},
+                    "routing_filter": "ext_proc"},
     }))
     cfg = load_config(str(path), {"EXTPROC_SERVICE__SHADOW": "true", "EXTPROC_OUTPUT_RESERVE__DEFAULT_TOKENS": "2048",
                                   "EXTPROC_ESTIMATOR__KIND": "paper-ema", "UNRELATED": "x"})
     assert [p.name for p in cfg.budget.pools] == ["tiny", "big"]  # ordered by capacity
     assert cfg.budget.default_output_tokens == 2048 and cfg.budget.estimator == "paper-ema"
-    assert cfg.service.shadow is True and cfg.service.spillover_limit("tiny") == 8
+    assert cfg.service.shadow is True and cfg.service.spillover.of("tiny").queue_per_instance == 8
+    assert [m.pool for m in cfg.service.spillover.pools] == ["tiny", "big"]
     router = BudgetRouter(cfg.budget)
     assert router.route(b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5000}').pool == "big"
 
@@ -114,7 +117,7 @@ def test_check_config_command_exit_codes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "extproc", "check-config", str(bad)], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2
-    assert "service.spillover.tiny: no such pool" in out.stderr
+    assert "service.spillover.tiny: the in-flight limit form (pool: N) is gone" in out.stderr
 
 
 def test_explain_runs_on_the_bundled_sample(tmp_path):
@@ -126,7 +129,7 @@ def test_explain_runs_on_the_bundled_sample(tmp_path):
 
 def test_the_shipped_compose_config_is_valid():
     cfg = load_config(str(pathlib.Path(__file__).resolve().parents[1] / "config" / "router.yaml"), {})
-    assert cfg.service.spillover_limit("short") == 96 and cfg.service.routing_filter == "ext_authz"
+    assert cfg.service.spillover.of("short").dns == "pool-short:8000" and cfg.service.routing_filter == "ext_authz"
 
 
 def test_learning_guards_and_client_identity_are_configured_together():

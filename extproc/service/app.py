@@ -34,6 +34,7 @@ from ..config import Config
 from .check import CheckServer
 from .metrics import Metrics
 from .operator import add_to_server as add_operator_api
+from .pool_load import PoolLoadReader
 from .processor import ExtProcServicer, RequestEndsServicer
 from .reload import ConfigReloader
 from .router import Router
@@ -230,11 +231,13 @@ class Service:
         self.ext_proc = ExtProcServicer(self.router)
         self.tls: TlsFiles | None = None
         self._watchers: list[asyncio.Task] = []  # the TLS files' and the config file's polls
+        self._retired: list[asyncio.Task] = []   # readers a reload replaced, stopping
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.check: CheckServer | None = None
         self._snapshot_task: asyncio.Task | None = None
         self._metrics_server: MetricsServer | None = None
+        self.pool_load: PoolLoadReader | None = None  # reads the pools' metrics for spillover
         self.tracker = RequestTracker()
         self.hurry = asyncio.Event()  # set (a second signal): stop waiting for in-flight requests
 
@@ -288,12 +291,19 @@ class Service:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop())
         if self.tls is not None:
             self.watch(self.tls.poll, lambda: s.tls.reload_s)
+        if self.router.readings is not None:
+            self._start_pool_load()
         log.info("serving ext_proc on %s (port %d)%s%s, metrics on %s, pools %s, operator API %s%s",
                  grpc_address or s.grpc_address, self.port,
                  f" over {'mTLS' if self.tls.mutual else 'TLS'}" if self.tls else "",
                  f", ext_authz checks on port {self.check.port}" if self.check else "", maddr or "-",
                  ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools), s.operator_api,
                  " [shadow]" if s.shadow else "")
+
+    def _start_pool_load(self) -> None:
+        m = self.metrics
+        self.pool_load = PoolLoadReader(self.router.readings, lambda p, o: m.child(m.pool_reads, p, o).inc())
+        self.pool_load.start()
 
     def watch(self, poll, period_s) -> None:
         """Call ``poll()`` every ``period_s()`` seconds until the stop (read each time: a reload may
@@ -313,10 +323,16 @@ class Service:
     def apply_config(self, config: Config) -> None:
         """Install a reloaded config (service/reload.py has refused it if any field needs a
         restart). The calibration, in-flight counts and awaited responses stay."""
+        readings = self.router.readings
         self.budget.reconfigure(config.budget)
         self.router.reconfigure(config.service)
         self.ext_proc.refresh()
         self.config = config
+        if self.router.readings is not readings and self.pool_load is not None:  # spillover changed
+            self._retired = [t for t in self._retired if not t.done()] + [asyncio.create_task(self.pool_load.stop())]
+            self.pool_load = None
+        if self.router.readings is not None and self.pool_load is None and self.server is not None:
+            self._start_pool_load()
 
     def reloader(self, path: str | None, load) -> ConfigReloader:
         """Reloads of ``load()`` (the config as ``serve`` loads it) into this service."""
@@ -357,6 +373,9 @@ class Service:
                 pass
         grace = s.grace_period_s if grace is None else grace
         await asyncio.gather(self._stop_grpc(grace), self._stop_check(grace))
+        if self.pool_load is not None:  # after the drain: checks still answered keep spilling right
+            await self.pool_load.stop()
+        await asyncio.gather(*self._retired, return_exceptions=True)
         log.info("stopped after %.2fs", time.monotonic() - t0)
         if s.snapshot_path:
             try:

@@ -7,8 +7,8 @@ upstream request (``allowed_upstream_headers``) before clearing the route cache.
 one response on a kept-alive connection, instead of a gRPC stream with two round trips: measured
 here about 5x less router CPU than the ext_proc stream (benchmarks/overhead.py).
 
-What it cannot do is see the request end, so in-flight counts (spillover) and include_usage
-injection need the ext_proc routing filter (``service.routing_filter: ext_proc``). The usage filter
+What it cannot do is see the request end (Envoy's access-log stream tells the in-flight counts),
+so include_usage injection needs the ext_proc routing filter (``service.routing_filter: ext_proc``). The usage filter
 (ext_proc, observability mode, only requests whose response is read) is the same for both.
 
 Who sent a request is read from the headers Envoy forwards with the check (``Router.client_of``:

@@ -5,7 +5,7 @@ One ext_proc ``Process`` method serves both ext_proc filters (see envoy_config.p
 * the routing filter's stream (``service.routing_filter: ext_proc``) — request headers, then the BUFFERED body; the body response sets
   the pool header and provenance headers, clears the route cache and emits dynamic metadata.
   The stream lives until Envoy finishes the HTTP request, so its end is the request's end:
-  that is where in-flight counts per pool go down (load-aware spillover needs them);
+  that is where in-flight counts per pool go down;
 * the usage filter's stream (``observability_mode``: Envoy does not wait for us) — only for
   requests the routing side marked for reading; it feeds the response's status, content type
   and bytes to the core's ``ResponseReader`` and hands the facts to ``Router.response_read``.

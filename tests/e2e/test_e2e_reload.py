@@ -10,8 +10,10 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import yaml
@@ -106,7 +108,42 @@ def serve(tmp_path):
             s.stop()
 
 
-def test_sighup_applies_pools_and_spillover_to_the_next_request(serve):
+class MetricsPage:
+    """A real HTTP server on loopback serving a vLLM /metrics page with ``waiting`` queued requests."""
+
+    def __init__(self, waiting: int) -> None:
+        body = (f'vllm:num_requests_waiting{{engine="0"}} {waiting}\n'
+                f'vllm:num_requests_running{{engine="0"}} 1\nvllm:kv_cache_usage_perc{{engine="0"}} 0.1\n').encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:
+                pass
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def pages():
+    busy, idle = MetricsPage(waiting=50), MetricsPage(waiting=0)
+    try:
+        yield busy, idle
+    finally:
+        busy.close()
+        idle.close()
+
+
+def test_sighup_applies_pools_and_spillover_to_the_next_request(serve, pages):
     served = serve()
     assert served.check()["x-token-pool"] == "short"
     served.write(pools=[{"name": "small", "max_context": 2048}, {"name": "big", "max_context": 65536}])
@@ -114,13 +151,25 @@ def test_sighup_applies_pools_and_spillover_to_the_next_request(serve):
     served.wait_reloads("applied", 1)
     assert served.check()["x-token-pool"] == "big"
     tiny = json.dumps({"model": DEFAULT_MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}).encode()
-    assert served.check(tiny)["x-token-pool"] == "small"  # checked, its end never logged: still in flight
-    served.write(service__spillover={"small": 1})
+    assert served.check(tiny)["x-token-pool"] == "small"
+
+    busy, idle = pages  # spillover turned on: the small pool's page shows a long queue
+    served.write(service__spillover={"pools": {"small": {"endpoints": [busy.address], "queue_per_instance": 4},
+                                               "big": {"endpoints": [idle.address]}}})
     served.hup()
     served.wait_reloads("applied", 2)
-    spilled = served.check(tiny)
-    assert spilled["x-token-pool"] == "big" and spilled["x-token-spilled"] == "small"  # the in-flight count stayed
-    assert "config reloaded (SIGHUP)" in served.log.read_text() and "service.spillover" in served.log.read_text()
+    deadline = time.monotonic() + 10
+    while (answer := served.check(tiny))["x-token-pool"] != "big":  # once the new reader has read the pages
+        assert time.monotonic() < deadline, f"no spill 10 s after the reload: {answer}"
+        time.sleep(0.1)
+    assert answer["x-token-spilled"] == "small"
+    log = served.log.read_text()
+    assert "config reloaded (SIGHUP)" in log and "service.spillover" in log
+
+    served.write(service__spillover={})  # and off again
+    served.hup()
+    served.wait_reloads("applied", 3)
+    assert served.check(tiny)["x-token-pool"] == "small"
 
 
 def test_a_changed_file_is_picked_up_without_a_signal(serve):

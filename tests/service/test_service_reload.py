@@ -18,11 +18,11 @@ TWO = [{"name": "short", "max_context": 8192}, {"name": "long", "max_context": 6
 def test_changed_fields_name_every_leaf_that_differs_and_nothing_else():
     old = parse_config({"service": {"tls": {"cert": "a.crt", "key": "a.key"}}})
     new = parse_config({"pools": [{"name": "s", "max_context": 4096}, TWO[1]],
-                        "service": {"tls": {"cert": "b.crt", "key": "a.key"}, "spillover": {"s": 8}}})
-    assert sorted(changed_fields(old, new)) == ["budget.pools", "service.spillover", "service.tls.cert"]
+                        "service": {"tls": {"cert": "b.crt", "key": "a.key"}, "usage_sample_rate": 0.5}})
+    assert sorted(changed_fields(old, new)) == ["budget.pools", "service.tls.cert", "service.usage_sample_rate"]
     assert changed_fields(old, old) == []
     assert restart_reason("service.tls.cert") == RESTART_ONLY["service.tls"]
-    assert restart_reason("service.spillover") is None and restart_reason("budget.pools") is None
+    assert restart_reason("service.spillover.pools") is None and restart_reason("budget.pools") is None
     plain = parse_config({})
     assert changed_fields(plain, old) == ["service.tls"]  # None against a TlsSettings: one field
 
