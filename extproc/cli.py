@@ -6,12 +6,9 @@ import argparse
 import json
 import pathlib
 import sys
-from importlib import resources
 
 from .config import ConfigError, load_config
-
-SHARED_REQUESTS = pathlib.Path("../shared/data/requests/dev_requests.jsonl")
-
+from .samples import long_requests, request_rows
 
 def _config(path: str | None):
     """The validated config, or exit 2 with the field and the reason."""
@@ -20,45 +17,6 @@ def _config(path: str | None):
     except ConfigError as exc:
         print(f"invalid config: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _request_rows(paths: list[str]) -> tuple[list[dict], str]:
-    """Rows of {path, body, prompt_tokens?} from JSONL files; shared samples, else bundled ones."""
-    if paths:
-        files = [pathlib.Path(p) for p in paths]
-        label = ", ".join(paths)
-    elif SHARED_REQUESTS.exists():
-        files, label = [SHARED_REQUESTS], str(SHARED_REQUESTS)
-    else:
-        files, label = [], "bundled sample (../shared/data absent)"
-    rows = []
-    texts = [f.read_text() for f in files] if files else \
-        [resources.files("extproc.samples").joinpath("requests.jsonl").read_text()]
-    for text in texts:
-        for line in text.splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows.append(row if "body" in row else {"body": row})
-    return rows, label
-
-
-def _long_requests(rows: list[dict], count: int = 4) -> list[dict]:
-    """Long conversations built by stacking the sample prompts, so both pools show up."""
-    texts = [m["content"] for r in rows for m in r["body"].get("messages", [])
-             if isinstance(m.get("content"), str)]
-    if not texts:
-        return []
-    out = []
-    for i in range(count):
-        target = 30_000 * (i + 1)  # ~7K, 15K, 22K, 30K tokens of English text
-        content, k = [], i
-        while sum(map(len, content)) < target:
-            content.append(texts[k % len(texts)])
-            k += 1
-        body = {"model": rows[0]["body"].get("model", "meta-llama/Meta-Llama-3-8B-Instruct"),
-                "messages": [{"role": "user", "content": "\n\n".join(content)}], "max_tokens": 1024}
-        out.append({"body": body})
-    return out
 
 
 def _explain_requests(rows: list[dict]) -> list[tuple[bytes, str, object]]:
@@ -82,8 +40,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print("--server explains with the running router's config and calibration, and never learns: "
               "--config, --calibration and --no-learn apply to a local router only", file=sys.stderr)
         return 2
-    rows, label = _request_rows(args.files)
-    requests = _explain_requests((rows[: args.limit] + _long_requests(rows))[: args.limit])
+    rows, label = request_rows(args.files)
+    requests = _explain_requests((rows[: args.limit] + long_requests(rows))[: args.limit])
     if args.server:
         explainer = RemoteExplainer(args.server)
     else:

@@ -100,15 +100,6 @@ class BudgetRouter:
         self.estimator = estimator or make_estimator(s.estimator, **settings)
         self.guard = LearningGuard(GuardSettings(s.client_share, s.client_window))
 
-    @classmethod
-    def from_config(cls, path: str | None) -> "BudgetRouter":
-        """Built-in defaults with None; else the budget part of a YAML config file."""
-        if path is None:
-            return cls()
-        from ..config import load_config  # the shell reads files; the core stays pure
-
-        return cls(load_config(path).budget)
-
     def family_for(self, model: str) -> Family:
         m = model.lower()
         for needle, family in self.settings.families:

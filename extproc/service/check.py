@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import Callable
+from typing import Awaitable
 
 import httptools
 
@@ -170,27 +170,33 @@ class _CheckProtocol(asyncio.Protocol):
             path = url.decode("latin-1")
             if path.startswith(CHECK_PREFIX):
                 path = path[len(CHECK_PREFIX):]
-            if body is not None and len(body) > self.r.s.offload_bytes:
-                # Keep the loop free for other checks: only the pure estimate runs in a thread.
-                self.working = True
-                self.transport.pause_reading()
-                self.server.busy += 1
-                asyncio.ensure_future(self._answer_offloaded(path, body, keep_alive, client))
-                return
+            t0 = time.perf_counter()
             self.server.busy += 1
             try:
-                self._send(self._decide(path, body, client), keep_alive)
-            finally:
+                # An over-long body is routed as no body at all: unreadable, so the largest pool.
+                routed = self.r.route(body or b"", path, ended_by_log=True, client=client)
+            except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
+                routed = None
+                self._failed()
+            if isinstance(routed, Routed) or routed is None:
                 self.server.busy -= 1
+                self._send(self._answer(routed, t0), keep_alive)
+                continue
+            # it waits (a large body read in a worker thread): answer in order, so read no more meanwhile
+            self.working = True
+            self.transport.pause_reading()
+            asyncio.ensure_future(self._answer_later(routed, keep_alive, t0))
+            return
 
-    async def _answer_offloaded(self, path: str, body: bytes, keep_alive: bool, client: str | None) -> None:
+    async def _answer_later(self, routed: Awaitable[Routed], keep_alive: bool, t0: float) -> None:
         try:
-            t0 = time.perf_counter()
-            # (route_learnable() never raises)
-            d, observation = await asyncio.to_thread(self.r.budget.route_learnable, body, path)
+            try:
+                done: Routed | None = await routed
+            except Exception:  # noqa: BLE001 - as above
+                done = None
+                self._failed()
             if self._open():  # else Envoy gave up (timeout) or went away: nothing would end it
-                self._send(self._answer_or_default(
-                    lambda: self.r.record(d, observation, body, ended_by_log=True, client=client), t0), keep_alive)
+                self._send(self._answer(done, t0), keep_alive)
         finally:
             self.server.busy -= 1
             self.working = False
@@ -198,26 +204,22 @@ class _CheckProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
                 self._answer_queued()
 
-    def _decide(self, path: str, body: bytes | None, client: str | None) -> bytes:
-        # An over-long body is decided on no body at all: unreadable, so the largest pool.
-        return self._answer_or_default(lambda: self.r.decide(body or b"", path, ended_by_log=True, client=client),
-                                       time.perf_counter())
+    def _failed(self) -> None:
+        self.r.metrics.stream_errors.inc()
+        log.exception("check failed")
 
-    def _answer_or_default(self, routed: Callable[[], Routed], t0: float) -> bytes:
-        """The answer for a decision; any failure still answers 200, with no pool header: Envoy's
-        default route, the largest pool."""
-        try:
-            answer = self._answer(routed())
-        except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
-            self.r.metrics.stream_errors.inc()
-            log.exception("check failed")
-            answer = _EMPTY_200
+    def _answer(self, routed: Routed | None, t0: float) -> bytes:
+        """The answer for a decision; a failure (None) still answers 200, with no pool header:
+        Envoy's default route, the largest pool."""
+        answer = _EMPTY_200
+        if routed is not None:
+            try:
+                head = "".join(f"{k}: {v}\r\n" for k, v in self.r.decision_headers(routed))
+                answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + head.encode("latin-1") + b"\r\n"
+            except Exception:  # noqa: BLE001 - as above
+                self._failed()
         self.r.metrics.phase["request_body"].observe(time.perf_counter() - t0)
         return answer
-
-    def _answer(self, routed: Routed) -> bytes:
-        head = "".join(f"{k}: {v}\r\n" for k, v in self.r.decision_headers(routed))
-        return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + head.encode("latin-1") + b"\r\n"
 
     def _send(self, response: bytes, keep_alive: bool) -> None:
         if self.transport is None:

@@ -11,7 +11,6 @@ the same spillover), never a second copy of the logic. The converters here are a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -103,13 +102,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         self.mode = mode  # service.operator_api: read_only or read_write
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
-        r = self.r
-        path = request.path or DEFAULT_PATH
-        if len(request.body) > r.s.offload_bytes:  # as on the request path: large bodies off the loop
-            explanation = await asyncio.to_thread(r.budget.explain, request.body, path)
-        else:
-            explanation = r.budget.explain(request.body, path)
-        return explain_response(r.place(explanation))
+        return explain_response(await self.r.explain(request.body, request.path or DEFAULT_PATH))
 
     async def GetCalibration(self, request: pb.GetCalibrationRequest,
                              context: grpc.aio.ServicerContext) -> pb.Calibration:

@@ -2,8 +2,11 @@
 responses to read, in-flight counts per pool, and what a response teaches: its usage, and
 whether its request was misrouted (extproc.budget.response judges; this counts and learns).
 
-Both routing filters call it (service/check.py for ext_authz, service/processor.py for ext_proc);
-it knows no protocol. Runs on the event loop only: nothing here is shared with worker threads.
+Every protocol routes through its one door, ``Router.route`` (service/check.py for ext_authz,
+service/processor.py for ext_proc, ``Router.explain`` for the operator API), which owns the rules
+every request meets: large bodies read off the loop, the size bound before the estimate, the
+estimate for a request whose response is read. It knows no protocol. Runs on the event loop
+only: nothing here is shared with worker threads (they run only the pure core).
 
 Who sent a request (``client_of``): the configured identity header (``service.client_header``,
 e.g. a hashed API key or a user id a gateway sets), else the address Envoy saw (the last
@@ -14,6 +17,7 @@ core only ever sees a keyed hash of it, and so do the operator API and the logs.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import logging
@@ -22,7 +26,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from ..budget import BudgetRouter, Decision, Explanation, Observation, Pool, RequestShape
 from ..budget.response import ResponseFacts, judge
@@ -145,7 +149,7 @@ class Router:
         return pool, None  # every pool that holds it is at its limit: stay (never to one too small)
 
     def place(self, explanation: Explanation) -> Placement:
-        """A dry run of ``decide`` for an explained body: the pool it would go to now, with the
+        """A dry run of ``route`` for an explained body: the pool it would go to now, with the
         load that choice read. Counts nothing and draws no sample."""
         pool, spilled_from = self.choose(explanation.decision)
         loads = tuple(PoolLoad(p, self.inflight[p.name], self.s.spillover_limit(p.name)) for p in self.pools)
@@ -200,30 +204,61 @@ class Router:
             self._calibrating_checked = now
         return self._calibrating or self._rng.random() < self.s.usage_sample_rate
 
-    def decide(self, body: bytes, path: str, may_inject: bool = False, ended_by_log: bool = False,
-               client: str | None = None) -> Routed:
-        """Route a body: by its size alone when that proves it fits the smallest pool (most
-        requests: no features measured), else by the estimate. ``client``: its sender's hash."""
-        shape = self.budget.read(body, path)
-        d, observation = self.budget.decide(shape, by_size=True)
-        return self.record(d, observation, body, may_inject, ended_by_log, client, shape)
+    # -- the routing door: every protocol routes through here -------------------------------------
+    def route(self, body: bytes, path: str, *, may_inject: bool = False, ended_by_log: bool = False,
+              client: str | None = None) -> Routed | Awaitable[Routed]:
+        """Route a body: a ``Routed`` at once for most requests, or an awaitable of one when the
+        decision must wait — a body above ``offload_bytes`` is read in a worker thread, so that
+        the loop stays free for other requests (if the caller is cancelled meanwhile, nothing
+        was counted). Not a coroutine for the rest: the check endpoint answers on the spot,
+        without a task per request. ``client``: its sender's hash.
 
-    def record(self, d: Decision, observation: Observation | None, body: bytes, may_inject: bool = False,
-               ended_by_log: bool = False, client: str | None = None, shape: RequestShape | None = None) -> Routed:
-        """Pool choice, sampling and accounting for a decision. Runs on the event loop only:
-        in-flight counts and the id tables are not shared with worker threads. ``shape``: the
-        parsed body, when the decision may still need the full estimate (one decided by size).
+        By its size alone when that proves it fits the smallest pool (most requests: no features
+        measured), else by the estimate; a request whose response will be read is decided on the
+        estimate, which is what the calibrator learns from.
 
         The request's end comes back one of two ways: the ext_proc routing stream ends with the
         request (the caller then calls ``finished``), or, for ext_authz checks
         (``ended_by_log``), Envoy's access-log stream names the decision id (``request_ended``)."""
+        if len(body) > self.s.offload_bytes:
+            return self._route_offloaded(body, path, may_inject, ended_by_log, client)
+        shape = self.budget.read(body, path)
+        d, observation = self.budget.decide(shape, by_size=True)
         pool, spilled_from = self.choose(d)
         read = self.wants_read(d, pool)
-        if read and observation is None and shape is not None and d.source == "bound":
-            # its usage will be learned, and the calibrator learns from the estimate: the same
-            # parse, now with its features measured
+        if read and d.source == "bound":
             d, observation = self.budget.decide(shape)
             pool, spilled_from = self.choose(d)
+        return self._record(d, observation, pool, spilled_from, read, body, may_inject, ended_by_log, client)
+
+    async def _route_offloaded(self, body: bytes, path: str, may_inject: bool, ended_by_log: bool,
+                               client: str | None) -> Routed:
+        """``route`` for a large body: the pure core in a worker thread, the accounting here."""
+        shape, (d, observation) = await asyncio.to_thread(self._read_and_decide, body, path)
+        pool, spilled_from = self.choose(d)
+        read = self.wants_read(d, pool)
+        if read and d.source == "bound":
+            d, observation = await asyncio.to_thread(self.budget.decide, shape)
+            pool, spilled_from = self.choose(d)
+        return self._record(d, observation, pool, spilled_from, read, body, may_inject, ended_by_log, client)
+
+    def _read_and_decide(self, body: bytes, path: str) -> tuple[RequestShape, tuple[Decision, Observation | None]]:
+        shape = self.budget.read(body, path)
+        return shape, self.budget.decide(shape, by_size=True)
+
+    async def explain(self, body: bytes, path: str) -> Placement:
+        """What ``route`` would do with a body now, with every number behind it (a dry run:
+        counts nothing, draws no sample); large bodies off the loop, as on the request path."""
+        if len(body) > self.s.offload_bytes:
+            explanation = await asyncio.to_thread(self.budget.explain, body, path)
+        else:
+            explanation = self.budget.explain(body, path)
+        return self.place(explanation)
+
+    def _record(self, d: Decision, observation: Observation | None, pool: str, spilled_from: str | None,
+                read: bool, body: bytes, may_inject: bool, ended_by_log: bool, client: str | None) -> Routed:
+        """Reads and accounting for a decision. Runs on the event loop only: in-flight counts and
+        the id tables are not shared with worker threads."""
         out = Routed(d, pool, spilled_from, observation=observation, client=client)
         if read:
             if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:

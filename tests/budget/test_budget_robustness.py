@@ -18,7 +18,7 @@ PATHS = (CHAT, "/v1/completions", "/v1/responses", "/v1/other", "")
 
 @pytest.fixture(scope="module")
 def router() -> BudgetRouter:
-    return BudgetRouter.from_config(None)
+    return BudgetRouter()
 
 
 def check(router: BudgetRouter, d: Decision) -> Decision:

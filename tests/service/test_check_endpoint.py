@@ -117,7 +117,7 @@ def test_a_failure_inside_the_router_still_answers_200_with_no_pool(monkeypatch)
         async with running() as h:
             def broken(*args, **kwargs):
                 raise RuntimeError("injected fault")
-            monkeypatch.setattr(h.service.router, "record", broken)
+            monkeypatch.setattr(h.service.router, "_record", broken)
             status, hdrs, _ = await _ask(h, _post("/v1/chat/completions", chat("hi")))
             assert status == 200 and "x-token-pool" not in hdrs  # Envoy's default route: the largest pool
             assert h.value("extproc_stream_errors_total") == 1
@@ -282,3 +282,19 @@ def test_an_idle_router_counts_out_lost_ends_too():
             assert h.value("extproc_inflight_requests", pool="short") == 0
             assert h.value("extproc_request_ends_missed_total") == 1
     run(scenario())
+
+
+def test_an_offloaded_body_is_routed_as_any_other_size_bound_first():
+    """One door (Router.route): a body read in a worker thread gets the same decision as on the
+    loop, the size bound included (it used to skip it and go straight to the estimate)."""
+    body = chat("word " * 1200, max_tokens=16)  # 6 KB: the size bound proves it fits 8K
+
+    async def answer(config):
+        async with running(config) as h:
+            _, hdrs, _ = await _ask(h, _post("/v1/chat/completions", body))
+            return hdrs
+
+    on_loop = run(answer({"service": {"calibration_samples": 0, "usage_sample_rate": 0.0}}))
+    offloaded = run(answer({"service": {"calibration_samples": 0, "usage_sample_rate": 0.0, "offload_bytes": 4096}}))
+    assert on_loop["x-token-source"] == offloaded["x-token-source"] == "bound"
+    assert on_loop["x-token-pool"] == offloaded["x-token-pool"] == "short"
