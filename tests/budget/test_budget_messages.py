@@ -37,7 +37,7 @@ def same_features(actual, text: str) -> None:
 
 @pytest.fixture(scope="module")
 def router() -> BudgetRouter:
-    return BudgetRouter.from_config(None)
+    return BudgetRouter()
 
 
 def test_the_path_names_the_api_and_count_tokens_is_no_generation(router):
