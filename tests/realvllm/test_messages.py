@@ -24,7 +24,10 @@ import time
 import uuid
 
 import pytest
-from test_probe_misroutes import _metrics, _misroute_lines, _served_pool, _settled, _stack, _sum, _words
+from test_probe_misroutes import _metrics, _misroute_lines, _served_pool, _settled, _sum, _words
+# the probes' fixtures (module-scoped: this module gets its own stacks): the two real pools, a
+# router that under-estimates on purpose (a fixed 50 bytes a token), and the default router
+from test_probe_misroutes import default_router, pools, underestimating  # noqa: F401
 
 from extproc.budget.response import ResponseReader, read_response
 from extproc.tokens import counter_for
@@ -34,26 +37,6 @@ SHORT, LONG = 8192, 65536
 # (not EXTPROC_-prefixed: the router's config takes those as settings)
 RECORD = os.environ.get("RECORD_VLLM_MESSAGES") == "1"
 CAPTURES = pathlib.Path(__file__).resolve().parents[1] / "budget" / "vllm_messages"
-
-
-@pytest.fixture(scope="module")
-def pools(real_vllm):
-    return real_vllm.servers([("llama3_1", SHORT), ("llama3_1", LONG)])
-
-
-@pytest.fixture(scope="module")
-def underestimating(tmp_path_factory, pools):
-    s = _stack(tmp_path_factory, pools, "messages-under", {"estimator": {"kind": "fixed-ratio",
-                                                                          "settings": {"ratio": 50.0}}})
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def default_router(tmp_path_factory, pools):
-    s = _stack(tmp_path_factory, pools, "messages-default", {})
-    yield s
-    s.stop()
 
 
 def _exchange(port: int, path: str, body: dict, rid: str = "", timeout: float = 300.0):
