@@ -245,3 +245,41 @@ def test_deep_nesting_is_unreadable_not_a_crash(router):
            '"input": {"a": ' + deep + '}}]}]}').encode()
     d = router.route(raw, MESSAGES)
     assert (d.pool, d.reason) == ("long", "unreadable")
+
+
+def test_hypothesis_arbitrary_messages_bodies():
+    """Any JSON in the Messages fields and blocks routes: a decision whose invariants hold, and
+    learning from it never raises."""
+    from test_budget_robustness import check
+
+    hypothesis = pytest.importorskip("hypothesis")
+    st = pytest.importorskip("hypothesis.strategies")
+    router = BudgetRouter()  # its own: this test also observes
+    scalars = st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.text(max_size=30)
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) |
+                          st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=12)
+    kinds = st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking",
+                             "tool_reference", "tool_addition", "document", None, 3])
+    block = st.fixed_dictionaries({"type": kinds}, optional={
+        "text": values, "thinking": values, "name": values, "input": values, "content": values | st.lists(
+            st.fixed_dictionaries({"type": kinds}, optional={"text": values}), max_size=3),
+        "source": values, "tool_use_id": values})
+    content = values | st.lists(block | values, max_size=4)
+    message = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["user", "assistant", "system"]) | values,
+                                                  "content": content})
+    doc = st.fixed_dictionaries({"messages": st.lists(message, max_size=4)}, optional={
+        "system": content, "tools": values | st.lists(values, max_size=3), "max_tokens": values,
+        "output_config": values, "model": values, "chat_template_kwargs": values})
+
+    @hypothesis.settings(max_examples=200, deadline=None, database=None, derandomize=True,
+                         suppress_health_check=list(hypothesis.HealthCheck))
+    @hypothesis.given(doc=doc)
+    def prop(doc):
+        raw = json.dumps(doc).encode()
+        d, obs = router.route_learnable(raw, MESSAGES)
+        check(router, d)
+        assert d.reason in ("fits", "too_large")  # a list of objects is always read
+        check(router, router.route(raw, MESSAGES, by_size=True))
+        router.observe(obs, d.prompt_tokens + 5)
+
+    prop()
