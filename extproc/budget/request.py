@@ -74,7 +74,7 @@ class Prompt:
 
 @dataclass(slots=True)
 class RequestShape:
-    api: str                             # "chat", "completions", "responses", "messages" or "unknown"
+    api: str                             # "chat", "completions", "responses", "messages", "count_tokens", "unknown"
     model: str = ""
     prompts: list[Prompt] = field(default_factory=list)
     output_tokens: int | None = None     # requested output reserve, when the body gives one

@@ -87,3 +87,13 @@ def test_a_messages_body_is_estimated_as_its_chat_completion(underestimating):
     assert (m.fields["budget"], m.decision["estimate"], m.served_by) == \
         (c.fields["budget"], c.decision["estimate"], c.served_by)
     assert m.fields["source"] == c.fields["source"] == "fixed"
+
+
+def test_messages_are_routed_by_either_routing_filter(either_stack):
+    stack = either_stack
+    short, long = rid("msg-either-short"), rid("msg-either-long")
+    assert post(stack, messages_body("Say hi."), short, path=MESSAGES).status == 200
+    assert post(stack, messages_body(real_text(12_000), max_tokens=4), long, path=MESSAGES).status == 200
+    lines = access_line(stack, short), access_line(stack, long)
+    assert [(line.pool, line.served_by) for line in lines] == [("short", "short"), ("long", "long")]
+    assert all(line.fields["reason"] == "fits" for line in lines)

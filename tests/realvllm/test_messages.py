@@ -84,7 +84,8 @@ def _text_of(server, tokens: int) -> list[dict]:
 
 BODIES = {
     "plain": {"messages": [{"role": "user", "content": "Hello, Claude"}]},
-    "system_blocks": {"system": [{"type": "text", "text": "You are terse. "}, {"type": "text", "text": "Answer in French."}],
+    "system_blocks": {"system": [{"type": "text", "text": "You are terse. "},
+                                 {"type": "text", "text": "Answer in French."}],
                       "messages": [{"role": "user", "content": [{"type": "text", "text": "Name a river."}]}]},
     "conversation": {"system": "Be brief.", "messages": [
         {"role": "user", "content": "What is 2+2?"},
