@@ -143,3 +143,12 @@ def test_learning_guards_and_client_identity_are_configured_together():
     assert (router.guard.s.client_share, router.guard.s.window, router.guard.cap) == (0.1, 500, 50)
     assert router.estimator.learns is False and router.estimator.ratio == 3.0
     assert parse_config({}).service.client_header is None  # default: the address Envoy reports
+
+
+def test_the_tools_own_extproc_variables_are_not_settings_and_a_mistyped_section_is_refused():
+    """EXTPROC_REAL_VLLM=0 and kin (the test tier's, the tokenizer cache's) pass through a router
+    started from that environment; a variable shaped like a setting with no such field fails."""
+    doc = apply_env({}, {"EXTPROC_REAL_VLLM": "0", "EXTPROC_TOKENIZER_CACHE": "/tmp/x", "EXTPROC_MEDIA_TOKENS": "9"})
+    assert doc == {"media_tokens": 9}
+    with pytest.raises(ConfigError, match="EXTPROC_SERVCE__SHADOW"):
+        apply_env({}, {"EXTPROC_SERVCE__SHADOW": "true"})
