@@ -497,6 +497,10 @@ def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
         if not path:
             continue
+        if path[0] not in TOP_FIELDS:
+            if len(path) > 1:  # shaped like a setting: a typo must not pass unnoticed
+                raise ConfigError(name, f"no such config field {path[0]!r} (fields: {', '.join(sorted(TOP_FIELDS))})")
+            continue  # EXTPROC_REAL_VLLM and kin: the test tier's and tools' own variables, not settings
         try:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:

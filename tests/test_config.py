@@ -188,3 +188,12 @@ def test_the_readme_config_block_is_the_defaults():
     assert os.path.expanduser(shown) == default_snapshot_path({})
     doc["service"]["snapshot_path"] = os.path.expanduser(shown)
     assert parse_config(doc) == load_config(None, environ={}, default_snapshot=default_snapshot_path({}))
+
+
+def test_the_tools_own_extproc_variables_are_not_settings_and_a_mistyped_section_is_refused():
+    """EXTPROC_REAL_VLLM=0 and kin (the test tier's, the tokenizer cache's) pass through a router
+    started from that environment; a variable shaped like a setting with no such field fails."""
+    doc = apply_env({}, {"EXTPROC_REAL_VLLM": "0", "EXTPROC_TOKENIZER_CACHE": "/tmp/x", "EXTPROC_MEDIA_TOKENS": "9"})
+    assert doc == {"media_tokens": 9}
+    with pytest.raises(ConfigError, match="EXTPROC_SERVCE__SHADOW"):
+        apply_env({}, {"EXTPROC_SERVCE__SHADOW": "true"})

@@ -39,7 +39,7 @@ import yaml
 from ..config import ConfigError, EnvoyTlsSettings, ServiceSettings
 from .check import CHECK_PREFIX, HEALTH_PATH
 
-LLM_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+LLM_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 ROUTE_FILTER = "extproc.route"
 METADATA_NAMESPACE = "extproc.route"  # dynamic metadata the router emits (access logs)
 USAGE_FILTER = "extproc.usage"
