@@ -64,6 +64,29 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class EnvoyTlsSettings:
+    """How Envoy reaches a router serving TLS: paths as Envoy's own filesystem has them (rendered
+    into its clusters by ``extproc envoy-config``; the router never reads them)."""
+
+    ca: str                               # the CA Envoy checks the router's certificate against
+    cert: str | None = None               # Envoy's client certificate and key: needed under mTLS
+    key: str | None = None
+    server_name: str | None = None        # SNI Envoy sends, and the name the router's certificate must carry
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS on the router's gRPC port and check port (service/tls.py). The files are read at start
+    (exist, parse, key matches certificate) and again whenever they change."""
+
+    cert: str                             # PEM certificate chain the router presents
+    key: str                              # its PEM private key
+    client_ca: str | None = None          # set: mTLS, a client must present a certificate this CA signed
+    reload_s: float = 10.0                # how often the files are checked for a change
+    envoy: EnvoyTlsSettings | None = None
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
     grpc_address: str = "127.0.0.1:50051"
     http_address: str = "127.0.0.1:50052"   # the ext_authz HTTP check endpoint (routing_filter: ext_authz)
@@ -96,6 +119,8 @@ class ServiceSettings:
     client_header: str | None = None
     client_hash_key: str | None = None    # the hash's key; unset: a random key per process start
     client_trusted_hops: int = 0          # trusted proxies in front of Envoy (their x-forwarded-for entries are skipped)
+    tls: TlsSettings | None = None        # TLS (and mTLS) on the gRPC and check ports; None: plaintext
+    config_reload_s: float = 10.0         # the config file is checked for a change this often (0: SIGHUP only)
 
     def provenance_header(self, name: str) -> str:
         return f"{self.header_prefix}{name}"
@@ -238,6 +263,67 @@ _RESERVED_HEADERS = frozenset({
     "accept", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-envoy-original-path"})
 
 
+def _path(doc: Mapping, key: str, path: str, required: bool = False) -> str | None:
+    value = doc.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}{key}", f"must be a file path, got {value!r}")
+    return value
+
+
+def _tls(svc: Mapping) -> TlsSettings | None:
+    """``service.tls``: the shape only; the files are read when the router starts (service/tls.py),
+    since a config is also rendered into gateway manifests on machines without them."""
+    if svc.get("tls") is None:
+        return None
+    doc = _mapping(svc, "tls", "service.")
+    _check_keys(doc, {f.name for f in dataclasses.fields(TlsSettings)}, "service.tls.")
+    envoy = None
+    if doc.get("envoy") is not None:
+        e = _mapping(doc, "envoy", "service.tls.")
+        _check_keys(e, {f.name for f in dataclasses.fields(EnvoyTlsSettings)}, "service.tls.envoy.")
+        envoy = EnvoyTlsSettings(ca=_path(e, "ca", "service.tls.envoy.", required=True),
+                                 cert=_path(e, "cert", "service.tls.envoy."), key=_path(e, "key", "service.tls.envoy."),
+                                 server_name=_path(e, "server_name", "service.tls.envoy."))
+        if (envoy.cert is None) != (envoy.key is None):
+            raise ConfigError("service.tls.envoy.cert", "needs service.tls.envoy.key with it (and the key the cert)")
+        if doc.get("client_ca") is not None and envoy.cert is None:
+            raise ConfigError("service.tls.envoy.cert", "needed with service.tls.client_ca: under mTLS Envoy must "
+                              "present a client certificate")
+    reload_s = doc.get("reload_s", TlsSettings.reload_s)
+    if type(reload_s) not in (int, float) or not 0.1 <= reload_s <= 86400:
+        raise ConfigError("service.tls.reload_s", f"must be a number between 0.1 and 86400, got {reload_s!r}")
+    return TlsSettings(cert=_path(doc, "cert", "service.tls.", required=True),
+                       key=_path(doc, "key", "service.tls.", required=True),
+                       client_ca=_path(doc, "client_ca", "service.tls."), reload_s=float(reload_s), envoy=envoy)
+
+
+_SNAPSHOT_OFF = ("", "none", "off")
+
+
+def default_snapshot_path(environ: Mapping[str, str] | None = None) -> str:
+    """Where a bare ``extproc serve`` keeps its calibration: ``$XDG_STATE_HOME/extproc/``, else
+    ``~/.local/state/extproc/`` (the XDG base directory spec's place for state)."""
+    env = os.environ if environ is None else environ
+    state = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "extproc", "calibration.json")
+
+
+def _snapshot(svc: Mapping, default: str | None) -> str | None:
+    """``service.snapshot_path``: a path; ``none``, ``off`` or "" (or YAML null) turn it off; not
+    named at all: ``default`` (``extproc serve`` passes default_snapshot_path(); library users and
+    tests that build configs get none, so nothing writes into a home directory unasked)."""
+    if "snapshot_path" not in svc:
+        return default
+    value = svc["snapshot_path"]
+    if value is None or (isinstance(value, str) and value.strip().lower() in _SNAPSHOT_OFF):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError("service.snapshot_path", f"must be a file path, or none to keep no snapshot, got {value!r}")
+    return value
+
+
 _SPILL_FIELDS = {"pools", "period_s", "timeout_s", "stale_s", "max_page_bytes"}
 _SPILL_POOL_FIELDS = {"endpoints", "dns", "queue_per_instance", "kv_cache"}
 MAX_POOL_ENDPOINTS = 256
@@ -306,7 +392,7 @@ def _spillover(doc: Mapping, pools: tuple[Pool, ...]) -> SpilloverSettings:
                              _int(doc, "max_page_bytes", path, d.max_page_bytes, lo=4096, hi=64 << 20))
 
 
-def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
+def _service(doc: Mapping, pools: tuple[Pool, ...], default_snapshot: str | None = None) -> ServiceSettings:
     svc = _mapping(doc, "service", "")
     d = ServiceSettings()
     _check_keys(svc, {f.name for f in dataclasses.fields(ServiceSettings)}, "service.")
@@ -315,9 +401,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
             raise ConfigError(f"service.{flag}", f"must be true or false, got {svc.get(flag)!r}")
     shadow = svc.get("shadow", d.shadow)
     spill = _spillover(_mapping(svc, "spillover", "service."), pools)
-    snapshot = svc.get("snapshot_path", d.snapshot_path)
-    if snapshot is not None and (not isinstance(snapshot, str) or not snapshot):
-        raise ConfigError("service.snapshot_path", f"must be a file path, got {snapshot!r}")
+    snapshot = _snapshot(svc, default_snapshot)
     pool_header = _header(svc, "pool_header", d.pool_header)
     if pool_header in _RESERVED_HEADERS:
         raise ConfigError("service.pool_header", f"{pool_header!r} is a standard header Envoy would strip from "
@@ -369,10 +453,12 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         client_header=client_header,
         client_hash_key=hash_key,
         client_trusted_hops=_int(svc, "client_trusted_hops", "service.", d.client_trusted_hops, hi=16),
+        tls=_tls(svc),
+        config_reload_s=_number(svc, "config_reload_s", d.config_reload_s, 0.0, 86400.0),
     )
 
 
-def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Config:
+def parse_config(doc: Mapping | None, source: str = "built-in defaults", default_snapshot: str | None = None) -> Config:
     doc = doc or {}
     if not isinstance(doc, Mapping):
         raise ConfigError("(top level)", "must be a mapping")
@@ -399,7 +485,7 @@ def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Conf
         client_share=float(share),
         client_window=_int(learning, "client_window", "learning.", BudgetSettings().client_window, lo=8, hi=100_000),
     )
-    return Config(budget=budget, service=_service(doc, budget.pools), source=source)
+    return Config(budget=budget, service=_service(doc, budget.pools, default_snapshot), source=source)
 
 
 def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
@@ -429,8 +515,10 @@ def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
     return doc
 
 
-def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, overlay the environment, validate. Raises ConfigError naming the field."""
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None,
+                default_snapshot: str | None = None) -> Config:
+    """Read, overlay the environment, validate. Raises ConfigError naming the field.
+    ``default_snapshot``: the snapshot path when neither the file nor the environment names one."""
     doc: Any = {}
     source = "built-in defaults"
     if path is not None:
@@ -445,4 +533,4 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
             raise ConfigError("(top level)", f"{path} must hold a mapping")
         source = path
     doc = apply_env(dict(doc), os.environ if environ is None else environ)
-    return parse_config(doc, source)
+    return parse_config(doc, source, default_snapshot)

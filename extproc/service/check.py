@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import deque
 from typing import Awaitable
@@ -57,11 +58,14 @@ class CheckServer:
         self._sweeper: asyncio.Task | None = None
         self.port: int | None = None
 
-    async def start(self, address: str) -> int:
+    async def start(self, address: str, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``address``; over TLS with ``ssl_context`` (service/tls.py: a new connection
+        gets the certificate current at its handshake)."""
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(lambda: _CheckProtocol(self), host, int(port))
+            self._server = await loop.create_server(lambda: _CheckProtocol(self), host, int(port), ssl=ssl_context,
+                                                    ssl_handshake_timeout=10.0 if ssl_context else None)
         except OSError as exc:
             raise OSError(f"cannot bind the HTTP check address {address}: {exc.strerror}") from None
         self.port = self._server.sockets[0].getsockname()[1]

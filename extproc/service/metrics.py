@@ -48,6 +48,10 @@ class Metrics:
                                    "(counted out of in-flight after service.max_request_s)", registry=r)
         self.stream_errors = Counter("extproc_stream_errors", "ext_proc streams that ended with an error",
                                      registry=r)
+        self.config_reloads = Counter("extproc_config_reloads", "Config reloads by outcome (applied, unchanged, "
+                                      "invalid, restart_required)", ["outcome"], registry=r)
+        self.tls_reloads = Counter("extproc_tls_reloads", "TLS certificate file changes by outcome (reloaded, "
+                                   "invalid: the last good certificate stays)", ["outcome"], registry=r)
         if calibration is not None:
             r.register(_CalibrationCollector(calibration))
         self.phase = {p: self.phase_seconds.labels(p) for p in PHASES}

@@ -89,6 +89,8 @@ class Placement:
 class Router:
     """Decisions, in-flight counts and the decisions awaiting their responses."""
 
+    _removed: frozenset[str] = frozenset()  # pools a reload removed whose requests still run
+
     def __init__(self, budget: BudgetRouter, settings: ServiceSettings, metrics: Metrics) -> None:
         self.budget = budget
         self.s = settings
@@ -99,8 +101,8 @@ class Router:
         metrics.watch_inflight(lambda: self.inflight)
         # the pools' own load (service/pool_load.py fills it); None: spillover off
         self.readings = PoolReadings(settings.spillover) if settings.spillover.pools else None
-        if self.readings is not None:
-            metrics.watch_pool_load(lambda: [v for p in budget.pools if (v := self.readings.view(p.name))])
+        self._load_watched = False
+        self._watch_pool_load()
         self.pending: OrderedDict[str, _Awaited] = OrderedDict()
         self.open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # checked requests not yet ended
         self._ids = itertools.count(1)
@@ -118,6 +120,47 @@ class Router:
         # identities are hashed with a key: stable across restarts and replicas when configured
         self._hash_key = (settings.client_hash_key.encode() if settings.client_hash_key
                           else secrets.token_bytes(16))
+        self._client_header = settings.client_header
+
+    def _watch_pool_load(self) -> None:
+        if self.readings is not None and not self._load_watched:  # once: a reload may turn spillover on
+            self._load_watched = True
+            self.metrics.watch_pool_load(lambda: [] if self.readings is None else
+                                         [v for p in self.pools if (v := self.readings.view(p.name))])
+
+    def _respill(self, spillover) -> None:
+        """New spillover settings (a reload): fresh readings, keeping the last reading of each pool
+        read from the same place (so spillover does not pause for a period)."""
+        old = self.readings
+        self.readings = PoolReadings(spillover) if spillover.pools else None
+        if old is not None and self.readings is not None:
+            for pool, src in self.readings.sources.items():
+                was = old.sources.get(pool)
+                if was is not None and (was.endpoints, was.dns) == (src.endpoints, src.dns):
+                    self.readings.readings[pool] = old.readings[pool]
+                    self.readings.sent_count[pool] = old.sent_count[pool]
+        self._watch_pool_load()
+
+    def reconfigure(self, settings: ServiceSettings) -> None:
+        """A reloaded config (service/reload.py), from the next request on; the budget core has its
+        new pools already. In-flight counts and awaited responses stay: a pool kept keeps its count,
+        a new one starts at 0, a removed one is never chosen again and counts down as its requests
+        end (then it goes). Capacities of removed pools stay for judging their late responses."""
+        if settings.spillover != self.s.spillover:
+            self._respill(settings.spillover)
+        self.s = settings
+        self.pools = self.budget.pools
+        self.largest = self.pools[-1].name
+        current = {p.name for p in self.pools}
+        for name in current:
+            self.inflight.setdefault(name, 0)
+        for name in [n for n, count in self.inflight.items() if n not in current and count <= 0]:
+            del self.inflight[name]
+        self._removed = frozenset(self.inflight) - current
+        old = self._capacity if len(self._capacity) < 64 else {}  # bounded over any number of reloads
+        self._capacity = {**old, **{p.name: p.max_context for p in self.pools}}
+        self.pool_header = settings.pool_header
+        self.h = {name: settings.provenance_header(name) for name in PROVENANCE}
         self._client_header = settings.client_header
 
     # -- who sent it ---------------------------------------------------------------------------
@@ -357,7 +400,13 @@ class Router:
         return fields
 
     def finished(self, pool: str) -> None:
-        self.inflight[pool] -= 1
+        count = self.inflight.get(pool)
+        if count is None:  # a pool a reload removed, already counted out
+            return
+        self.inflight[pool] = count - 1
+        if count == 1 and pool in self._removed:  # a removed pool's last request ended
+            del self.inflight[pool]
+            self._removed -= {pool}
 
     # -- response side -------------------------------------------------------------------------
     def response_read(self, decision_id: str | None, facts: ResponseFacts) -> None:
