@@ -188,8 +188,11 @@ def test_explain_shows_spillover_and_the_load_it_read():
         """A real HTTP server with a vLLM metrics page: the pool's load as the router reads it."""
         body = (f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {waiting}\n'
                 f'vllm:kv_cache_usage_perc{{engine="0",model_name="m"}} 0.5\n').encode()
+        async def page(request: web.Request) -> web.Response:
+            return web.Response(body=body)
+
         app = web.Application()
-        app.router.add_get("/metrics", lambda request: web.Response(body=body))
+        app.router.add_get("/metrics", page)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
