@@ -62,9 +62,9 @@ class Refined:
 
 
 class ExactCounts:
-    def __init__(self, settings: ExactSettings | None = None) -> None:
+    def __init__(self, settings: ExactSettings | None = None, local: LocalCounters | None = None) -> None:
         self.s = s = settings or ExactSettings()
-        self.local = LocalCounters()
+        self.local = local or LocalCounters()  # (a reloaded config keeps the tokenizers loaded)
         p = s.pool
         self.pool = PoolCounter(p.timeout_s, p.max_concurrent, p.max_per_s, p.max_bytes, p.max_response_bytes)
 

@@ -7,8 +7,8 @@ upstream request (``allowed_upstream_headers``) before clearing the route cache.
 one response on a kept-alive connection, instead of a gRPC stream with two round trips: measured
 here about 5x less router CPU than the ext_proc stream (benchmarks/overhead.py).
 
-What it cannot do is see the request end, so in-flight counts (spillover) and include_usage
-injection need the ext_proc routing filter (``service.routing_filter: ext_proc``). The usage filter
+What it cannot do is see the request end (Envoy's access-log stream tells the in-flight counts),
+so include_usage injection needs the ext_proc routing filter (``service.routing_filter: ext_proc``). The usage filter
 (ext_proc, observability mode, only requests whose response is read) is the same for both.
 
 Who sent a request is read from the headers Envoy forwards with the check (``Router.client_of``:
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import deque
 from typing import Awaitable
@@ -57,11 +58,14 @@ class CheckServer:
         self._sweeper: asyncio.Task | None = None
         self.port: int | None = None
 
-    async def start(self, address: str) -> int:
+    async def start(self, address: str, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``address``; over TLS with ``ssl_context`` (service/tls.py: a new connection
+        gets the certificate current at its handshake)."""
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(lambda: _CheckProtocol(self), host, int(port))
+            self._server = await loop.create_server(lambda: _CheckProtocol(self), host, int(port), ssl=ssl_context,
+                                                    ssl_handshake_timeout=10.0 if ssl_context else None)
         except OSError as exc:
             raise OSError(f"cannot bind the HTTP check address {address}: {exc.strerror}") from None
         self.port = self._server.sockets[0].getsockname()[1]

@@ -48,8 +48,14 @@ def explain_response(placed: Placement) -> pb.ExplainResponse:
     for load in placed.loads:
         state = resp.pools.add(name=load.pool.name, max_context=load.pool.max_context,
                                holds=load.pool.name in d.fits, in_flight=load.in_flight)
-        if load.spillover_limit is not None:
-            state.spillover_limit = load.spillover_limit
+        v = load.load
+        if v is not None:
+            state.instances, state.fresh, state.under_pressure = v.instances, v.fresh, v.pressured
+            state.queue_threshold, state.kv_cache_threshold = v.queue_threshold, v.kv_threshold
+            if v.age_s is not None:
+                state.queue_per_instance, state.load_age_s = v.queue_per_instance, v.age_s
+            if v.kv_cache is not None:
+                state.kv_cache_usage = v.kv_cache
     return resp
 
 
@@ -65,11 +71,19 @@ def explain_record(resp: pb.ExplainResponse) -> dict:
         "family": resp.family, "calibration_key": resp.calibration_key or None,
         "calibration_samples": resp.calibration_samples,
         "size_bound_tokens": resp.size_bound_tokens if resp.HasField("size_bound_tokens") else None,
-        "pools": [{"name": p.name, "max_context": p.max_context, "holds": p.holds, "in_flight": p.in_flight,
-                   "spillover_limit": p.spillover_limit if p.HasField("spillover_limit") else None}
-                  for p in resp.pools],
+        "pools": [_pool_record(p) for p in resp.pools],
         "detail": resp.detail,
     }
+
+
+def _pool_record(p: pb.PoolState) -> dict:
+    rec = {"name": p.name, "max_context": p.max_context, "holds": p.holds, "in_flight": p.in_flight}
+    if p.HasField("queue_threshold"):  # its load is read
+        rec["load"] = {"fresh": p.fresh, "under_pressure": p.under_pressure, "instances": p.instances,
+                       **{k: getattr(p, k) if p.HasField(k) else None for k in
+                          ("queue_per_instance", "kv_cache_usage", "load_age_s", "queue_threshold",
+                           "kv_cache_threshold")}}
+    return rec
 
 
 def calibration_message(budget: BudgetRouter) -> pb.Calibration:

@@ -5,7 +5,7 @@ One ext_proc ``Process`` method serves both ext_proc filters (see envoy_config.p
 * the routing filter's stream (``service.routing_filter: ext_proc``) — request headers, then the BUFFERED body; the body response sets
   the pool header and provenance headers, clears the route cache and emits dynamic metadata.
   The stream lives until Envoy finishes the HTTP request, so its end is the request's end:
-  that is where in-flight counts per pool go down (load-aware spillover needs them);
+  that is where in-flight counts per pool go down;
 * the usage filter's stream (``observability_mode``: Envoy does not wait for us) — only for
   requests the routing side marked for reading; it feeds the response's status, content type
   and bytes to the core's ``ResponseReader`` and hands the facts to ``Router.response_read``.
@@ -62,10 +62,14 @@ def _header(headers: pb.HttpHeaders, name: str) -> str | None:
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, router: Router) -> None:
         self.r = router
-        # The three possible request-headers responses, built once (gRPC serialises a message
-        # on each send; it is never mutated after this).
+        self.refresh()
+
+    def refresh(self) -> None:
+        """The three possible request-headers responses, built once per config (gRPC serialises a
+        message on each send; it is never mutated after this): a reload with new header names
+        calls this again."""
         strip = pb.HeadersResponse(response=pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(remove_headers=router.s.router_headers())))
+            header_mutation=pb.HeaderMutation(remove_headers=self.r.s.router_headers())))
         self.headers_plain = pb.ProcessingResponse(request_headers=strip)
         self.headers_skip = pb.ProcessingResponse(request_headers=strip, mode_override=_SKIP_BODY)
         self.headers_ask_response = pb.ProcessingResponse(request_headers=strip, mode_override=_ASK_RESPONSE_HEADERS)
@@ -285,8 +289,8 @@ class RequestEndsServicer(als_pb2_grpc.AccessLogServiceServicer):
         self.r = router
 
     async def StreamAccessLogs(self, request_iterator, context):
-        header = self.r.h["decision"]
         async for msg in request_iterator:
+            header = self.r.h["decision"]  # per batch: the stream outlives a reload of the header names
             for entry in msg.http_logs.log_entry:
                 decision_id = entry.request.request_headers.get(header)
                 if decision_id:

@@ -218,11 +218,11 @@ def _ends(*decision_ids: str):
         log_entry=entries))
 
 
-def test_access_log_stream_ends_requests_and_spillover_uses_the_counts():
+def test_access_log_stream_ends_requests_in_the_in_flight_counts():
     from envoy.service.accesslog.v3 import als_pb2_grpc
 
     async def scenario():
-        async with running({"service": {"spillover": {"short": 2}}}) as h:
+        async with running() as h:
             reader, writer = await _connect(h)
             ids, pools = [], []
             for _ in range(3):
@@ -230,19 +230,18 @@ def test_access_log_stream_ends_requests_and_spillover_uses_the_counts():
                 _, hdrs, _ = await _read_response(reader)
                 ids.append(hdrs["x-token-decision"])
                 pools.append(hdrs["x-token-pool"])
-            assert pools == ["short", "short", "long"]  # the third spilled: short had 2 in flight
-            assert h.value("extproc_spillovers_total", from_pool="short", to_pool="long") == 1
+            assert pools == ["short"] * 3 and h.value("extproc_inflight_requests", pool="short") == 3
             stub = als_pb2_grpc.AccessLogServiceStub(h.channel)
             call = stub.StreamAccessLogs()
             await call.write(_ends(ids[0], "unknown-id", ""))  # unknown and absent ids are ignored
             for _ in range(200):
-                if h.value("extproc_inflight_requests", pool="short") == 1:
+                if h.value("extproc_inflight_requests", pool="short") == 2:
                     break
                 await asyncio.sleep(0.01)
-            assert h.value("extproc_inflight_requests", pool="short") == 1
+            assert h.value("extproc_inflight_requests", pool="short") == 2
             writer.write(_post("/v1/chat/completions", chat("hi", max_tokens=4)))
             _, hdrs, _ = await _read_response(reader)
-            assert hdrs["x-token-pool"] == "short"  # room again
+            assert hdrs["x-token-pool"] == "short"
             await call.write(_ends(*ids[1:], hdrs["x-token-decision"]))
             await call.done_writing()
             await asyncio.wait_for(call, 10)

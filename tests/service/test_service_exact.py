@@ -166,3 +166,19 @@ def test_once_calibrated_the_reason_is_closeness_alone():
     routed = asyncio.run(route(r, body))
     assert routed.exact == "local counted; close to short (8192)"
     assert routed.decision.source == "exact" and routed.decision.pool == "short"
+
+
+def test_a_reloaded_config_brings_new_rules_and_keeps_the_loaded_tokenizers():
+    from extproc.service.app import Service
+
+    async def run():
+        service = Service(parse_config({"exact": {"models": [{"model": "*", "source": "local", "family": "llama3"}]}}))
+        before = service.router.exact
+        before.warm(MODEL)
+        service.apply_config(parse_config({"exact": {"models": [{"model": "*", "source": "off"}]}}))
+        after = service.router.exact
+        await asyncio.gather(*service._retired)
+        return before, after
+
+    before, after = asyncio.run(run())
+    assert after is not before and after.local is before.local and after.rule_for(MODEL) is None
