@@ -52,7 +52,7 @@ class Refined:
 
     decision: Decision              # decided on the exact count (source "exact") when one was had
     count: ExactCount | None = None  # what was asked and how it went; None: not close, or no source
-    why: str = ""                    # "close to short (8192)", "distrusted estimate near long (65536)"
+    why: str = ""                    # "close to short (8192)", "distrusted estimate near short (8192)"
 
     def header(self) -> str | None:
         """The provenance header's value: the source, its outcome and why it was asked."""
