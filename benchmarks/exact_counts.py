@@ -10,14 +10,18 @@ and template, as vLLM counts them):
 Each is replayed through the budget core as the service runs it: the size bound first, then the
 estimate, then (exact on) the exact-count step for close decisions, learning at once from an
 exact count and from the response of every request that would be read (at risk, or while its
-model calibrates). Sources: ``local`` (the router's tokenizer) and ``pool`` (POST /tokenize of a
-simulated vLLM engine, ``python -m extproc.engine``, a real HTTP server on loopback).
+model calibrates). Sources: ``local`` (the router's tokenizer), ``pool`` (POST /tokenize of a
+simulated vLLM engine, ``python -m extproc.engine``, a real HTTP server on loopback) and
+``local+pool`` (the shipped config's way: local, with the pool for what local passes on — large
+bodies, and re-counts where the local margin alone would move a request).
 
-Columns: counted = share of requests given an exact count; CPU µs/req = router process CPU per
+Columns: counted = share of requests given an exact count; CPU µs/r = router process CPU per
 request over the whole replay (the engine's work is in its own process), and its ratio to exact
-off; p50/p99 ms = time the exact count added to counted requests; reads = responses to read per
-1,000 requests; /tokenize per s = pool calls per second of the replay and per 1,000 requests;
-overflow (% of all) and waste (% of short-eligible) of the final decisions.
+off (``off again`` is off replayed once more: the ratio's noise floor); p50/p99 ms = time the
+exact count added to counted requests; reads = responses to read per 1,000 requests; tok/s and
+tok/1k = pool /tokenize calls per second of the replay and per 1,000 requests; overflow (% of
+all) and waste (% of short-eligible) of the final decisions. Then one count's time by prompt
+size per source, and the outcomes.
 
     .venv/bin/python benchmarks/exact_counts.py [--requests N] [--seed S] [--no-pool]
 """
