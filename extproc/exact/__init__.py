@@ -170,10 +170,9 @@ class ExactCounts:
             return ExactCount("local", "error", seconds=time.perf_counter() - t0)
         longest = max(counts)
         margin = 0
-        if local.quick and not slow:
-            # every difference seen is in a text with non-ASCII words: the ratio applies there only
-            ratio = 0.0 if body.isascii() and b"\\u" not in body else ls.margin_ratio
-            margin = ls.margin_tokens + math.ceil(ratio * longest)
+        if local.quick and not slow and not (body.isascii() and b"\\u" not in body):
+            # every difference seen on real text is in one with non-ASCII words (local.py)
+            margin = ls.margin_tokens + math.ceil(ls.margin_ratio * longest)
         return ExactCount("local", "counted", longest, sum(counts), margin, time.perf_counter() - t0)
 
     async def _pool(self, rule: ExactRule, api: str, doc: dict, size: int) -> ExactCount:
