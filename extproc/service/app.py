@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .operator import add_to_server as add_operator_api
 from .processor import ExtProcServicer, RequestEndsServicer
 from .router import Router
+from .shared_state import SharedState
 
 log = logging.getLogger("extproc.service")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -220,6 +221,7 @@ class Service:
         self.port: int | None = None
         self.check: CheckServer | None = None
         self._snapshot_task: asyncio.Task | None = None
+        self.shared: SharedState | None = None
         self._metrics_server: MetricsServer | None = None
         self.tracker = RequestTracker()
         self.hurry = asyncio.Event()  # set (a second signal): stop waiting for in-flight requests
@@ -229,6 +231,8 @@ class Service:
         s = self.config.service
         if s.snapshot_path and restore_snapshot(self.budget, s.snapshot_path):
             log.info("calibration restored from %s", s.snapshot_path)
+        if s.shared_state:  # before serving: a new replica starts from the fleet's state (bounded wait)
+            await self._follow_shared_state(s)
         maddr = s.metrics_address if metrics_address == "" else metrics_address
         if maddr:  # bound first: a taken port fails the start before anything else is running
             host, _, port = maddr.rpartition(":")
@@ -272,6 +276,14 @@ class Service:
                  ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools), s.operator_api,
                  " [shadow]" if s.shadow else "")
 
+    async def _follow_shared_state(self, s) -> None:
+        if not s.client_hash_key:
+            log.warning("service.shared_state without service.client_hash_key: each replica hashes clients "
+                        "with its own key, so one client's share of the shared learning is bounded per replica")
+        self.shared = SharedState(s.shared_state, self.budget, self.router.apply_sample, self.metrics.registry)
+        self.router.shared = self.shared
+        await self.shared.start()
+
     def _release_ports(self) -> None:
         """After a failed start: free the metrics port (the check server is the caller's)."""
         if self._metrics_server is not None:
@@ -304,6 +316,8 @@ class Service:
                 pass
         grace = s.grace_period_s if grace is None else grace
         await asyncio.gather(self._stop_grpc(grace), self._stop_check(grace))
+        if self.shared is not None:  # after the drain: its samples are published too
+            await self.shared.stop()
         log.info("stopped after %.2fs", time.monotonic() - t0)
         if s.snapshot_path:
             try:

@@ -27,6 +27,7 @@ from typing import Callable
 from ..budget import BudgetRouter, Decision, Explanation, Observation, Pool, RequestShape
 from ..budget.response import ResponseFacts, judge
 from ..budget.stream_usage import with_stream_usage
+from ..budget.wire import Sample
 from ..config import PROVENANCE, ServiceSettings
 from .metrics import Metrics
 
@@ -104,6 +105,7 @@ class Router:
         self._hash_key = (settings.client_hash_key.encode() if settings.client_hash_key
                           else secrets.token_bytes(16))
         self._client_header = settings.client_header
+        self.shared = None  # service/shared_state.py SharedState: samples go through the fleet's stream
 
     # -- who sent it ---------------------------------------------------------------------------
     def client_of(self, header: Callable[[str], str | None]) -> str | None:
@@ -336,6 +338,17 @@ class Router:
 
     def _learn(self, observation: Observation | None, prompt_tokens: int, client: str | None,
                lower_bound: bool = False) -> None:
-        err = self.budget.observe(observation, prompt_tokens, client, lower_bound)
-        if err is not None and observation is not None:
-            self.metrics.estimate_error.labels(observation.family.name).observe(err)
+        if observation is None:
+            return
+        if self.shared is not None:  # applied when the shared stream brings it back (never waits)
+            self.shared.publish(observation, prompt_tokens, client, lower_bound)
+            return
+        self.apply_sample(Sample(observation, prompt_tokens, client, lower_bound))
+
+    def apply_sample(self, sample: Sample, own: bool = True) -> None:
+        """Teach the calibration one sample (``own``: learned by this replica, whose estimate
+        error is exported; the shared stream also brings the other replicas')."""
+        obs = sample.observation
+        err = self.budget.observe(obs, sample.prompt_tokens, sample.client, sample.lower_bound)
+        if err is not None and own:
+            self.metrics.estimate_error.labels(obs.family.name).observe(err)
