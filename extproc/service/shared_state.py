@@ -109,6 +109,10 @@ class _Lost(Exception):
     """The shared state cannot be followed from where this replica is: resync."""
 
 
+class _Replaced(Exception):
+    """An operator replaced this replica's calibration: it becomes the fleet's."""
+
+
 class SharedState:
     """Follows and feeds the shared calibration (see the module doc). ``apply(sample, own)``
     teaches the local calibration one sample (``own``: this replica learned it)."""
@@ -134,6 +138,7 @@ class SharedState:
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
         self._tried = asyncio.Event()  # the first attempt is over (synced or failed)
+        self._replace = asyncio.Event()  # set by ``replaced``: publish the local state as the fleet's
         self._task: asyncio.Task | None = None
         self.samples = Counter("extproc_shared_state_samples", "Calibration samples through the shared state, by "
                                "outcome: published, applied (from the stream), local (applied here while Redis "
@@ -194,6 +199,12 @@ class SharedState:
         self.outbox.append(_Pending(self._seq, orjson.dumps(doc), local))
         self._wake.set()
 
+    def replaced(self) -> None:
+        """The local calibration was replaced on purpose (the operator API's Restore or Reset): it
+        becomes the fleet's, under a new epoch; the other replicas resync to it within a snapshot
+        period."""
+        self._replace.set()
+
     def _apply(self, sample: Sample, own: bool) -> None:
         try:
             self._apply_sample(sample, own)
@@ -214,6 +225,9 @@ class SharedState:
                 await self._follow()
             except asyncio.CancelledError:
                 raise
+            except _Replaced:
+                self._down()
+                continue
             except Exception as exc:  # noqa: BLE001 - Redis errors, timeouts, a reset stream
                 if self.up or not self._synced.is_set():
                     log.warning("shared state %s lost (%s: %s): routing on with local state, retrying",
@@ -238,6 +252,9 @@ class SharedState:
         r = self.redis
         await r.ping()
         self.up = True
+        if self._replace.is_set():
+            await self._publish_state()
+            return
         if not await r.exists(SNAPSHOT):
             epoch = secrets.token_hex(8)
             doc = orjson.dumps(self.budget.snapshot())
@@ -245,8 +262,12 @@ class SharedState:
                 log.info("shared state %s was empty: seeded with this replica's calibration", self.url)
                 self.outbox = deque(p for p in self.outbox if not p.applied)  # in the seed now
         await self._flush()
-        snap = await r.hgetall(SNAPSHOT)
-        covered, epoch = await self._restore(snap)
+        try:
+            covered, epoch = self._restore(await r.hgetall(SNAPSHOT))
+        except ValueError as exc:  # corrupt, another version: this replica's state replaces it
+            log.warning("shared snapshot unusable (%s): replaced by this replica's calibration", str(exc)[:200])
+            await self._publish_state()
+            return
         self.resyncs.inc()
         self.last_id, self.epoch = covered, epoch
         await self._catch_up(covered)
@@ -256,28 +277,35 @@ class SharedState:
         log.info("shared state %s followed: snapshot at %s, stream applied to %s (replica %s)",
                  self.url, covered, self.last_id, self.replica)
 
-    async def _restore(self, snap: dict) -> tuple[str, str]:
+    async def _publish_state(self) -> None:
+        """This replica's state as the fleet's (a new epoch), covering the stream as it is now:
+        its own samples of an outage are in that state, so they leave the outbox."""
+        self._replace.clear()
+        self.outbox = deque(p for p in self.outbox if not p.applied)
+        last = await self.redis.xrevrange(STREAM, count=1)
+        covered, epoch = (last[0][0].decode() if last else "0-0"), secrets.token_hex(8)
+        await self.redis.hset(SNAPSHOT, mapping={"id": covered, "epoch": epoch,
+                                                 "doc": orjson.dumps(self.budget.snapshot())})
+        log.info("shared state %s replaced by this replica's calibration (epoch %s)", self.url, epoch)
+        self.last_id, self.epoch = covered, epoch
+        await self._flush()
+        await self._catch_up(covered)
+        self.in_sync = True
+        self.up_gauge.set(1)
+        self._synced.set()
+
+    def _restore(self, snap: dict) -> tuple[str, str]:
+        """Apply the shared snapshot; (the stream id it covers, its epoch). ValueError when unusable."""
         covered = snap.get(b"id", b"").decode("ascii", "replace")
         epoch = snap.get(b"epoch", b"").decode("ascii", "replace")
         doc = snap.get(b"doc", b"")
-        try:
-            if len(doc) > MAX_SNAPSHOT_BYTES:
-                raise ValueError(f"snapshot of {len(doc)} bytes is over {MAX_SNAPSHOT_BYTES}")
-            _newer(covered, "0-0")  # a stream id, or ValueError
-            if not epoch:
-                raise ValueError("snapshot has no epoch")
-            self.budget.restore_json(doc)
-            return covered, epoch
-        except ValueError as exc:
-            # unusable (corrupt, another version): this replica's state replaces it, and the
-            # others resync to it (a new epoch)
-            log.warning("shared snapshot unusable (%s): replaced by this replica's calibration", str(exc)[:200])
-            epoch = secrets.token_hex(8)
-            last = await self.redis.xrevrange(STREAM, count=1)
-            covered = last[0][0].decode() if last else "0-0"
-            await self.redis.hset(SNAPSHOT, mapping={"id": covered, "epoch": epoch,
-                                                     "doc": orjson.dumps(self.budget.snapshot())})
-            return covered, epoch
+        if len(doc) > MAX_SNAPSHOT_BYTES:
+            raise ValueError(f"snapshot of {len(doc)} bytes is over {MAX_SNAPSHOT_BYTES}")
+        _newer(covered, "0-0")  # a stream id, or ValueError
+        if not epoch:
+            raise ValueError("snapshot has no epoch")
+        self.budget.restore_json(doc)  # (all or nothing)
+        return covered, epoch
 
     async def _catch_up(self, after: str) -> None:
         info = await self.redis.xinfo_stream(STREAM) if await self.redis.exists(STREAM) else {}
@@ -316,7 +344,8 @@ class SharedState:
 
     async def _follow(self) -> None:
         """Read, publish and snapshot until something fails (then ``_run`` resyncs)."""
-        tasks = [asyncio.create_task(c) for c in (self._read_loop(), self._publish_loop(), self._snapshot_loop())]
+        tasks = [asyncio.create_task(c) for c in (self._read_loop(), self._publish_loop(), self._snapshot_loop(),
+                                                  self._watch_replace())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -325,6 +354,10 @@ class SharedState:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch_replace(self) -> None:
+        await self._replace.wait()
+        raise _Replaced()
 
     async def _read_loop(self) -> None:
         block_ms = int(TIMEOUT_S * 500)
