@@ -138,6 +138,7 @@ class SharedState:
         self._wake = asyncio.Event()
         self._synced = asyncio.Event()
         self._tried = asyncio.Event()  # the first attempt is over (synced or failed)
+        self._error = ""
         self._replace = asyncio.Event()  # set by ``replaced``: publish the local state as the fleet's
         self._task: asyncio.Task | None = None
         self.samples = Counter("extproc_shared_state_samples", "Calibration samples through the shared state, by "
@@ -164,8 +165,8 @@ class SharedState:
         except asyncio.TimeoutError:
             pass
         if not self._synced.is_set():
-            log.warning("shared state %s unreachable at start: serving from the local snapshot or the priors; "
-                        "will catch up when it returns", self.url)
+            log.warning("shared state %s unreachable at start (%s): serving from the local snapshot or the "
+                        "priors; will catch up when it returns", self.url, self._error or "no answer in time")
         return self._synced.is_set()
 
     async def stop(self, flush_s: float = 0.5) -> None:
@@ -229,7 +230,8 @@ class SharedState:
                 self._down()
                 continue
             except Exception as exc:  # noqa: BLE001 - Redis errors, timeouts, a reset stream
-                if self.up or not self._synced.is_set():
+                self._error = f"{type(exc).__name__}: {str(exc)[:200]}"
+                if self.up:  # (once per outage: the retries are quiet)
                     log.warning("shared state %s lost (%s: %s): routing on with local state, retrying",
                                 self.url, type(exc).__name__, str(exc)[:200])
                 self._down()

@@ -23,6 +23,15 @@ def need_redis() -> str:
     return found
 
 
+def redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 class RedisServer:
     def __init__(self, workdir: pathlib.Path, port: int | None = None) -> None:
         self.binary = need_redis()
@@ -48,12 +57,7 @@ class RedisServer:
         return self
 
     def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
+        return redis_ping(self.port)
 
     def kill(self) -> None:
         """SIGKILL, as a crashed Redis: its data is gone (no persistence)."""
