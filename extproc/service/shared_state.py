@@ -141,6 +141,7 @@ class SharedState:
         self._synced = asyncio.Event()
         self._tried = asyncio.Event()  # the first attempt is over (synced or failed)
         self._error = ""
+        self._generation = 0  # of ``_follow``: a reader of an ended one must not apply what it reads
         self._replace = asyncio.Event()  # set by ``replaced``: publish the local state as the fleet's
         self._task: asyncio.Task | None = None
         self.samples = Counter("extproc_shared_state_samples", "Calibration samples through the shared state, by "
@@ -348,25 +349,31 @@ class SharedState:
 
     async def _follow(self) -> None:
         """Read, publish and snapshot until something fails (then ``_run`` resyncs)."""
-        tasks = [asyncio.create_task(c) for c in (self._read_loop(), self._publish_loop(), self._snapshot_loop(),
+        self._generation += 1
+        gen = self._generation
+        tasks = [asyncio.create_task(c) for c in (self._read_loop(gen), self._publish_loop(), self._snapshot_loop(),
                                                   self._watch_replace())]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
                 t.result()
         finally:
+            self._generation += 1  # a reader that outlives this (below) applies nothing more
             for t in tasks:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            # (redis-py may not let a blocked XREAD be cancelled: wait for it a bounded time only)
+            await asyncio.wait(tasks, timeout=TIMEOUT_S)
 
     async def _watch_replace(self) -> None:
         await self._replace.wait()
         raise _Replaced()
 
-    async def _read_loop(self) -> None:
+    async def _read_loop(self, gen: int) -> None:
         block_ms = int(TIMEOUT_S * 500)
-        while True:
+        while gen == self._generation:
             reply = await self.redis.xread({STREAM: self.last_id}, count=BATCH, block=block_ms)
+            if gen != self._generation:
+                return  # this follow has ended (resync): what it read is read again from the new place
             for _, entries in _stream_entries(reply):
                 self._apply_entries(entries)
             if reply:
