@@ -317,7 +317,7 @@ class Stack:
     def send(self, req: Req):
         r = self.router
         client = r.client_of({CLIENT_HEADER: req.client}.get)
-        routed = r.decide(req.body, "/v1/chat/completions", client=client)
+        routed = r.route(req.body, "/v1/chat/completions", client=client)
         status, body = vllm_response(req.prompt, req.max_tokens, self.window[routed.pool])
         if routed.read:
             r.response_read(routed.decision_id, read_response(status, "application/json", body))

@@ -6,59 +6,18 @@ import argparse
 import json
 import pathlib
 import sys
-from importlib import resources
 
-from .config import ConfigError, load_config
-
-SHARED_REQUESTS = pathlib.Path("../shared/data/requests/dev_requests.jsonl")
+from .config import ConfigError, default_snapshot_path, load_config
+from .samples import long_requests, request_rows
 
 
-def _config(path: str | None):
+def _config(path: str | None, default_snapshot: str | None = None):
     """The validated config, or exit 2 with the field and the reason."""
     try:
-        return load_config(path)
+        return load_config(path, default_snapshot=default_snapshot)
     except ConfigError as exc:
         print(f"invalid config: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _request_rows(paths: list[str]) -> tuple[list[dict], str]:
-    """Rows of {path, body, prompt_tokens?} from JSONL files; shared samples, else bundled ones."""
-    if paths:
-        files = [pathlib.Path(p) for p in paths]
-        label = ", ".join(paths)
-    elif SHARED_REQUESTS.exists():
-        files, label = [SHARED_REQUESTS], str(SHARED_REQUESTS)
-    else:
-        files, label = [], "bundled sample (../shared/data absent)"
-    rows = []
-    texts = [f.read_text() for f in files] if files else \
-        [resources.files("extproc.samples").joinpath("requests.jsonl").read_text()]
-    for text in texts:
-        for line in text.splitlines():
-            if line.strip():
-                row = json.loads(line)
-                rows.append(row if "body" in row else {"body": row})
-    return rows, label
-
-
-def _long_requests(rows: list[dict], count: int = 4) -> list[dict]:
-    """Long conversations built by stacking the sample prompts, so both pools show up."""
-    texts = [m["content"] for r in rows for m in r["body"].get("messages", [])
-             if isinstance(m.get("content"), str)]
-    if not texts:
-        return []
-    out = []
-    for i in range(count):
-        target = 30_000 * (i + 1)  # ~7K, 15K, 22K, 30K tokens of English text
-        content, k = [], i
-        while sum(map(len, content)) < target:
-            content.append(texts[k % len(texts)])
-            k += 1
-        body = {"model": rows[0]["body"].get("model", "meta-llama/Meta-Llama-3-8B-Instruct"),
-                "messages": [{"role": "user", "content": "\n\n".join(content)}], "max_tokens": 1024}
-        out.append({"body": body})
-    return out
 
 
 def _explain_requests(rows: list[dict]) -> list[tuple[bytes, str, object]]:
@@ -78,14 +37,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     from .explain import LocalExplainer, RemoteExplainer, calibration_keys, explain_all, format_explained
 
+    if not args.server and (args.ca or args.cert or args.key or args.server_name):
+        print("--ca, --cert, --key and --server-name are for --server (a router serving TLS)", file=sys.stderr)
+        return 2
     if args.server and (args.config or args.calibration or args.no_learn):
         print("--server explains with the running router's config and calibration, and never learns: "
               "--config, --calibration and --no-learn apply to a local router only", file=sys.stderr)
         return 2
-    rows, label = _request_rows(args.files)
-    requests = _explain_requests((rows[: args.limit] + _long_requests(rows))[: args.limit])
+    rows, label = request_rows(args.files)
+    requests = _explain_requests((rows[: args.limit] + long_requests(rows))[: args.limit])
     if args.server:
-        explainer = RemoteExplainer(args.server)
+        from .service.tls import client_settings
+
+        explainer = RemoteExplainer(args.server, client_settings(args, args.parser))
     else:
         snapshot = None
         if args.calibration:
@@ -116,8 +80,19 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _config(args.config)
+    tls = cfg.service.tls
+    if tls is not None:  # the files, as `serve` reads them at start (on this machine)
+        from .service.tls import read_material
+
+        try:
+            read_material(tls)
+        except ConfigError as exc:
+            print(f"invalid config: {exc}", file=sys.stderr)
+            return 2
     b = cfg.budget
     print(f"config OK ({cfg.source})")
+    if tls is not None:
+        print(f"TLS: {'mTLS' if tls.client_ca else 'TLS'} with {tls.cert} (files read and checked)")
     print("pools: " + ", ".join(f"{p.name}={p.max_context}" for p in b.pools))
     print(f"estimator: {b.estimator} {b.estimator_settings or ''}".rstrip())
     print(f"default output reserve: {b.default_output_tokens}; media tokens: {b.media_tokens}")
@@ -140,9 +115,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     install_event_loop()
-    config = _config(args.config)
+    # a bare serve keeps what it learned across restarts (the file or EXTPROC_SERVICE__SNAPSHOT_PATH
+    # may say otherwise, `none` among them); configs built elsewhere (tests, the library) get none
+    snapshot = default_snapshot_path()
+    config = _config(args.config, snapshot)
     try:
-        asyncio.run(run(config))
+        asyncio.run(run(config, args.config, lambda: load_config(args.config, default_snapshot=snapshot)))
+    except ConfigError as exc:  # the TLS files, read at start
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # e.g. an address already in use: say so, no traceback
         print(f"cannot serve: {exc}", file=sys.stderr)
         return 1
@@ -157,6 +138,9 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
         layout = layout_from_config(config, listen_port=args.listen_port, admin_port=args.admin_port,
                                     upstreams=args.upstream, listen_address=args.listen_address, router=args.router,
                                     router_http=args.router_http, admin_address=args.admin_address)
+    except ConfigError as exc:  # the config lacks what Envoy needs (service.tls.envoy)
+        print(f"invalid config: {exc}", file=sys.stderr)
+        return 2
     except ValueError as exc:
         print(f"invalid arguments: {exc}", file=sys.stderr)
         return 2
@@ -203,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="SNAPSHOT", help="start the local router from this calibration "
                    "snapshot (a file service.snapshot_path wrote, or GetCalibration's snapshot_json)")
     p.add_argument("--json", action="store_true", help="one JSON object per request with every number")
-    p.set_defaults(func=cmd_explain)
+    from .service.tls import add_client_arguments
+
+    add_client_arguments(p)  # --server over TLS
+    p.set_defaults(func=cmd_explain, parser=p)
     p = sub.add_parser("check-config", help="validate a config file (and EXTPROC_* overrides)")
     p.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
     p.set_defaults(func=cmd_check_config)

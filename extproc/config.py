@@ -28,6 +28,32 @@ OPERATOR_API_MODES = ("read_only", "read_write", "off")
 PROVENANCE = ("budget", "estimate", "source", "reason", "read", "decision", "shadow", "spilled")
 
 
+@dataclass(frozen=True)
+class PoolMetrics:
+    """Where one pool's vLLM ``/metrics`` pages are read (service/pool_load.py) and when the pool
+    counts as under pressure. ``endpoints``: fixed ``host:port`` instances; ``dns``: a
+    ``name:port`` whose A/AAAA records are the pool's pods (a headless Service), re-resolved every
+    period. One of the two is set."""
+    pool: str
+    endpoints: tuple[str, ...] = ()
+    dns: str | None = None
+    queue_per_instance: float = 5.0   # waiting requests per vLLM engine above which the pool is under pressure
+    kv_cache: float = 0.8             # mean KV-cache use (0..1) above which it is (GIE's saturation defaults)
+
+
+@dataclass(frozen=True)
+class SpilloverSettings:
+    """Load-aware spillover from the pools' own metrics; no pools: off."""
+    pools: tuple[PoolMetrics, ...] = ()
+    period_s: float = 0.25            # how often every pool is read
+    timeout_s: float = 0.2            # one page's read, connection included
+    stale_s: float = 1.0              # a reading older than this is no reading: no spill
+    max_page_bytes: int = 1 << 20     # a real vLLM page is ~70 KB
+
+    def of(self, pool: str) -> PoolMetrics | None:
+        return next((m for m in self.pools if m.pool == pool), None)
+
+
 class ConfigError(ValueError):
     """An invalid config: ``field`` is the dotted path, ``reason`` what is wrong with it."""
 
@@ -35,6 +61,29 @@ class ConfigError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class EnvoyTlsSettings:
+    """How Envoy reaches a router serving TLS: paths as Envoy's own filesystem has them (rendered
+    into its clusters by ``extproc envoy-config``; the router never reads them)."""
+
+    ca: str                               # the CA Envoy checks the router's certificate against
+    cert: str | None = None               # Envoy's client certificate and key: needed under mTLS
+    key: str | None = None
+    server_name: str | None = None        # SNI Envoy sends, and the name the router's certificate must carry
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """TLS on the router's gRPC port and check port (service/tls.py). The files are read at start
+    (exist, parse, key matches certificate) and again whenever they change."""
+
+    cert: str                             # PEM certificate chain the router presents
+    key: str                              # its PEM private key
+    client_ca: str | None = None          # set: mTLS, a client must present a certificate this CA signed
+    reload_s: float = 10.0                # how often the files are checked for a change
+    envoy: EnvoyTlsSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -49,7 +98,7 @@ class ServiceSettings:
     pool_header: str = "x-token-pool"
     header_prefix: str = "x-token-"       # provenance headers: <prefix>budget, estimate, source, reason…
     shadow: bool = False                  # decide and export, but always route to the largest pool
-    spillover: tuple[tuple[str, int], ...] = ()  # (pool, in-flight limit): above it, a larger pool that fits
+    spillover: SpilloverSettings = SpilloverSettings()  # from the pools' own load (service/pool_load.py)
     usage_sample_rate: float = 0.1        # share of responses read for usage once a model is calibrated
     usage_samples_per_s: float = 20.0     # ... and at most this many a second (each read costs a gRPC stream)
     calibration_samples: int = 50         # read every response until a model has this many samples
@@ -70,12 +119,11 @@ class ServiceSettings:
     client_header: str | None = None
     client_hash_key: str | None = None    # the hash's key; unset: a random key per process start
     client_trusted_hops: int = 0          # trusted proxies in front of Envoy (their x-forwarded-for entries are skipped)
+    tls: TlsSettings | None = None        # TLS (and mTLS) on the gRPC and check ports; None: plaintext
+    config_reload_s: float = 10.0         # the config file is checked for a change this often (0: SIGHUP only)
     # One calibration for every replica, through Redis or Valkey (service/shared_state.py):
     # redis://[user:password@]host:port/db or rediss:// (TLS); None: each replica learns alone.
     shared_state: str | None = None
-
-    def spillover_limit(self, pool: str) -> int | None:
-        return dict(self.spillover).get(pool)
 
     def provenance_header(self, name: str) -> str:
         return f"{self.header_prefix}{name}"
@@ -243,7 +291,136 @@ def _without_password(value: object) -> object:
     return value
 
 
-def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
+def _path(doc: Mapping, key: str, path: str, required: bool = False) -> str | None:
+    value = doc.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{path}{key}", f"must be a file path, got {value!r}")
+    return value
+
+
+def _tls(svc: Mapping) -> TlsSettings | None:
+    """``service.tls``: the shape only; the files are read when the router starts (service/tls.py),
+    since a config is also rendered into gateway manifests on machines without them."""
+    if svc.get("tls") is None:
+        return None
+    doc = _mapping(svc, "tls", "service.")
+    _check_keys(doc, {f.name for f in dataclasses.fields(TlsSettings)}, "service.tls.")
+    envoy = None
+    if doc.get("envoy") is not None:
+        e = _mapping(doc, "envoy", "service.tls.")
+        _check_keys(e, {f.name for f in dataclasses.fields(EnvoyTlsSettings)}, "service.tls.envoy.")
+        envoy = EnvoyTlsSettings(ca=_path(e, "ca", "service.tls.envoy.", required=True),
+                                 cert=_path(e, "cert", "service.tls.envoy."), key=_path(e, "key", "service.tls.envoy."),
+                                 server_name=_path(e, "server_name", "service.tls.envoy."))
+        if (envoy.cert is None) != (envoy.key is None):
+            raise ConfigError("service.tls.envoy.cert", "needs service.tls.envoy.key with it (and the key the cert)")
+        if doc.get("client_ca") is not None and envoy.cert is None:
+            raise ConfigError("service.tls.envoy.cert", "needed with service.tls.client_ca: under mTLS Envoy must "
+                              "present a client certificate")
+    reload_s = doc.get("reload_s", TlsSettings.reload_s)
+    if type(reload_s) not in (int, float) or not 0.1 <= reload_s <= 86400:
+        raise ConfigError("service.tls.reload_s", f"must be a number between 0.1 and 86400, got {reload_s!r}")
+    return TlsSettings(cert=_path(doc, "cert", "service.tls.", required=True),
+                       key=_path(doc, "key", "service.tls.", required=True),
+                       client_ca=_path(doc, "client_ca", "service.tls."), reload_s=float(reload_s), envoy=envoy)
+
+
+_SNAPSHOT_OFF = ("", "none", "off")
+
+
+def default_snapshot_path(environ: Mapping[str, str] | None = None) -> str:
+    """Where a bare ``extproc serve`` keeps its calibration: ``$XDG_STATE_HOME/extproc/``, else
+    ``~/.local/state/extproc/`` (the XDG base directory spec's place for state)."""
+    env = os.environ if environ is None else environ
+    state = env.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "extproc", "calibration.json")
+
+
+def _snapshot(svc: Mapping, default: str | None) -> str | None:
+    """``service.snapshot_path``: a path; ``none``, ``off`` or "" (or YAML null) turn it off; not
+    named at all: ``default`` (``extproc serve`` passes default_snapshot_path(); library users and
+    tests that build configs get none, so nothing writes into a home directory unasked)."""
+    if "snapshot_path" not in svc:
+        return default
+    value = svc["snapshot_path"]
+    if value is None or (isinstance(value, str) and value.strip().lower() in _SNAPSHOT_OFF):
+        return None
+    if not isinstance(value, str):
+        raise ConfigError("service.snapshot_path", f"must be a file path, or none to keep no snapshot, got {value!r}")
+    return value
+
+
+_SPILL_FIELDS = {"pools", "period_s", "timeout_s", "stale_s", "max_page_bytes"}
+_SPILL_POOL_FIELDS = {"endpoints", "dns", "queue_per_instance", "kv_cache"}
+MAX_POOL_ENDPOINTS = 256
+
+
+def _host_port(value, path: str) -> str:
+    host, sep, port = str(value).rpartition(":") if isinstance(value, str) else ("", "", "")
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not bare or not port.isdigit() or not 0 < int(port) < 65536 or \
+            not all(c.isalnum() or c in "-._:" for c in bare) or (":" in bare and bare == host):
+        raise ConfigError(path, f"must be host:port (an IPv6 address in brackets), got {value!r}")
+    return value
+
+
+def _spillover(doc: Mapping, pools: tuple[Pool, ...]) -> SpilloverSettings:
+    """``service.spillover``: ``{pools: {name: {endpoints: [host:port] | dns: name:port,
+    queue_per_instance, kv_cache}}, period_s, timeout_s, stale_s, max_page_bytes}``; ``{}`` is off."""
+    path = "service.spillover."
+    names = [p.name for p in pools]
+    for key, value in doc.items():
+        if key not in _SPILL_FIELDS and type(value) is int:
+            raise ConfigError(f"{path}{key}", "the in-flight limit form (pool: N) is gone: in-flight counts are "
+                              "one replica's view. Spillover reads the pools' own vLLM metrics now: "
+                              f"{path}pools.{key}: {{dns: name:port | endpoints: [host:port], "
+                              "queue_per_instance: N, kv_cache: 0.9}")
+    _check_keys(doc, _SPILL_FIELDS, path)
+    d = SpilloverSettings()
+
+    def num(key: str, default: float, lo: float, hi: float) -> float:
+        value = doc.get(key, default)
+        if type(value) not in (int, float) or not lo <= value <= hi:
+            raise ConfigError(f"{path}{key}", f"must be a number between {lo} and {hi}, got {value!r}")
+        return float(value)
+    out = []
+    for name, raw in _mapping(doc, "pools", path).items():
+        at = f"{path}pools.{name}"
+        if name not in names:
+            raise ConfigError(at, f"no such pool (pools: {', '.join(names)})")
+        if not isinstance(raw, Mapping):
+            raise ConfigError(at, "must be a mapping with endpoints or dns, and the thresholds")
+        _check_keys(raw, _SPILL_POOL_FIELDS, at + ".")
+        if ("endpoints" in raw) == ("dns" in raw):
+            raise ConfigError(at, "needs exactly one of endpoints (a list of host:port) and dns (name:port)")
+        endpoints = raw.get("endpoints", [])
+        if not isinstance(endpoints, list) or "endpoints" in raw and not 0 < len(endpoints) <= MAX_POOL_ENDPOINTS:
+            raise ConfigError(f"{at}.endpoints", f"must be a list of 1 to {MAX_POOL_ENDPOINTS} host:port")
+        eps = tuple(_host_port(e, f"{at}.endpoints[{i}]") for i, e in enumerate(endpoints))
+        dns = _host_port(raw["dns"], f"{at}.dns") if "dns" in raw else None
+        q = raw.get("queue_per_instance", PoolMetrics.queue_per_instance)
+        if type(q) not in (int, float) or not 0 <= q <= 1e6:
+            raise ConfigError(f"{at}.queue_per_instance", f"must be a number between 0 and 1e6, got {q!r}")
+        kv = raw.get("kv_cache", PoolMetrics.kv_cache)
+        if type(kv) not in (int, float) or not 0 < kv <= 1:
+            raise ConfigError(f"{at}.kv_cache", f"must be a share of the KV cache in (0, 1], got {kv!r}")
+        out.append(PoolMetrics(name, eps, dns, float(q), float(kv)))
+    if len(out) == 1:
+        raise ConfigError(f"{path}pools", "spillover reads the pool it spills from and a larger one it spills to: "
+                          "give at least two pools")
+    out.sort(key=lambda m: names.index(m.pool))
+    period = num("period_s", d.period_s, 0.05, 60.0)
+    timeout = num("timeout_s", d.timeout_s, 0.01, 60.0)
+    stale = num("stale_s", d.stale_s, 0.1, 600.0)
+    if stale < period:
+        raise ConfigError(f"{path}stale_s", f"must be at least period_s ({period:g}): every reading would be stale")
+    return SpilloverSettings(tuple(out), period, timeout, stale,
+                             _int(doc, "max_page_bytes", path, d.max_page_bytes, lo=4096, hi=64 << 20))
+
+
+def _service(doc: Mapping, pools: tuple[Pool, ...], default_snapshot: str | None = None) -> ServiceSettings:
     svc = _mapping(doc, "service", "")
     d = ServiceSettings()
     _check_keys(svc, {f.name for f in dataclasses.fields(ServiceSettings)}, "service.")
@@ -251,16 +428,8 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         if type(svc.get(flag, False)) is not bool:
             raise ConfigError(f"service.{flag}", f"must be true or false, got {svc.get(flag)!r}")
     shadow = svc.get("shadow", d.shadow)
-    spill = _mapping(svc, "spillover", "service.")
-    names = {p.name for p in pools}
-    for name, limit in spill.items():
-        if name not in names:
-            raise ConfigError(f"service.spillover.{name}", f"no such pool (pools: {', '.join(sorted(names))})")
-        if type(limit) is not int or limit < 1:
-            raise ConfigError(f"service.spillover.{name}", f"must be a positive in-flight limit, got {limit!r}")
-    snapshot = svc.get("snapshot_path", d.snapshot_path)
-    if snapshot is not None and (not isinstance(snapshot, str) or not snapshot):
-        raise ConfigError("service.snapshot_path", f"must be a file path, got {snapshot!r}")
+    spill = _spillover(_mapping(svc, "spillover", "service."), pools)
+    snapshot = _snapshot(svc, default_snapshot)
     pool_header = _header(svc, "pool_header", d.pool_header)
     if pool_header in _RESERVED_HEADERS:
         raise ConfigError("service.pool_header", f"{pool_header!r} is a standard header Envoy would strip from "
@@ -298,7 +467,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         pool_header=pool_header,
         header_prefix=prefix,
         shadow=shadow,
-        spillover=tuple((str(k), int(v)) for k, v in spill.items()),
+        spillover=spill,
         usage_sample_rate=_number(svc, "usage_sample_rate", d.usage_sample_rate, 0.0, 1.0),
         usage_samples_per_s=_number(svc, "usage_samples_per_s", d.usage_samples_per_s, 0.0, 1e6),
         calibration_samples=_int(svc, "calibration_samples", "service.", d.calibration_samples),
@@ -313,10 +482,12 @@ def _service(doc: Mapping, pools: tuple[Pool, ...]) -> ServiceSettings:
         client_header=client_header,
         client_hash_key=hash_key,
         client_trusted_hops=_int(svc, "client_trusted_hops", "service.", d.client_trusted_hops, hi=16),
+        tls=_tls(svc),
+        config_reload_s=_number(svc, "config_reload_s", d.config_reload_s, 0.0, 86400.0),
     )
 
 
-def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Config:
+def parse_config(doc: Mapping | None, source: str = "built-in defaults", default_snapshot: str | None = None) -> Config:
     doc = doc or {}
     if not isinstance(doc, Mapping):
         raise ConfigError("(top level)", "must be a mapping")
@@ -343,7 +514,7 @@ def parse_config(doc: Mapping | None, source: str = "built-in defaults") -> Conf
         client_share=float(share),
         client_window=_int(learning, "client_window", "learning.", BudgetSettings().client_window, lo=8, hi=100_000),
     )
-    return Config(budget=budget, service=_service(doc, budget.pools), source=source)
+    return Config(budget=budget, service=_service(doc, budget.pools, default_snapshot), source=source)
 
 
 def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
@@ -355,6 +526,10 @@ def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
         path = [p.lower() for p in name[len(ENV_PREFIX):].split("__") if p]
         if not path:
             continue
+        if path[0] not in TOP_FIELDS:
+            if len(path) > 1:  # shaped like a setting: a typo must not pass unnoticed
+                raise ConfigError(name, f"no such config field {path[0]!r} (fields: {', '.join(sorted(TOP_FIELDS))})")
+            continue  # EXTPROC_REAL_VLLM and kin: the test tier's and tools' own variables, not settings
         try:
             value = yaml.safe_load(text) if text != "" else ""
         except yaml.YAMLError:
@@ -369,8 +544,10 @@ def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:
     return doc
 
 
-def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, overlay the environment, validate. Raises ConfigError naming the field."""
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None,
+                default_snapshot: str | None = None) -> Config:
+    """Read, overlay the environment, validate. Raises ConfigError naming the field.
+    ``default_snapshot``: the snapshot path when neither the file nor the environment names one."""
     doc: Any = {}
     source = "built-in defaults"
     if path is not None:
@@ -385,4 +562,4 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
             raise ConfigError("(top level)", f"{path} must hold a mapping")
         source = path
     doc = apply_env(dict(doc), os.environ if environ is None else environ)
-    return parse_config(doc, source)
+    return parse_config(doc, source, default_snapshot)

@@ -20,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 
+from .samples import long_requests, request_rows
 from .service.check import CHECK_PREFIX
 from .stack import Stack, choose_ports
 
@@ -141,8 +142,6 @@ def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float,
        ports: dict[str, int | None] | None = None) -> int:
     """``ports``: {listen, admin, grpc, http, metrics} -> port to use (None: DEFAULT_PORTS; 0: any
     free port); a port that is taken is replaced by a free one, and the run says so."""
-    from .cli import _long_requests, _request_rows
-
     wd = pathlib.Path(workdir or tempfile.mkdtemp(prefix="extproc-up-"))
     wanted = {PORT_NAMES[k]: (DEFAULT_PORTS[k] if (ports or {}).get(k) is None else ports[k]) for k in DEFAULT_PORTS}
     chosen, moved = choose_ports(wanted)
@@ -162,8 +161,8 @@ def up(config_path: str | None, demo: bool, exit_after: bool, time_scale: float,
         print_addresses(stack)
         supervisor = stack.supervise()
         if demo:
-            rows, label = _request_rows([])
-            rows = rows[:80] + _long_requests(rows, count=6)
+            rows, label = request_rows([])
+            rows = rows[:80] + long_requests(rows, count=6)
             print(f"\nreplaying {len(rows)} requests from {label} plus long conversations ...", flush=True)
             run_demo(stack, rows)
         if exit_after:

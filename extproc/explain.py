@@ -77,13 +77,20 @@ class LocalExplainer:
 class RemoteExplainer:
     """A running router's operator API: ``host:port`` of its gRPC side (service.grpc_address)."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls=None) -> None:
+        """``tls``: an EnvoyTlsSettings to reach a router serving TLS (service/tls.py)."""
         import grpc
 
         from .operator.v1 import operator_pb2_grpc as pb_grpc
 
-        self.channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)])
+        options = [("grpc.max_send_message_length", _MAX_MESSAGE), ("grpc.max_receive_message_length", _MAX_MESSAGE)]
+        if tls is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            from .service.tls import channel_credentials
+
+            creds, more = channel_credentials(tls)
+            self.channel = grpc.secure_channel(address, creds, options=options + more)
         self.stub = pb_grpc.OperatorStub(self.channel)
         self.origin = f"the router at {address}"
 

@@ -29,7 +29,7 @@ from typing import Callable
 import yaml
 
 from .config import Config, load_config
-from .service.envoy_config import EnvoyLayout, render_yaml
+from .service.envoy_config import EnvoyLayout, render_yaml, router_tls
 
 DEFAULT_MODEL = "meta-llama/Meta-Llama-3-8B-Instruct"
 
@@ -227,13 +227,9 @@ class Stack:
             _wait(self.router_ready, "router", 60, proc, self.workdir / "router.log")
 
     def router_ready(self) -> bool:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from .service.healthcheck import check
 
-        with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as ch:
-            resp = health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=1)
-        return resp.status == health_pb2.HealthCheckResponse.SERVING
+        return check(f"127.0.0.1:{self.grpc_port}", 1.0, router_tls(self.config), raises=True)
 
     def start_envoy(self) -> None:
         layout = EnvoyLayout(
@@ -241,7 +237,7 @@ class Stack:
             router_http_address=("127.0.0.1", self.http_port), routing_filter=self.config.service.routing_filter,
             pools=tuple((p.name, "127.0.0.1", self.pool_ports[p.name]) for p in self.config.budget.pools),
             pool_header=self.config.service.pool_header, header_prefix=self.config.service.header_prefix,
-            access_log_path=str(self.workdir / "access.log"))
+            access_log_path=str(self.workdir / "access.log"), router_tls=router_tls(self.config))
         path = self.workdir / "envoy.yaml"
         path.write_text(render_yaml(layout))
         self._spawn("envoy", [envoy_binary(), "-c", str(path), "--concurrency", "1", "--use-dynamic-base-id",

@@ -35,6 +35,10 @@ _PLAIN_ROLES = frozenset({"system", "developer", "user", "assistant"})
 _PLAIN_MESSAGE_KEYS = frozenset({"role", "content", "name"})
 _TEMPLATE_ARGS = ("chat_template", "chat_template_kwargs", "documents")
 _RESERVE_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+# /v1/messages: vLLM's Anthropic request model has max_tokens only (required there)
+_MESSAGES_RESERVE_FIELDS = ("max_tokens",)
+# vLLM drops system text blocks that start with this (Claude Code's per-request attribution)
+_BILLING_HEADER = "x-anthropic-billing-header"
 
 
 @dataclass(slots=True)
@@ -70,7 +74,7 @@ class Prompt:
 
 @dataclass(slots=True)
 class RequestShape:
-    api: str                             # "chat", "completions", "responses" or "unknown"
+    api: str                             # "chat", "completions", "responses", "messages", "count_tokens", "unknown"
     model: str = ""
     prompts: list[Prompt] = field(default_factory=list)
     output_tokens: int | None = None     # requested output reserve, when the body gives one
@@ -264,6 +268,136 @@ def _read_responses(body: dict, shape: RequestShape) -> None:
     shape.prompts.append(c.finish())
 
 
+def _read_messages(body: dict, shape: RequestShape) -> None:
+    """Anthropic Messages (``/v1/messages``), gathered as vLLM 0.32 turns it into a chat
+    (``entrypoints/anthropic/serving.py``): the top-level ``system`` is one system turn; each
+    message a turn; a user's ``tool_result`` a tool turn of its own. What the chat template
+    renders beyond the gathered text (tool calls, tool ids, template arguments) sets
+    ``template_extras``, as for a chat."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        shape.error = "messages missing or not a list"
+        return
+    c = _Collector(chat=1)
+    shape.template_extras |= body.get("chat_template_kwargs") is not None
+    system = body.get("system")
+    if system:
+        c.messages += 1
+        _add_system(c, system)
+    for m in messages:
+        if not isinstance(m, dict):
+            shape.error = "a message is not an object"
+            return
+        role, content = m.get("role"), m.get("content")
+        c.messages += role != "user" or not isinstance(content, list) or any(map(_is_part, content))
+        if role == "system":
+            _add_system(c, content)
+            continue
+        if role not in ("user", "assistant"):
+            shape.template_extras = True  # vLLM refuses it; measured, never bounded
+            c.add_json(role)
+        if isinstance(content, list):
+            for block in content:
+                shape.template_extras |= _add_block(c, block, role)
+        else:
+            c.add_content(content)
+    _read_message_tools(body.get("tools"), c)
+    output = body.get("output_config")
+    fmt = output.get("format") if isinstance(output, dict) else None
+    if isinstance(fmt, dict) and fmt.get("schema") is not None:  # becomes response_format json_schema
+        c.schema.append(_dumps(fmt["schema"]))
+    shape.prompts.append(c.finish())
+
+
+def _is_part(block: object) -> bool:
+    """A block that becomes part of its message's content (a user message made only of
+    tool_results is no turn of its own: vLLM sends only their tool turns)."""
+    return not isinstance(block, dict) or block.get("type") != "tool_result"
+
+
+def _add_system(c: _Collector, system: object) -> None:
+    """System text: a string or text blocks (vLLM joins them with nothing and drops billing
+    headers, which are left out here too). Other blocks there are measured as JSON."""
+    for block in system if isinstance(system, list) else [system]:
+        text = block.get("text") if isinstance(block, dict) and block.get("type") == "text" else block
+        if isinstance(text, str):
+            if not text.startswith(_BILLING_HEADER):
+                c.text.append(text)
+        elif text is not None:
+            c.add_json(text)
+
+
+def _add_block(c: _Collector, block: object, role: object) -> bool:
+    """One content block of a user or assistant message. True where the template renders more
+    than the text gathered (a tool call's JSON, a tool turn's id): the size bound is off then."""
+    kind = block.get("type") if isinstance(block, dict) else None
+    if kind == "text" or kind == "thinking":  # thinking: the turn's reasoning, which templates may print
+        value = block.get(kind)
+        if isinstance(value, str):
+            c.text.append(value)
+        elif value is not None:
+            c.add_json(value)
+        return False
+    if kind == "image":
+        c.media += 1
+        return False
+    if kind in ("redacted_thinking", "tool_reference"):
+        return False  # vLLM drops both
+    if kind == "tool_use":  # a tool call: its name, its input as arguments JSON
+        name = block.get("name")
+        if isinstance(name, str):
+            c.text.append(name)
+        c.add_json(block.get("input") or {})
+        return True
+    if kind == "tool_result":
+        _add_tool_result(c, block.get("content"), role == "user")
+        return True
+    c.add_part(block)  # anything else (vLLM refuses it): measured as the chat reader measures it
+    return True
+
+
+def _add_tool_result(c: _Collector, content: object, own_turn: bool) -> None:
+    """A user's tool_result is a tool turn of its own (and its images a user turn after it);
+    an assistant's becomes "Tool result: " and Python's ``str()`` of its content."""
+    if not own_turn:
+        c.text.append("Tool result: ")
+        if isinstance(content, str):
+            c.text.append(content)
+        elif content:
+            c.add_json(content)  # str() of a list of dicts: not the text's bytes, so no bound
+        return
+    c.messages += 1
+    if isinstance(content, list):
+        images = 0
+        for item in content:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "image":
+                images += 1
+            elif kind == "text" and isinstance(item.get("text"), str):
+                c.text.append(item["text"])
+            elif kind is not None:
+                c.add_json(item)
+        c.media += images
+        c.messages += images > 0
+    else:
+        c.add_content(content)
+
+
+def _read_message_tools(tools: object, c: _Collector) -> None:
+    """Anthropic tools, measured in the chat tool shape vLLM renders them in (``input_schema``
+    becomes ``parameters``), so that tool JSON is measured alike on both APIs."""
+    if not isinstance(tools, list):
+        c.add_json(tools)
+        return
+    c.tools += len(tools)
+    for tool in tools:
+        if isinstance(tool, dict):
+            fn = {k: tool[k] for k in ("name", "description") if k in tool}
+            fn["parameters"] = tool.get("input_schema")
+            tool = {"type": "function", "function": fn}
+        c.add_json(tool)
+
+
 def _is_token_ids(value: list) -> bool:
     return all(type(t) is int for t in value)
 
@@ -294,7 +428,8 @@ def _read_completions(body: dict, shape: RequestShape) -> None:
 
 
 def _read_output_reserve(body: dict, shape: RequestShape) -> None:
-    for key in _RESERVE_FIELDS:
+    fields = _MESSAGES_RESERVE_FIELDS if shape.api == "messages" else _RESERVE_FIELDS
+    for key in fields:
         if key not in body or body[key] is None:
             continue
         value = body[key]
@@ -330,6 +465,10 @@ def api_for_path(path: str) -> str:
         return "completions"
     if p.endswith("/responses"):
         return "responses"
+    if p.endswith("/messages"):
+        return "messages"
+    if p.endswith("/messages/count_tokens"):
+        return "count_tokens"
     return "unknown"
 
 
@@ -369,6 +508,12 @@ def read_request(body: bytes | bytearray | memoryview | str, path: str = "/v1/ch
             _read_completions(doc, shape)
         elif api == "responses":
             _read_responses(doc, shape)
+        elif api == "messages":
+            _read_messages(doc, shape)
+        elif api == "count_tokens":
+            # vLLM only renders and counts it: nothing is generated or held in a KV cache, and
+            # any pool answers it. Like the paths Envoy sends past the router: the largest pool.
+            shape.error = "count_tokens is not a generation: no budget"
         else:
             shape.error = "not an OpenAI chat, completions or responses body"
     except RecursionError:
@@ -377,6 +522,10 @@ def read_request(body: bytes | bytearray | memoryview | str, path: str = "/v1/ch
         shape.prompts.clear()
         return shape
     _read_output_reserve(doc, shape)
+    if shape.api == "messages" and doc.get("max_tokens") is None:
+        # vLLM answers 400 (max_tokens is required) whichever pool gets it; routed on its
+        # prompt with the default reserve, as a chat without one, not as unreadable
+        shape.notes.append("max_tokens missing (required by /v1/messages)")
     if measured:
         for p in shape.prompts:
             p.measure()

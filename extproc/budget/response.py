@@ -5,8 +5,10 @@ anywhere), and one judge that tells a misroute from its facts and the pool it wa
 The reader knows every release's way of saying it (real bytes: ``shared/data/vllm``):
 
 * ``usage.prompt_tokens`` (chat, completions) or ``usage.input_tokens`` (``/v1/responses``,
-  ``/v1/messages``), in a JSON body or in a stream's usage event;
-* a context-length 400 in each wording from vLLM 0.11 to 0.33, with the count it states and
+  ``/v1/messages``: plus its ``cache_*_input_tokens``, which Anthropic's count leaves out), in a
+  JSON body or in a stream's usage event (``message_start`` and ``message_delta`` for Messages);
+* a context-length 400 in each wording from vLLM 0.11 to 0.33 (OpenAI's error envelope, or
+  Anthropic's ``{"type": "error", "error": {...}}`` on ``/v1/messages``), with the count it states and
   whether that count is exact (0.32+ tokenizes a text prompt only to window + 1 and says
   "at least"; a very long text gets a character count and no token count at all);
 * the 0.32+ ``max_tokens`` 400s: "must be at least 1, got 0" (the prompt fills the window) and
@@ -63,10 +65,11 @@ _ERRORS: tuple[tuple[re.Pattern, str | None], ...] = (
     (re.compile(r"too large: (?P<output>\d+)\. This model's " + _CTX + r" and your request has "
                 r"(?P<prompt>\d+) input tokens"), OUTPUT_OVER_WINDOW),
     # 0.32+: the window left no room for output (prompt == window)
-    (re.compile(r"max_tokens must be at least 1, got 0\b"), PROMPT_FILLS_WINDOW),
-    # 0.32+: "max_tokens=9000 cannot be greater than max_model_len=8192"
-    (re.compile(r"max_tokens=(?P<output>\d+) cannot be greater than max_model_len=(?P<window>\d+)"),
-     OUTPUT_OVER_WINDOW),
+    (re.compile(r"max_(?:completion_)?tokens must be at least 1, got 0\b"), PROMPT_FILLS_WINDOW),
+    # 0.32+: "max_tokens=9000 cannot be greater than max_model_len=8192"; named
+    # max_completion_tokens where the request set that (/v1/messages sets both)
+    (re.compile(r"max_(?:completion_)?tokens=(?P<output>\d+) cannot be greater than "
+                r"max_model_len=(?P<window>\d+)"), OUTPUT_OVER_WINDOW),
 )
 
 
@@ -134,6 +137,9 @@ def _error_message(text: str) -> str:
     return text
 
 
+_ANTHROPIC_CACHE_KEYS = ("cache_read_input_tokens", "cache_creation_input_tokens")
+
+
 def _usage_counts(doc: object) -> tuple[int | None, int | None]:
     """(prompt, completion) tokens of a usage-carrying object: chat/completions ``usage``, the
     Responses API's ``response.usage`` (stream events wrap it), Anthropic's ``message.usage``."""
@@ -142,6 +148,12 @@ def _usage_counts(doc: object) -> tuple[int | None, int | None]:
     usage = doc.get("usage")
     if isinstance(usage, dict):
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        if "prompt_tokens" not in usage and type(prompt) is int:
+            # Anthropic's input_tokens leave out the cached prompt: vLLM 0.32 subtracts the
+            # cache_read/cache_creation counts it reports beside it (anthropic/serving.py)
+            for key in _ANTHROPIC_CACHE_KEYS:
+                cached = usage.get(key)
+                prompt += cached if type(cached) is int and cached > 0 else 0
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
         return (prompt if type(prompt) is int and prompt > 0 else None,
                 completion if type(completion) is int and completion >= 0 else None)

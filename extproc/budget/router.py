@@ -100,14 +100,14 @@ class BudgetRouter:
         self.estimator = estimator or make_estimator(s.estimator, **settings)
         self.guard = LearningGuard(GuardSettings(s.client_share, s.client_window))
 
-    @classmethod
-    def from_config(cls, path: str | None) -> "BudgetRouter":
-        """Built-in defaults with None; else the budget part of a YAML config file."""
-        if path is None:
-            return cls()
-        from ..config import load_config  # the shell reads files; the core stays pure
-
-        return cls(load_config(path).budget)
+    def reconfigure(self, settings: BudgetSettings) -> None:
+        """New pools, reserves and families from the next decision on (a reloaded config). The
+        estimator and the learning guard stay as they are, with what they learned: their own
+        settings are fixed at start (service/reload.py refuses a change of them)."""
+        if settings.default_family not in self.families:
+            raise ValueError(f"default_family {settings.default_family!r} has no priors")
+        self.pools = order_pools(settings.pools)
+        self.settings = settings
 
     def family_for(self, model: str) -> Family:
         m = model.lower()

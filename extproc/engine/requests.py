@@ -134,7 +134,9 @@ def read_messages(body: Any, s: Serving) -> GenerationRequest:
     requested = _int_field(body, "max_tokens", required=True)
     stream = _bool_field(body, "stream")
     _check_model(model, s)
-    prompt = _prompt(s, "messages", body, requested, "max_tokens")
+    # vLLM passes max_tokens on as max_tokens and max_completion_tokens; the check over the
+    # window names the latter (the "at least 1" one, max_tokens: tests/budget/vllm_messages)
+    prompt = _prompt(s, "messages", body, requested, "max_completion_tokens")
     limit = s.version.output_limit(prompt, requested, s.window)
     # vLLM streams /v1/messages as a chat stream with include_usage and continuous_usage_stats
     return GenerationRequest("messages", s.served[0], (prompt,), (limit,), requested, 1, stream, stream, stream)

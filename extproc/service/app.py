@@ -34,9 +34,12 @@ from ..config import Config
 from .check import CheckServer
 from .metrics import Metrics
 from .operator import add_to_server as add_operator_api
+from .pool_load import PoolLoadReader
 from .processor import ExtProcServicer, RequestEndsServicer
+from .reload import ConfigReloader
 from .router import Router
 from .shared_state import SharedState
+from .tls import TlsFiles
 
 log = logging.getLogger("extproc.service")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -192,6 +195,15 @@ def write_snapshot(text: str, path: str) -> None:
         raise
 
 
+def _snapshot_directory(path: str) -> None:
+    """The snapshot's directory, made if missing (the default, ~/.local/state/extproc, often is);
+    one that cannot be made costs the snapshot (a warning at each save), never the start."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        log.warning("calibration snapshot directory for %s not made: %s", path, exc.strerror)
+
+
 def save_snapshot(budget: BudgetRouter, path: str) -> None:
     write_snapshot(json.dumps(budget.snapshot()), path)
 
@@ -217,20 +229,29 @@ class Service:
         self.metrics = Metrics(self.budget.calibration_states)
         self.router = Router(self.budget, config.service, self.metrics)
         self.server: grpc.aio.Server | None = None
+        self.ext_proc = ExtProcServicer(self.router)
+        self.tls: TlsFiles | None = None
+        self._watchers: list[asyncio.Task] = []  # the TLS files' and the config file's polls
+        self._retired: list[asyncio.Task] = []   # readers a reload replaced, stopping
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self.check: CheckServer | None = None
         self._snapshot_task: asyncio.Task | None = None
         self.shared: SharedState | None = None
         self._metrics_server: MetricsServer | None = None
+        self.pool_load: PoolLoadReader | None = None  # reads the pools' metrics for spillover
         self.tracker = RequestTracker()
         self.hurry = asyncio.Event()  # set (a second signal): stop waiting for in-flight requests
 
     async def start(self, grpc_address: str | None = None, metrics_address: str | None = "",
                     http_address: str | None = None) -> None:
         s = self.config.service
-        if s.snapshot_path and restore_snapshot(self.budget, s.snapshot_path):
-            log.info("calibration restored from %s", s.snapshot_path)
+        if s.tls is not None:  # first: bad files fail the start before anything is bound
+            self.tls = TlsFiles(s.tls, on_reload=lambda outcome: self.metrics.tls_reloads.labels(outcome).inc())
+        if s.snapshot_path:
+            _snapshot_directory(s.snapshot_path)
+            if restore_snapshot(self.budget, s.snapshot_path):
+                log.info("calibration restored from %s", s.snapshot_path)
         if s.shared_state:  # before serving: a new replica starts from the fleet's state (bounded wait)
             await self._follow_shared_state(s)
         maddr = s.metrics_address if metrics_address == "" else metrics_address
@@ -243,7 +264,8 @@ class Service:
         if s.routing_filter == "ext_authz":
             self.check = CheckServer(self.router)
             try:
-                await self.check.start(http_address or s.http_address)
+                await self.check.start(http_address or s.http_address,
+                                       self.tls.check_context() if self.tls else None)
             except OSError:
                 self._release_ports()
                 raise
@@ -251,13 +273,14 @@ class Service:
         self.server = grpc.aio.server(interceptors=[self.tracker], options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 0)])
-        pb_grpc.add_ExternalProcessorServicer_to_server(ExtProcServicer(self.router), self.server)
+        pb_grpc.add_ExternalProcessorServicer_to_server(self.ext_proc, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         als_pb2_grpc.add_AccessLogServiceServicer_to_server(RequestEndsServicer(self.router), self.server)
         add_operator_api(self.router, s.operator_api, self.server)
         address = grpc_address or s.grpc_address
         try:
-            self.port = self.server.add_insecure_port(address)
+            self.port = (self.server.add_secure_port(address, self.tls.grpc_credentials()) if self.tls
+                         else self.server.add_insecure_port(address))
         except RuntimeError:  # grpcio's way of saying the address is taken or invalid
             self.port = 0
         if not self.port:
@@ -270,8 +293,13 @@ class Service:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.snapshot_path:
             self._snapshot_task = asyncio.create_task(self._snapshot_loop())
-        log.info("serving ext_proc on %s (port %d)%s, metrics on %s, pools %s, operator API %s%s",
+        if self.tls is not None:
+            self.watch(self.tls.poll, lambda: s.tls.reload_s)
+        if self.router.readings is not None:
+            self._start_pool_load()
+        log.info("serving ext_proc on %s (port %d)%s%s, metrics on %s, pools %s, operator API %s%s",
                  grpc_address or s.grpc_address, self.port,
+                 f" over {'mTLS' if self.tls.mutual else 'TLS'}" if self.tls else "",
                  f", ext_authz checks on port {self.check.port}" if self.check else "", maddr or "-",
                  ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools), s.operator_api,
                  " [shadow]" if s.shadow else "")
@@ -283,6 +311,45 @@ class Service:
         self.shared = SharedState(s.shared_state, self.budget, self.router.apply_sample, self.metrics.registry)
         self.router.shared = self.shared
         await self.shared.start()
+
+    def _start_pool_load(self) -> None:
+        m = self.metrics
+        self.pool_load = PoolLoadReader(self.router.readings, lambda p, o: m.child(m.pool_reads, p, o).inc())
+        self.pool_load.start()
+
+    def watch(self, poll, period_s) -> None:
+        """Call ``poll()`` every ``period_s()`` seconds until the stop (read each time: a reload may
+        change it; 0 pauses the poll). A poll that fails is logged and tried again."""
+        async def loop() -> None:
+            while True:
+                period = period_s()
+                await asyncio.sleep(period or 1.0)
+                if not period:
+                    continue
+                try:
+                    poll()
+                except Exception:  # noqa: BLE001 - a watcher never stops the service
+                    log.exception("watcher failed")
+        self._watchers.append(asyncio.create_task(loop()))
+
+    def apply_config(self, config: Config) -> None:
+        """Install a reloaded config (service/reload.py has refused it if any field needs a
+        restart). The calibration, in-flight counts and awaited responses stay."""
+        readings = self.router.readings
+        self.budget.reconfigure(config.budget)
+        self.router.reconfigure(config.service)
+        self.ext_proc.refresh()
+        self.config = config
+        if self.router.readings is not readings and self.pool_load is not None:  # spillover changed
+            self._retired = [t for t in self._retired if not t.done()] + [asyncio.create_task(self.pool_load.stop())]
+            self.pool_load = None
+        if self.router.readings is not None and self.pool_load is None and self.server is not None:
+            self._start_pool_load()
+
+    def reloader(self, path: str | None, load) -> ConfigReloader:
+        """Reloads of ``load()`` (the config as ``serve`` loads it) into this service."""
+        return ConfigReloader(path, load, lambda: self.config, self.apply_config,
+                              lambda outcome: self.metrics.config_reloads.labels(outcome).inc())
 
     def _release_ports(self) -> None:
         """After a failed start: free the metrics port (the check server is the caller's)."""
@@ -308,6 +375,8 @@ class Service:
         t0 = time.monotonic()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for task in self._watchers:
+            task.cancel()
         if self._snapshot_task:
             self._snapshot_task.cancel()
             try:
@@ -316,6 +385,9 @@ class Service:
                 pass
         grace = s.grace_period_s if grace is None else grace
         await asyncio.gather(self._stop_grpc(grace), self._stop_check(grace))
+        if self.pool_load is not None:  # after the drain: checks still answered keep spilling right
+            await self.pool_load.stop()
+        await asyncio.gather(*self._retired, return_exceptions=True)
         if self.shared is not None:  # after the drain: its samples are published too
             await self.shared.stop()
         log.info("stopped after %.2fs", time.monotonic() - t0)
@@ -364,12 +436,19 @@ def install_event_loop() -> None:
     uvloop.install()
 
 
-async def run(config: Config) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully; a second signal stops at once."""
+async def run(config: Config, path: str | None = None, load=None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully; a second signal stops at once. SIGHUP,
+    or a change of the file at ``path``, reloads the config with ``load()`` (service/reload.py)."""
     service = Service(config)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    if load is not None:
+        reloader = service.reloader(path, load)
+        loop.add_signal_handler(signal.SIGHUP, lambda: reloader.reload("SIGHUP"))
+        if path is not None:
+            service.watch(lambda: reloader.file_changed() and reloader.reload("file changed"),
+                          lambda: service.config.service.config_reload_s)
 
     def signalled() -> None:
         if stop.is_set():

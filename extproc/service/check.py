@@ -7,8 +7,8 @@ upstream request (``allowed_upstream_headers``) before clearing the route cache.
 one response on a kept-alive connection, instead of a gRPC stream with two round trips: measured
 here about 5x less router CPU than the ext_proc stream (benchmarks/overhead.py).
 
-What it cannot do is see the request end, so in-flight counts (spillover) and include_usage
-injection need the ext_proc routing filter (``service.routing_filter: ext_proc``). The usage filter
+What it cannot do is see the request end (Envoy's access-log stream tells the in-flight counts),
+so include_usage injection needs the ext_proc routing filter (``service.routing_filter: ext_proc``). The usage filter
 (ext_proc, observability mode, only requests whose response is read) is the same for both.
 
 Who sent a request is read from the headers Envoy forwards with the check (``Router.client_of``:
@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import deque
-from typing import Callable
+from typing import Awaitable
 
 import httptools
 
@@ -57,11 +58,14 @@ class CheckServer:
         self._sweeper: asyncio.Task | None = None
         self.port: int | None = None
 
-    async def start(self, address: str) -> int:
+    async def start(self, address: str, ssl_context: ssl.SSLContext | None = None) -> int:
+        """Listen on ``address``; over TLS with ``ssl_context`` (service/tls.py: a new connection
+        gets the certificate current at its handshake)."""
         host, _, port = address.rpartition(":")
         loop = asyncio.get_running_loop()
         try:
-            self._server = await loop.create_server(lambda: _CheckProtocol(self), host, int(port))
+            self._server = await loop.create_server(lambda: _CheckProtocol(self), host, int(port), ssl=ssl_context,
+                                                    ssl_handshake_timeout=10.0 if ssl_context else None)
         except OSError as exc:
             raise OSError(f"cannot bind the HTTP check address {address}: {exc.strerror}") from None
         self.port = self._server.sockets[0].getsockname()[1]
@@ -170,27 +174,33 @@ class _CheckProtocol(asyncio.Protocol):
             path = url.decode("latin-1")
             if path.startswith(CHECK_PREFIX):
                 path = path[len(CHECK_PREFIX):]
-            if body is not None and len(body) > self.r.s.offload_bytes:
-                # Keep the loop free for other checks: only the pure estimate runs in a thread.
-                self.working = True
-                self.transport.pause_reading()
-                self.server.busy += 1
-                asyncio.ensure_future(self._answer_offloaded(path, body, keep_alive, client))
-                return
+            t0 = time.perf_counter()
             self.server.busy += 1
             try:
-                self._send(self._decide(path, body, client), keep_alive)
-            finally:
+                # An over-long body is routed as no body at all: unreadable, so the largest pool.
+                routed = self.r.route(body or b"", path, ended_by_log=True, client=client)
+            except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
+                routed = None
+                self._failed()
+            if isinstance(routed, Routed) or routed is None:
                 self.server.busy -= 1
+                self._send(self._answer(routed, t0), keep_alive)
+                continue
+            # it waits (a large body read in a worker thread): answer in order, so read no more meanwhile
+            self.working = True
+            self.transport.pause_reading()
+            asyncio.ensure_future(self._answer_later(routed, keep_alive, t0))
+            return
 
-    async def _answer_offloaded(self, path: str, body: bytes, keep_alive: bool, client: str | None) -> None:
+    async def _answer_later(self, routed: Awaitable[Routed], keep_alive: bool, t0: float) -> None:
         try:
-            t0 = time.perf_counter()
-            # (route_learnable() never raises)
-            d, observation = await asyncio.to_thread(self.r.budget.route_learnable, body, path)
+            try:
+                done: Routed | None = await routed
+            except Exception:  # noqa: BLE001 - as above
+                done = None
+                self._failed()
             if self._open():  # else Envoy gave up (timeout) or went away: nothing would end it
-                self._send(self._answer_or_default(
-                    lambda: self.r.record(d, observation, body, ended_by_log=True, client=client), t0), keep_alive)
+                self._send(self._answer(done, t0), keep_alive)
         finally:
             self.server.busy -= 1
             self.working = False
@@ -198,26 +208,22 @@ class _CheckProtocol(asyncio.Protocol):
                 self.transport.resume_reading()
                 self._answer_queued()
 
-    def _decide(self, path: str, body: bytes | None, client: str | None) -> bytes:
-        # An over-long body is decided on no body at all: unreadable, so the largest pool.
-        return self._answer_or_default(lambda: self.r.decide(body or b"", path, ended_by_log=True, client=client),
-                                       time.perf_counter())
+    def _failed(self) -> None:
+        self.r.metrics.stream_errors.inc()
+        log.exception("check failed")
 
-    def _answer_or_default(self, routed: Callable[[], Routed], t0: float) -> bytes:
-        """The answer for a decision; any failure still answers 200, with no pool header: Envoy's
-        default route, the largest pool."""
-        try:
-            answer = self._answer(routed())
-        except Exception:  # noqa: BLE001 - never a non-200: the default route holds anything
-            self.r.metrics.stream_errors.inc()
-            log.exception("check failed")
-            answer = _EMPTY_200
+    def _answer(self, routed: Routed | None, t0: float) -> bytes:
+        """The answer for a decision; a failure (None) still answers 200, with no pool header:
+        Envoy's default route, the largest pool."""
+        answer = _EMPTY_200
+        if routed is not None:
+            try:
+                head = "".join(f"{k}: {v}\r\n" for k, v in self.r.decision_headers(routed))
+                answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + head.encode("latin-1") + b"\r\n"
+            except Exception:  # noqa: BLE001 - as above
+                self._failed()
         self.r.metrics.phase["request_body"].observe(time.perf_counter() - t0)
         return answer
-
-    def _answer(self, routed: Routed) -> bytes:
-        head = "".join(f"{k}: {v}\r\n" for k, v in self.r.decision_headers(routed))
-        return b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n" + head.encode("latin-1") + b"\r\n"
 
     def _send(self, response: bytes, keep_alive: bool) -> None:
         if self.transport is None:

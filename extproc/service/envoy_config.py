@@ -36,10 +36,10 @@ from dataclasses import dataclass
 
 import yaml
 
-from ..config import ServiceSettings
+from ..config import ConfigError, EnvoyTlsSettings, ServiceSettings
 from .check import CHECK_PREFIX, HEALTH_PATH
 
-LLM_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+LLM_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
 ROUTE_FILTER = "extproc.route"
 METADATA_NAMESPACE = "extproc.route"  # dynamic metadata the router emits (access logs)
 USAGE_FILTER = "extproc.usage"
@@ -74,6 +74,8 @@ class EnvoyLayout:
     # above it instead of running out of memory or file descriptors). LLM calls are long: at
     # 1,000 req/s of 30 s streams about 30,000 are open at once, so the cap sits above that.
     max_downstream_connections: int = 50_000
+    # TLS to the router (service.tls.envoy): both router clusters get an UpstreamTlsContext
+    router_tls: EnvoyTlsSettings | None = None
 
 
 def _socket(host: str, port: int) -> dict:
@@ -121,6 +123,24 @@ def _cluster(name: str, host: str, port: int, http2: bool = False, health_path: 
         # without waiting for a connection that cannot come.
         c["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     return c
+
+
+def upstream_tls(tls: EnvoyTlsSettings, alpn: str) -> dict:
+    """The transport socket of a cluster that reaches the router over TLS: the router's
+    certificate checked against ``ca`` (and its name, with ``server_name``, also sent as SNI), and
+    under mTLS Envoy's own certificate. ``alpn``: h2 for gRPC, http/1.1 for the check endpoint."""
+    common: dict = {"alpn_protocols": [alpn], "validation_context": {"trusted_ca": {"filename": tls.ca}}}
+    if tls.server_name:
+        common["validation_context"]["match_typed_subject_alt_names"] = [
+            {"san_type": "DNS", "matcher": {"exact": tls.server_name}}]
+    if tls.cert:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": tls.cert},
+                                       "private_key": {"filename": tls.key}}]
+    ctx: dict = {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                 "common_tls_context": common}
+    if tls.server_name:
+        ctx["sni"] = tls.server_name
+    return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
 
 
 def _route(match: dict, cluster: str, timeout_s: int, per_filter: dict) -> dict:
@@ -275,9 +295,13 @@ def render(layout: EnvoyLayout | None = None, with_router: bool = True) -> dict:
         for route in routes:
             route["typed_per_filter_config"] = {}
     clusters = [_cluster(f"pool_{name}", host, port) for name, host, port in lay.pools]
-    clusters.append(_cluster(lay.router_cluster, *lay.router_address, http2=True))
+    router = [_cluster(lay.router_cluster, *lay.router_address, http2=True)]
     if with_router and lay.routing_filter == "ext_authz":
-        clusters.append(_cluster(lay.router_http_cluster, *lay.router_http_address, health_path=HEALTH_PATH.decode()))
+        router.append(_cluster(lay.router_http_cluster, *lay.router_http_address, health_path=HEALTH_PATH.decode()))
+    if lay.router_tls is not None:
+        for c, alpn in zip(router, ("h2", "http/1.1")):
+            c["transport_socket"] = upstream_tls(lay.router_tls, alpn)
+    clusters += router
     return {
         "admin": {"address": _socket(lay.admin_address, lay.admin_port)},
         "overload_manager": overload_manager(lay),
@@ -308,9 +332,11 @@ def overload_manager(lay: EnvoyLayout) -> dict:
 def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
                        upstreams: list[str] | tuple[str, ...] = (), message_timeout_ms: int = 1000,
                        listen_address: str = "127.0.0.1", router: str | None = None,
-                       router_http: str | None = None, admin_address: str = "127.0.0.1") -> EnvoyLayout:
+                       router_http: str | None = None, admin_address: str = "127.0.0.1",
+                       with_tls: bool = True) -> EnvoyLayout:
     """The Envoy layout for a router config; ``upstreams`` are ``pool=host:port`` (default:
-    127.0.0.1:8001, 8002, … in pool order)."""
+    127.0.0.1:8001, 8002, … in pool order). ``with_tls=False``: no TLS to the router even if it
+    serves it (a gateway that sets up its own, from Kubernetes Secrets)."""
     given = {}
     for item in upstreams:
         name, _, addr = item.partition("=")
@@ -331,11 +357,22 @@ def layout_from_config(config, listen_port: int = 10000, admin_port: int = 9901,
     if not hhost or not hport.isdigit():
         raise ValueError(f"router HTTP address must be host:port, got {router_http!r}")
     return EnvoyLayout(listen_address=listen_address, listen_port=listen_port, admin_address=admin_address,
-                       admin_port=admin_port, router_address=(rhost, int(rport)),
+                       router_tls=router_tls(config) if with_tls else None, admin_port=admin_port, router_address=(rhost, int(rport)),
                        router_http_address=(hhost, int(hport)), routing_filter=config.service.routing_filter,
                        upstream_timeout_s=max(1, int(config.service.max_request_s)),
                        pools=tuple(pools), pool_header=config.service.pool_header,
                        header_prefix=config.service.header_prefix, message_timeout_ms=message_timeout_ms)
+
+
+def router_tls(config) -> EnvoyTlsSettings | None:
+    """How Envoy reaches this router: None in plaintext; under TLS the config must say (ConfigError)."""
+    tls = config.service.tls
+    if tls is None:
+        return None
+    if tls.envoy is None:
+        raise ConfigError("service.tls.envoy", "the router serves TLS: Envoy's side (ca, and under mTLS cert and "
+                          "key) is needed to render its clusters")
+    return tls.envoy
 
 
 def render_yaml(layout: EnvoyLayout | None = None, with_router: bool = True) -> str:

@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from ..config import ServiceSettings
+from ..config import EnvoyTlsSettings, ServiceSettings
 
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
@@ -25,28 +25,41 @@ def default_address(environ: dict[str, str] | None = None) -> str:
     return f"127.0.0.1:{configured.rpartition(':')[2]}"
 
 
-def check(address: str, timeout_s: float = 2.0) -> bool:
+def check(address: str, timeout_s: float = 2.0, tls: EnvoyTlsSettings | None = None, raises: bool = False) -> bool:
     """Whether the router at ``address`` reports its ext_proc service SERVING (False when draining,
-    down or not answering in time)."""
+    down or not answering in time; ``raises``: the RpcError instead). ``tls``: reach it over TLS
+    as Envoy does (service.tls.envoy)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    if tls is not None:
+        from .tls import channel_credentials
+
+        creds, options = channel_credentials(tls)
+        channel = grpc.secure_channel(address, creds, options=options)
+    else:
+        channel = grpc.insecure_channel(address)
     try:
-        with grpc.insecure_channel(address) as channel:
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout_s)
     except grpc.RpcError:
+        if raises:
+            raise
         return False
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .tls import add_client_arguments, client_settings
+
     parser = argparse.ArgumentParser(prog="python -m extproc.service.healthcheck", description=__doc__)
     parser.add_argument("--address", help="host:port of the router's gRPC service")
     parser.add_argument("--timeout", type=float, default=2.0, help="seconds to wait for the answer")
+    add_client_arguments(parser)
     args = parser.parse_args(argv)
     address = args.address or default_address()
-    healthy = check(address, args.timeout)
+    healthy = check(address, args.timeout, client_settings(args, parser))
     print(f"router at {address}: {'SERVING' if healthy else 'not serving'}")
     return 0 if healthy else 1
 

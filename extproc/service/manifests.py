@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from ..config import Config, load_config
+from ..config import Config, parse_config
 from .envoy_config import (
     BUFFER_LIMIT,
     LLM_PATHS,
@@ -85,6 +85,14 @@ class ClusterNames:
     epp_port: int = 9002
     epp_health_port: int = 9003
     epp_metrics_port: int = 9090
+    # TLS to the router (rendered when config/router.yaml sets service.tls): the router's own
+    # certificate (a kubernetes.io/tls Secret mounted in its pod, router.yaml), and what the
+    # gateway verifies it with and, under mTLS, presents: Istio reads a Secret with ca.crt (and
+    # tls.crt/tls.key) in the gateway's namespace; Envoy Gateway a ConfigMap with ca.crt
+    # (BackendTLSPolicy) and a kubernetes.io/tls Secret beside its Gateway.
+    router_tls_secret: str = "extproc-router-tls"
+    gateway_tls_secret: str = "extproc-router-client-tls"
+    router_ca_configmap: str = "extproc-router-ca"
     # The calibration every router replica shares (service.shared_state; envoy/kubernetes/redis.yaml)
     redis_service: str = "extproc-redis"
     redis_image: str = "redis:7"
@@ -244,13 +252,36 @@ def istio_routing(config: Config, names: ClusterNames) -> list[dict]:
                        # Generation takes minutes: no idle cut, and the least busy vLLM replica.
                        "loadBalancer": {"simple": "LEAST_REQUEST"},
                        "connectionPool": {"http": {"idleTimeout": "3600s", "maxRetries": 0}}}}} for p in pools]
-    return [gateway, virtual_service, router_destination_rule(names), *pool_rules]
+    return [gateway, virtual_service, router_destination_rule(names, config), *pool_rules]
 
 
-def router_destination_rule(names: ClusterNames) -> dict:
+def router_server_name(config: Config, names: ClusterNames) -> str:
+    """The name the gateway checks in the router's certificate (and sends as SNI)."""
+    tls = config.service.tls
+    return (tls.envoy.server_name if tls and tls.envoy and tls.envoy.server_name
+            else names.fqdn(names.router_service))
+
+
+def istio_router_tls(config: Config, names: ClusterNames) -> dict:
+    """The gateway's TLS to a router serving it (Istio's ClientTLSSettings): the router's name
+    checked, the CA from a Secret in the gateway's namespace (with Envoy's client certificate
+    under mTLS). Without service.tls: the mesh's own mTLS (ISTIO_MUTUAL), as for any Service."""
+    tls = config.service.tls
+    if tls is None:
+        return {}
+    name = router_server_name(config, names)
+    client = {"mode": "MUTUAL" if tls.client_ca else "SIMPLE", "credentialName": names.gateway_tls_secret,
+              "sni": name, "subjectAltNames": [name]}
+    # on the two ports the router serves TLS on (its metrics stay plain HTTP)
+    return {"portLevelSettings": [{"port": {"number": port}, "tls": dict(client)}
+                                  for port in (names.grpc_port, names.http_port)]}
+
+
+def router_destination_rule(names: ClusterNames, config: Config | None = None) -> dict:
     return {"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
             "metadata": {"name": names.router_service, "namespace": names.namespace},
             "spec": {"host": names.fqdn(names.router_service), "trafficPolicy": {
+                **(istio_router_tls(config, names) if config else {}),
                 # Checks and streams are short and many: keep connections, spread them, and
                 # take a failing replica out fast (the filter fails open meanwhile).
                 "loadBalancer": {"simple": "LEAST_REQUEST"},
@@ -265,7 +296,7 @@ def router_destination_rule(names: ClusterNames) -> dict:
 def envoy_gateway(config: Config, names: ClusterNames) -> list[dict]:
     """Gateway API routing on the pool header plus Envoy Gateway's policies: the router as an
     ext_proc filter (EnvoyExtensionPolicy) on the LLM routes, buffer limits raised."""
-    lay = layout_from_config(config, message_timeout_ms=EnvoyLayout().message_timeout_ms)
+    lay = layout_from_config(config, message_timeout_ms=EnvoyLayout().message_timeout_ms, with_tls=False)
     pools = [p.name for p in config.budget.pools]
     largest = pools[-1]
     ns = names.namespace
@@ -318,7 +349,27 @@ def envoy_gateway(config: Config, names: ClusterNames) -> list[dict]:
                       "spec": {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
                                                "name": "llm-pools"}],
                                "connection": {"bufferLimit": f"{BUFFER_LIMIT >> 20}Mi"}}}
-    return [gateway_class, gateway, llm_route, other_route, extension, client, backend_policy]
+    return [gateway_class, gateway, llm_route, other_route, extension, client, backend_policy,
+            *envoy_gateway_router_tls(config, names, gateway)]
+
+
+def envoy_gateway_router_tls(config: Config, names: ClusterNames, gateway: dict) -> list[dict]:
+    """With service.tls: a BackendTLSPolicy on the router's Service (its certificate checked against
+    the CA in a ConfigMap, for the router's name) and, under mTLS, the Gateway's client certificate
+    for backends (``spec.tls.backend``; Envoy presents it to a backend that asks, the router)."""
+    tls = config.service.tls
+    if tls is None:
+        return []
+    if tls.client_ca:
+        gateway["spec"]["tls"] = {"backend": {"clientCertificateRef": {
+            "group": "", "kind": "Secret", "name": names.gateway_tls_secret}}}
+    return [{"apiVersion": "gateway.networking.k8s.io/v1", "kind": "BackendTLSPolicy",
+             "metadata": {"name": names.router_service, "namespace": names.namespace},
+             "spec": {"targetRefs": [{"group": "", "kind": "Service", "name": names.router_service,
+                                      "sectionName": "grpc"}],  # the port ext_proc reaches (metrics stay plain)
+                      "validation": {"caCertificateRefs": [{"group": "", "kind": "ConfigMap",
+                                                            "name": names.router_ca_configmap}],
+                                     "hostname": router_server_name(config, names)}}}]
 
 
 # -- Gateway API Inference Extension (Istio) ---------------------------------------------------------
@@ -388,7 +439,7 @@ def gie_routing(config: Config, names: ClusterNames) -> list[dict]:
              "spec": {"parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
                                       "name": names.inference_gateway}],
                       "rules": rules}}
-    return [gateway, route, router_destination_rule(names)]
+    return [gateway, route, router_destination_rule(names, config)]
 
 
 # The picker's scheduling, as GIE's chart configures it for vLLM (queue, KV-cache and prefix-cache
@@ -537,11 +588,13 @@ def shared_state_redis(names: ClusterNames) -> list[dict]:
 
 # -- all files ----------------------------------------------------------------------------------------
 
-def render_all(root: pathlib.Path, names: ClusterNames | None = None) -> dict[str, str]:
-    """Every generated deployment file: repository-relative path -> text."""
+def render_all(root: pathlib.Path, names: ClusterNames | None = None, config_text: str | None = None) -> dict[str, str]:
+    """Every generated deployment file: repository-relative path -> text (``config_text``: another
+    router config than the checkout's, e.g. one with service.tls)."""
     names = names or ClusterNames()
-    config_text = (root / ROUTER_CONFIG).read_text()
-    config = load_config(str(root / ROUTER_CONFIG), environ={})
+    if config_text is None:
+        config_text = (root / ROUTER_CONFIG).read_text()
+    config = parse_config(yaml.safe_load(config_text), ROUTER_CONFIG)
     source = ROUTER_CONFIG
     compose = layout_from_config(config, **COMPOSE_ENVOY)
     head = _HEAD.format(source=source)

@@ -29,8 +29,13 @@ class Metrics:
         self.estimate_error = Histogram(
             "extproc_estimate_error_ratio", "Prompt estimate error, true/estimate - 1 (before learning)",
             ["family"], buckets=_ERROR_BUCKETS, registry=r)
-        self.spillovers = Counter("extproc_spillovers", "Requests sent to a larger pool because the "
-                                  "preferred one was at its in-flight limit", ["from_pool", "to_pool"], registry=r)
+        self.spillovers = Counter("extproc_spillovers", "Requests sent to a larger pool because the preferred "
+                                  "one was under pressure (its own metrics)", ["from_pool", "to_pool"], registry=r)
+        self.spill_held = Counter("extproc_spillover_held", "Requests kept in their pool by spillover: no fresh "
+                                  "reading to decide on (stale), or no larger pool with room (no_room)",
+                                  ["pool", "why"], registry=r)
+        self.pool_reads = Counter("extproc_pool_metrics_reads", "Reads of the pools' vLLM metrics pages by "
+                                  "outcome (service/pool_load.py OUTCOMES)", ["pool", "outcome"], registry=r)
         self.misroutes = Counter("extproc_misroutes", "Requests sent to a pool that could not hold them, by what "
                                  "vLLM showed (its kind: prompt_over_window, prompt_fills_window, "
                                  "output_over_window, output_clamped)", ["pool", "kind"], registry=r)
@@ -43,6 +48,10 @@ class Metrics:
                                    "(counted out of in-flight after service.max_request_s)", registry=r)
         self.stream_errors = Counter("extproc_stream_errors", "ext_proc streams that ended with an error",
                                      registry=r)
+        self.config_reloads = Counter("extproc_config_reloads", "Config reloads by outcome (applied, unchanged, "
+                                      "invalid, restart_required)", ["outcome"], registry=r)
+        self.tls_reloads = Counter("extproc_tls_reloads", "TLS certificate file changes by outcome (reloaded, "
+                                   "invalid: the last good certificate stays)", ["outcome"], registry=r)
         if calibration is not None:
             r.register(_CalibrationCollector(calibration))
         self.phase = {p: self.phase_seconds.labels(p) for p in PHASES}
@@ -51,6 +60,10 @@ class Metrics:
     def watch_inflight(self, counts: Callable[[], dict[str, int]]) -> None:
         """In-flight requests per pool, read at scrape time (the request path only bumps an int)."""
         self.registry.register(_InflightCollector(counts))
+
+    def watch_pool_load(self, views: Callable[[], Iterable]) -> None:
+        """The pools' load as spillover sees it (pool_load.LoadView per read pool), at scrape time."""
+        self.registry.register(_PoolLoadCollector(views))
 
     def child(self, metric, *values: str):
         """``metric.labels(*values)``, memoised: the request path calls this several times per
@@ -72,6 +85,31 @@ class _InflightCollector:
         for pool, n in self.counts().items():
             family.add_metric([pool], n)
         yield family
+
+
+class _PoolLoadCollector:
+    def __init__(self, views: Callable[[], Iterable]) -> None:
+        self.views = views
+
+    def collect(self):
+        queue = GaugeMetricFamily("extproc_pool_queue_per_instance", "Waiting requests per vLLM engine, with "
+                                  "this replica's sends since the last read", labels=["pool"])
+        kv = GaugeMetricFamily("extproc_pool_kv_cache_usage", "Mean KV-cache use of the pool's engines (0..1)",
+                               labels=["pool"])
+        instances = GaugeMetricFamily("extproc_pool_instances", "vLLM engines on the last read", labels=["pool"])
+        age = GaugeMetricFamily("extproc_pool_load_age_seconds", "Age of the pool's last load reading",
+                                labels=["pool"])
+        pressured = GaugeMetricFamily("extproc_pool_under_pressure", "1 when the pool's fresh reading is over "
+                                      "a threshold", labels=["pool"])
+        for v in self.views():
+            instances.add_metric([v.pool], v.instances)
+            pressured.add_metric([v.pool], int(v.pressured))
+            if v.age_s is not None:
+                queue.add_metric([v.pool], v.queue_per_instance)
+                age.add_metric([v.pool], v.age_s)
+            if v.kv_cache is not None:
+                kv.add_metric([v.pool], v.kv_cache)
+        yield from (queue, kv, instances, age, pressured)
 
 
 class _CalibrationCollector:

@@ -11,7 +11,6 @@ the same spillover), never a second copy of the logic. The converters here are a
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -49,8 +48,14 @@ def explain_response(placed: Placement) -> pb.ExplainResponse:
     for load in placed.loads:
         state = resp.pools.add(name=load.pool.name, max_context=load.pool.max_context,
                                holds=load.pool.name in d.fits, in_flight=load.in_flight)
-        if load.spillover_limit is not None:
-            state.spillover_limit = load.spillover_limit
+        v = load.load
+        if v is not None:
+            state.instances, state.fresh, state.under_pressure = v.instances, v.fresh, v.pressured
+            state.queue_threshold, state.kv_cache_threshold = v.queue_threshold, v.kv_threshold
+            if v.age_s is not None:
+                state.queue_per_instance, state.load_age_s = v.queue_per_instance, v.age_s
+            if v.kv_cache is not None:
+                state.kv_cache_usage = v.kv_cache
     return resp
 
 
@@ -66,11 +71,19 @@ def explain_record(resp: pb.ExplainResponse) -> dict:
         "family": resp.family, "calibration_key": resp.calibration_key or None,
         "calibration_samples": resp.calibration_samples,
         "size_bound_tokens": resp.size_bound_tokens if resp.HasField("size_bound_tokens") else None,
-        "pools": [{"name": p.name, "max_context": p.max_context, "holds": p.holds, "in_flight": p.in_flight,
-                   "spillover_limit": p.spillover_limit if p.HasField("spillover_limit") else None}
-                  for p in resp.pools],
+        "pools": [_pool_record(p) for p in resp.pools],
         "detail": resp.detail,
     }
+
+
+def _pool_record(p: pb.PoolState) -> dict:
+    rec = {"name": p.name, "max_context": p.max_context, "holds": p.holds, "in_flight": p.in_flight}
+    if p.HasField("queue_threshold"):  # its load is read
+        rec["load"] = {"fresh": p.fresh, "under_pressure": p.under_pressure, "instances": p.instances,
+                       **{k: getattr(p, k) if p.HasField(k) else None for k in
+                          ("queue_per_instance", "kv_cache_usage", "load_age_s", "queue_threshold",
+                           "kv_cache_threshold")}}
+    return rec
 
 
 def calibration_message(budget: BudgetRouter) -> pb.Calibration:
@@ -103,13 +116,7 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         self.mode = mode  # service.operator_api: read_only or read_write
 
     async def Explain(self, request: pb.ExplainRequest, context: grpc.aio.ServicerContext) -> pb.ExplainResponse:
-        r = self.r
-        path = request.path or DEFAULT_PATH
-        if len(request.body) > r.s.offload_bytes:  # as on the request path: large bodies off the loop
-            explanation = await asyncio.to_thread(r.budget.explain, request.body, path)
-        else:
-            explanation = r.budget.explain(request.body, path)
-        return explain_response(r.place(explanation))
+        return explain_response(await self.r.explain(request.body, request.path or DEFAULT_PATH))
 
     async def GetCalibration(self, request: pb.GetCalibrationRequest,
                              context: grpc.aio.ServicerContext) -> pb.Calibration:

@@ -5,7 +5,7 @@ One ext_proc ``Process`` method serves both ext_proc filters (see envoy_config.p
 * the routing filter's stream (``service.routing_filter: ext_proc``) — request headers, then the BUFFERED body; the body response sets
   the pool header and provenance headers, clears the route cache and emits dynamic metadata.
   The stream lives until Envoy finishes the HTTP request, so its end is the request's end:
-  that is where in-flight counts per pool go down (load-aware spillover needs them);
+  that is where in-flight counts per pool go down;
 * the usage filter's stream (``observability_mode``: Envoy does not wait for us) — only for
   requests the routing side marked for reading; it feeds the response's status, content type
   and bytes to the core's ``ResponseReader`` and hands the facts to ``Router.response_read``.
@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Awaitable
 
 from envoy.config.core.v3 import base_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
@@ -61,10 +62,14 @@ def _header(headers: pb.HttpHeaders, name: str) -> str | None:
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     def __init__(self, router: Router) -> None:
         self.r = router
-        # The three possible request-headers responses, built once (gRPC serialises a message
-        # on each send; it is never mutated after this).
+        self.refresh()
+
+    def refresh(self) -> None:
+        """The three possible request-headers responses, built once per config (gRPC serialises a
+        message on each send; it is never mutated after this): a reload with new header names
+        calls this again."""
         strip = pb.HeadersResponse(response=pb.CommonResponse(
-            header_mutation=pb.HeaderMutation(remove_headers=router.s.router_headers())))
+            header_mutation=pb.HeaderMutation(remove_headers=self.r.s.router_headers())))
         self.headers_plain = pb.ProcessingResponse(request_headers=strip)
         self.headers_skip = pb.ProcessingResponse(request_headers=strip, mode_override=_SKIP_BODY)
         self.headers_ask_response = pb.ProcessingResponse(request_headers=strip, mode_override=_ASK_RESPONSE_HEADERS)
@@ -89,121 +94,20 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
 
     # -- routing filter ------------------------------------------------------------------------
     async def _route(self, first: pb.ProcessingRequest, rest):
-        r = self.r
-        path = ""
-        pool = None
-        routed: Routed | None = None
-        stripper: UsageEventStripper | None = None
-        reader: ResponseReader | None = None
-        may_inject = False
-        client: str | None = None
-        chunks: list[bytes] = []
+        stream = _RoutingStream(self)
         try:
             req = first
             while True:
-                kind = req.WhichOneof("request")
-                if kind == "request_headers":
-                    t0 = time.perf_counter()
-                    hdrs = req.request_headers
-                    path = _header(hdrs, ":path") or ""
-                    method = _header(hdrs, ":method") or ""
-                    if method != "POST" or api_for_path(path) == "unknown" or hdrs.end_of_stream:
-                        resp = self.headers_skip  # not an LLM call: no buffering
-                    else:
-                        client = r.client_of(lambda name: _header(hdrs, name))
-                        may_inject = r.may_inject()
-                        resp = self.headers_ask_response if may_inject else self.headers_plain
-                    r.metrics.phase["request_headers"].observe(time.perf_counter() - t0)
-                    yield resp
-                elif kind == "request_body":
-                    if routed is not None:  # one decision per request (Envoy sends one final body)
-                        yield pb.ProcessingResponse(request_body=pb.BodyResponse())
-                    elif not req.request_body.end_of_stream:
-                        chunks.append(req.request_body.body)
-                        yield pb.ProcessingResponse(request_body=pb.BodyResponse())
-                    else:
-                        chunks.append(req.request_body.body)
-                        t0 = time.perf_counter()
-                        body = b"".join(chunks)
-                        chunks.clear()
-                        if len(body) > r.s.offload_bytes:
-                            # Keep the loop responsive for other streams: only the pure estimate runs
-                            # in a thread; if this stream is cancelled meanwhile, nothing was counted.
-                            d, observation = await asyncio.to_thread(r.budget.route_learnable, body, path)
-                            routed = r.record(d, observation, body, may_inject, client=client)
-                        else:
-                            routed = r.decide(body, path, may_inject, client=client)
-                        pool = routed.pool
-                        if routed.new_body is not None:
-                            stripper = UsageEventStripper()
-                        yield self._body_response(routed)
-                        r.metrics.phase["request_body"].observe(time.perf_counter() - t0)
-                elif kind == "request_trailers":
-                    yield pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
-                elif kind == "response_headers":
-                    resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
-                    if stripper is not None and routed is not None:  # an injected stream: read here
-                        hdrs = req.response_headers
-                        reader = ResponseReader(_status(hdrs), _header(hdrs, "content-type") or "")
-                        if hdrs.end_of_stream:
-                            r.learn_from(routed.decision, routed.observation, routed.pool, reader.finish(),
-                                         routed.client)
-                            reader = stripper = None
-                        elif reader.status == 200 and reader.streamed:
-                            resp.mode_override.CopyFrom(_READ_RESPONSE_BODY)
-                        else:  # not a stream: nothing to strip, but a 400 may be a misroute
-                            stripper = None
-                            resp.mode_override.CopyFrom(_READ_ERROR_BODY)
-                    yield resp
-                elif kind == "response_body":
-                    yield self._read_response(req.response_body, routed, reader, stripper)
-                    if req.response_body.end_of_stream:
-                        reader = stripper = None
-                elif kind == "response_trailers":
-                    yield pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+                phase = _PHASES.get(req.WhichOneof("request"))
+                if phase is not None:
+                    answer = phase(stream, req)
+                    yield answer if isinstance(answer, pb.ProcessingResponse) else await answer
                 try:
                     req = await anext(rest)
                 except StopAsyncIteration:
                     break
         finally:
-            if pool is not None:
-                r.finished(pool)
-
-    def _read_response(self, body: pb.HttpBody, routed: Routed | None, reader: ResponseReader | None,
-                       stripper: UsageEventStripper | None) -> pb.ProcessingResponse:
-        """Response chunks the routing stream reads (an injected stream, or its error body): fed
-        to the reader; the usage event the client did not ask for is stripped."""
-        if reader is None or routed is None:
-            return pb.ProcessingResponse(response_body=pb.BodyResponse())
-        t0 = time.perf_counter()
-        reader.feed(body.body)
-        out = body.body
-        if stripper is not None:
-            out = stripper.feed(body.body)
-            if body.end_of_stream:
-                out += stripper.finish()
-        if body.end_of_stream:
-            self.r.learn_from(routed.decision, routed.observation, routed.pool, reader.finish(), routed.client)
-        self.r.metrics.phase["response"].observe(time.perf_counter() - t0)
-        if out == body.body:
-            return pb.ProcessingResponse(response_body=pb.BodyResponse())
-        return pb.ProcessingResponse(response_body=pb.BodyResponse(
-            response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=out))))
-
-    def _body_response(self, routed: Routed) -> pb.ProcessingResponse:
-        values = self.r.decision_headers(routed)
-        if routed.new_body is not None:  # Envoy forwards the mutated body with the old length otherwise
-            values.append(("content-length", str(len(routed.new_body))))
-        mutation = pb.HeaderMutation(set_headers=[
-            base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
-            for k, v in values])
-        meta = struct_pb2.Struct()
-        meta.update({METADATA_NAMESPACE: self.r.decision_fields(routed)})
-        common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
-        resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
-        if routed.new_body is not None:  # (protobuf copied ``common`` into resp: set it there)
-            resp.request_body.response.body_mutation.body = routed.new_body
-        return resp
+            stream.close()
 
     # -- usage filter (observability mode: replies are never read) ------------------------------
     async def _observe(self, first: pb.ProcessingRequest, rest) -> None:
@@ -243,6 +147,133 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             r.response_read(decision_id, reader.finish())
 
 
+class _RoutingStream:
+    """One request on the routing filter's stream: a method per phase (named as the message's
+    ``request`` field), each returning the answer to that phase's message; the request body's
+    may be an awaitable of it (``Router.route``)."""
+
+    __slots__ = ("svc", "r", "path", "routed", "client", "may_inject", "chunks", "reader", "stripper")
+
+    def __init__(self, svc: ExtProcServicer) -> None:
+        self.svc = svc
+        self.r = svc.r
+        self.path = ""
+        self.routed: Routed | None = None
+        self.client: str | None = None
+        self.may_inject = False
+        self.chunks: list[bytes] = []
+        self.reader: ResponseReader | None = None         # an injected stream's response is read here,
+        self.stripper: UsageEventStripper | None = None   # and the usage event nobody asked for stripped
+
+    def request_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        t0 = time.perf_counter()
+        hdrs = req.request_headers
+        self.path = _header(hdrs, ":path") or ""
+        if _header(hdrs, ":method") != "POST" or api_for_path(self.path) == "unknown" or hdrs.end_of_stream:
+            resp = self.svc.headers_skip  # not an LLM call: no buffering
+        else:
+            self.client = self.r.client_of(lambda name: _header(hdrs, name))
+            self.may_inject = self.r.may_inject()
+            resp = self.svc.headers_ask_response if self.may_inject else self.svc.headers_plain
+        self.r.metrics.phase["request_headers"].observe(time.perf_counter() - t0)
+        return resp
+
+    def request_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse | Awaitable[pb.ProcessingResponse]:
+        if self.routed is not None:  # one decision per request (Envoy sends one final body)
+            return pb.ProcessingResponse(request_body=pb.BodyResponse())
+        self.chunks.append(req.request_body.body)
+        if not req.request_body.end_of_stream:
+            return pb.ProcessingResponse(request_body=pb.BodyResponse())
+        t0 = time.perf_counter()
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        routed = self.r.route(body, self.path, may_inject=self.may_inject, client=self.client)
+        return self._routed(routed, t0) if isinstance(routed, Routed) else self._routed_later(routed, t0)
+
+    async def _routed_later(self, routed: Awaitable[Routed], t0: float) -> pb.ProcessingResponse:
+        return self._routed(await routed, t0)
+
+    def _routed(self, routed: Routed, t0: float) -> pb.ProcessingResponse:
+        self.routed = routed  # counted in its pool from here on: ``close`` counts it out
+        if routed.new_body is not None:
+            self.stripper = UsageEventStripper()
+        resp = _body_response(self.r, routed)
+        self.r.metrics.phase["request_body"].observe(time.perf_counter() - t0)
+        return resp
+
+    def request_trailers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+
+    def response_headers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        resp = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+        routed = self.routed
+        if self.stripper is None or routed is None:  # not an injected stream: the usage filter reads it
+            return resp
+        hdrs = req.response_headers
+        self.reader = ResponseReader(_status(hdrs), _header(hdrs, "content-type") or "")
+        if hdrs.end_of_stream:
+            self.r.learn_from(routed.decision, routed.observation, routed.pool, self.reader.finish(), routed.client)
+            self.reader = self.stripper = None
+        elif self.reader.status == 200 and self.reader.streamed:
+            resp.mode_override.CopyFrom(_READ_RESPONSE_BODY)
+        else:  # not a stream: nothing to strip, but a 400 may be a misroute
+            self.stripper = None
+            resp.mode_override.CopyFrom(_READ_ERROR_BODY)
+        return resp
+
+    def response_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        """Response chunks the routing stream reads (an injected stream, or its error body): fed
+        to the reader; the usage event the client did not ask for is stripped."""
+        body, routed, reader = req.response_body, self.routed, self.reader
+        if reader is None or routed is None:
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+        t0 = time.perf_counter()
+        reader.feed(body.body)
+        out = body.body
+        if self.stripper is not None:
+            out = self.stripper.feed(body.body)
+            if body.end_of_stream:
+                out += self.stripper.finish()
+        if body.end_of_stream:
+            self.r.learn_from(routed.decision, routed.observation, routed.pool, reader.finish(), routed.client)
+            self.reader = self.stripper = None
+        self.r.metrics.phase["response"].observe(time.perf_counter() - t0)
+        if out == body.body:
+            return pb.ProcessingResponse(response_body=pb.BodyResponse())
+        return pb.ProcessingResponse(response_body=pb.BodyResponse(
+            response=pb.CommonResponse(body_mutation=pb.BodyMutation(body=out))))
+
+    def response_trailers(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+    def close(self) -> None:
+        """The stream ended, so the request did: its pool stops counting it."""
+        if self.routed is not None:
+            self.r.finished(self.routed.pool)
+
+
+_PHASES = {name: getattr(_RoutingStream, name) for name in (
+    "request_headers", "request_body", "request_trailers", "response_headers", "response_body", "response_trailers")}
+
+
+def _body_response(r: Router, routed: Routed) -> pb.ProcessingResponse:
+    """The request-body answer that carries a decision: its headers, the route cache cleared,
+    the access-log metadata, and the body with include_usage injected where it was."""
+    values = r.decision_headers(routed)
+    if routed.new_body is not None:  # Envoy forwards the mutated body with the old length otherwise
+        values.append(("content-length", str(len(routed.new_body))))
+    mutation = pb.HeaderMutation(set_headers=[
+        base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=k, raw_value=v.encode()), append_action=_OVERWRITE)
+        for k, v in values])
+    meta = struct_pb2.Struct()
+    meta.update({METADATA_NAMESPACE: r.decision_fields(routed)})
+    common = pb.CommonResponse(header_mutation=mutation, clear_route_cache=True)
+    resp = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=meta)
+    if routed.new_body is not None:  # (protobuf copied ``common`` into resp: set it there)
+        resp.request_body.response.body_mutation.body = routed.new_body
+    return resp
+
+
 def _status(headers: pb.HttpHeaders) -> int:
     text = _header(headers, ":status") or ""
     return int(text) if text.isdigit() else 0
@@ -258,8 +289,8 @@ class RequestEndsServicer(als_pb2_grpc.AccessLogServiceServicer):
         self.r = router
 
     async def StreamAccessLogs(self, request_iterator, context):
-        header = self.r.h["decision"]
         async for msg in request_iterator:
+            header = self.r.h["decision"]  # per batch: the stream outlives a reload of the header names
             for entry in msg.http_logs.log_entry:
                 decision_id = entry.request.request_headers.get(header)
                 if decision_id:

@@ -1,9 +1,18 @@
-"""The router's state between the protocols: pool choice with load-aware spillover, which
-responses to read, in-flight counts per pool, and what a response teaches: its usage, and
-whether its request was misrouted (extproc.budget.response judges; this counts and learns).
+"""The router's state between the protocols: pool choice with load-aware spillover (on the
+pools' own metrics, service/pool_load.py), which responses to read, in-flight counts per pool,
+and what a response teaches: its usage, and whether its request was misrouted
+(extproc.budget.response judges; this counts and learns).
 
-Both routing filters call it (service/check.py for ext_authz, service/processor.py for ext_proc);
-it knows no protocol. Runs on the event loop only: nothing here is shared with worker threads.
+In-flight counts are this replica's own view (requests it sent that have not ended) and steer
+nothing: with several replicas behind one gateway, each sees its share, and with ext_authz
+Envoy's access log of ended requests reaches one replica only. They are shown (the operator
+API, ``extproc_inflight_requests``) as what this replica has outstanding.
+
+Every protocol routes through its one door, ``Router.route`` (service/check.py for ext_authz,
+service/processor.py for ext_proc, ``Router.explain`` for the operator API), which owns the rules
+every request meets: large bodies read off the loop, the size bound before the estimate, the
+estimate for a request whose response is read. It knows no protocol. Runs on the event loop
+only: nothing here is shared with worker threads (they run only the pure core).
 
 Who sent a request (``client_of``): the configured identity header (``service.client_header``,
 e.g. a hashed API key or a user id a gateway sets), else the address Envoy saw (the last
@@ -14,6 +23,7 @@ core only ever sees a keyed hash of it, and so do the operator API and the logs.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import logging
@@ -22,7 +32,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from typing import Awaitable, Callable
 
 from ..budget import BudgetRouter, Decision, Explanation, Observation, Pool, RequestShape
 from ..budget.response import ResponseFacts, judge
@@ -30,6 +40,7 @@ from ..budget.stream_usage import with_stream_usage
 from ..budget.wire import Sample
 from ..config import PROVENANCE, ServiceSettings
 from .metrics import Metrics
+from .pool_load import LoadView, PoolReadings
 
 log = logging.getLogger("extproc.service")
 
@@ -61,8 +72,8 @@ class Routed:
 @dataclass(frozen=True, slots=True)
 class PoolLoad:
     pool: Pool
-    in_flight: int
-    spillover_limit: int | None
+    in_flight: int            # this replica's requests there not yet ended
+    load: LoadView | None     # the pool's own load as read from its metrics (None: not read)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,8 @@ class Placement:
 class Router:
     """Decisions, in-flight counts and the decisions awaiting their responses."""
 
+    _removed: frozenset[str] = frozenset()  # pools a reload removed whose requests still run
+
     def __init__(self, budget: BudgetRouter, settings: ServiceSettings, metrics: Metrics) -> None:
         self.budget = budget
         self.s = settings
@@ -87,6 +100,10 @@ class Router:
         self.largest = budget.pools[-1].name
         self.inflight = {p.name: 0 for p in budget.pools}
         metrics.watch_inflight(lambda: self.inflight)
+        # the pools' own load (service/pool_load.py fills it); None: spillover off
+        self.readings = PoolReadings(settings.spillover) if settings.spillover.pools else None
+        self._load_watched = False
+        self._watch_pool_load()
         self.pending: OrderedDict[str, _Awaited] = OrderedDict()
         self.open: OrderedDict[str, tuple[str, float]] = OrderedDict()  # checked requests not yet ended
         self._ids = itertools.count(1)
@@ -106,6 +123,47 @@ class Router:
                           else secrets.token_bytes(16))
         self._client_header = settings.client_header
         self.shared = None  # service/shared_state.py SharedState: samples go through the fleet's stream
+
+    def _watch_pool_load(self) -> None:
+        if self.readings is not None and not self._load_watched:  # once: a reload may turn spillover on
+            self._load_watched = True
+            self.metrics.watch_pool_load(lambda: [] if self.readings is None else
+                                         [v for p in self.pools if (v := self.readings.view(p.name))])
+
+    def _respill(self, spillover) -> None:
+        """New spillover settings (a reload): fresh readings, keeping the last reading of each pool
+        read from the same place (so spillover does not pause for a period)."""
+        old = self.readings
+        self.readings = PoolReadings(spillover) if spillover.pools else None
+        if old is not None and self.readings is not None:
+            for pool, src in self.readings.sources.items():
+                was = old.sources.get(pool)
+                if was is not None and (was.endpoints, was.dns) == (src.endpoints, src.dns):
+                    self.readings.readings[pool] = old.readings[pool]
+                    self.readings.sent_count[pool] = old.sent_count[pool]
+        self._watch_pool_load()
+
+    def reconfigure(self, settings: ServiceSettings) -> None:
+        """A reloaded config (service/reload.py), from the next request on; the budget core has its
+        new pools already. In-flight counts and awaited responses stay: a pool kept keeps its count,
+        a new one starts at 0, a removed one is never chosen again and counts down as its requests
+        end (then it goes). Capacities of removed pools stay for judging their late responses."""
+        if settings.spillover != self.s.spillover:
+            self._respill(settings.spillover)
+        self.s = settings
+        self.pools = self.budget.pools
+        self.largest = self.pools[-1].name
+        current = {p.name for p in self.pools}
+        for name in current:
+            self.inflight.setdefault(name, 0)
+        for name in [n for n, count in self.inflight.items() if n not in current and count <= 0]:
+            del self.inflight[name]
+        self._removed = frozenset(self.inflight) - current
+        old = self._capacity if len(self._capacity) < 64 else {}  # bounded over any number of reloads
+        self._capacity = {**old, **{p.name: p.max_context for p in self.pools}}
+        self.pool_header = settings.pool_header
+        self.h = {name: settings.provenance_header(name) for name in PROVENANCE}
+        self._client_header = settings.client_header
 
     # -- who sent it ---------------------------------------------------------------------------
     def client_of(self, header: Callable[[str], str | None]) -> str | None:
@@ -132,25 +190,39 @@ class Router:
     # -- request side --------------------------------------------------------------------------
     def choose(self, d: Decision) -> tuple[str, str | None]:
         """The pool to send to (spillover applied) and the preferred pool when it spilled."""
+        return self._spill(d)[:2]
+
+    def _spill(self, d: Decision) -> tuple[str, str | None, str | None]:
+        """A request that fits goes to the next larger pool that also holds it when its own
+        pool's fresh reading is over a threshold and that pool's fresh reading is not. A stale or
+        missing reading on either side: it stays (never a guess, never to a pool too small); the
+        third value then says why it was held ("stale" or "no_room")."""
         if self.s.shadow:
-            return self.largest, None
+            return self.largest, None, None
         pool = d.pool
-        limit = self.s.spillover_limit(pool)
-        if limit is None or self.inflight[pool] < limit or d.reason != "fits":
-            return pool, None
+        readings = self.readings
+        if readings is None or d.reason != "fits" or pool == self.largest:
+            return pool, None, None
+        now = time.monotonic()
+        here = readings.view(pool, now)
+        if here is None or not here.pressured:
+            return pool, None, "stale" if here is not None and not here.fresh else None
+        blind = False
         for name in d.fits:  # larger pools that also hold the request, smallest first
             if name == pool:
                 continue
-            other = self.s.spillover_limit(name)
-            if other is None or self.inflight[name] < other:
-                return name, pool
-        return pool, None  # every pool that holds it is at its limit: stay (never to one too small)
+            there = readings.view(name, now)
+            if there is not None and there.has_room:
+                return name, pool, None
+            blind = blind or there is None or not there.fresh
+        return pool, None, "stale" if blind else "no_room"
 
     def place(self, explanation: Explanation) -> Placement:
-        """A dry run of ``decide`` for an explained body: the pool it would go to now, with the
+        """A dry run of ``route`` for an explained body: the pool it would go to now, with the
         load that choice read. Counts nothing and draws no sample."""
-        pool, spilled_from = self.choose(explanation.decision)
-        loads = tuple(PoolLoad(p, self.inflight[p.name], self.s.spillover_limit(p.name)) for p in self.pools)
+        pool, spilled_from, _ = self._spill(explanation.decision)
+        r = self.readings
+        loads = tuple(PoolLoad(p, self.inflight[p.name], r.view(p.name) if r else None) for p in self.pools)
         return Placement(explanation, pool, spilled_from, self.s.shadow, loads)
 
     def at_risk(self, d: Decision, pool: str) -> bool:
@@ -202,30 +274,62 @@ class Router:
             self._calibrating_checked = now
         return self._calibrating or self._rng.random() < self.s.usage_sample_rate
 
-    def decide(self, body: bytes, path: str, may_inject: bool = False, ended_by_log: bool = False,
-               client: str | None = None) -> Routed:
-        """Route a body: by its size alone when that proves it fits the smallest pool (most
-        requests: no features measured), else by the estimate. ``client``: its sender's hash."""
-        shape = self.budget.read(body, path)
-        d, observation = self.budget.decide(shape, by_size=True)
-        return self.record(d, observation, body, may_inject, ended_by_log, client, shape)
+    # -- the routing door: every protocol routes through here -------------------------------------
+    def route(self, body: bytes, path: str, *, may_inject: bool = False, ended_by_log: bool = False,
+              client: str | None = None) -> Routed | Awaitable[Routed]:
+        """Route a body: a ``Routed`` at once for most requests, or an awaitable of one when the
+        decision must wait — a body above ``offload_bytes`` is read in a worker thread, so that
+        the loop stays free for other requests (if the caller is cancelled meanwhile, nothing
+        was counted). Not a coroutine for the rest: the check endpoint answers on the spot,
+        without a task per request. ``client``: its sender's hash.
 
-    def record(self, d: Decision, observation: Observation | None, body: bytes, may_inject: bool = False,
-               ended_by_log: bool = False, client: str | None = None, shape: RequestShape | None = None) -> Routed:
-        """Pool choice, sampling and accounting for a decision. Runs on the event loop only:
-        in-flight counts and the id tables are not shared with worker threads. ``shape``: the
-        parsed body, when the decision may still need the full estimate (one decided by size).
+        By its size alone when that proves it fits the smallest pool (most requests: no features
+        measured), else by the estimate; a request whose response will be read is decided on the
+        estimate, which is what the calibrator learns from.
 
         The request's end comes back one of two ways: the ext_proc routing stream ends with the
         request (the caller then calls ``finished``), or, for ext_authz checks
         (``ended_by_log``), Envoy's access-log stream names the decision id (``request_ended``)."""
-        pool, spilled_from = self.choose(d)
-        read = self.wants_read(d, pool)
-        if read and observation is None and shape is not None and d.source == "bound":
-            # its usage will be learned, and the calibrator learns from the estimate: the same
-            # parse, now with its features measured
+        if len(body) > self.s.offload_bytes:
+            return self._route_offloaded(body, path, may_inject, ended_by_log, client)
+        shape = self.budget.read(body, path)
+        d, observation = self.budget.decide(shape, by_size=True)
+        choice = self._spill(d)
+        read = self.wants_read(d, choice[0])
+        if read and d.source == "bound":
             d, observation = self.budget.decide(shape)
-            pool, spilled_from = self.choose(d)
+            choice = self._spill(d)
+        return self._record(d, observation, choice, read, body, may_inject, ended_by_log, client)
+
+    async def _route_offloaded(self, body: bytes, path: str, may_inject: bool, ended_by_log: bool,
+                               client: str | None) -> Routed:
+        """``route`` for a large body: the pure core in a worker thread, the accounting here."""
+        shape, (d, observation) = await asyncio.to_thread(self._read_and_decide, body, path)
+        choice = self._spill(d)
+        read = self.wants_read(d, choice[0])
+        if read and d.source == "bound":
+            d, observation = await asyncio.to_thread(self.budget.decide, shape)
+            choice = self._spill(d)
+        return self._record(d, observation, choice, read, body, may_inject, ended_by_log, client)
+
+    def _read_and_decide(self, body: bytes, path: str) -> tuple[RequestShape, tuple[Decision, Observation | None]]:
+        shape = self.budget.read(body, path)
+        return shape, self.budget.decide(shape, by_size=True)
+
+    async def explain(self, body: bytes, path: str) -> Placement:
+        """What ``route`` would do with a body now, with every number behind it (a dry run:
+        counts nothing, draws no sample); large bodies off the loop, as on the request path."""
+        if len(body) > self.s.offload_bytes:
+            explanation = await asyncio.to_thread(self.budget.explain, body, path)
+        else:
+            explanation = self.budget.explain(body, path)
+        return self.place(explanation)
+
+    def _record(self, d: Decision, observation: Observation | None, choice: tuple[str, str | None, str | None],
+                read: bool, body: bytes, may_inject: bool, ended_by_log: bool, client: str | None) -> Routed:
+        """Reads and accounting for a decision (``choice``: what ``_spill`` chose). Runs on the
+        event loop only: in-flight counts and the id tables are not shared with worker threads."""
+        pool, spilled_from, held = choice
         out = Routed(d, pool, spilled_from, observation=observation, client=client)
         if read:
             if may_inject and d.api in ("chat", "completions") and b'"stream"' in body:
@@ -242,10 +346,14 @@ class Router:
             self.open[out.decision_id] = (pool, time.monotonic())
             self.expire_open()
         self.inflight[pool] += 1
+        if self.readings is not None:
+            self.readings.sent(pool)
         m.child(m.decisions, pool, d.reason, d.source).inc()
         m.child(m.budget, pool).observe(d.budget_tokens)
         if spilled_from:
-            m.spillovers.labels(spilled_from, pool).inc()
+            m.child(m.spillovers, spilled_from, pool).inc()
+        elif held:
+            m.child(m.spill_held, pool, held).inc()
         return out
 
     def _new_id(self) -> str:
@@ -294,7 +402,13 @@ class Router:
         return fields
 
     def finished(self, pool: str) -> None:
-        self.inflight[pool] -= 1
+        count = self.inflight.get(pool)
+        if count is None:  # a pool a reload removed, already counted out
+            return
+        self.inflight[pool] = count - 1
+        if count == 1 and pool in self._removed:  # a removed pool's last request ended
+            del self.inflight[pool]
+            self._removed -= {pool}
 
     # -- response side -------------------------------------------------------------------------
     def response_read(self, decision_id: str | None, facts: ResponseFacts) -> None:

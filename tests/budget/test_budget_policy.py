@@ -61,7 +61,7 @@ def test_zero_output_reserve_is_respected(router):
 
 
 def test_max_tokens_alone_pushes_a_short_prompt_to_long():
-    r = BudgetRouter.from_config(None)
+    r = BudgetRouter()
     body = {"model": "m", "messages": [{"role": "user", "content": "Write a long story."}]}
     small = r.route(orjson.dumps(body))
     assert (small.pool, small.fits) == ("short", ("short", "long"))
@@ -84,7 +84,7 @@ def test_default_output_reserve_counts(router):
 
 
 def test_estimated_prompt_budget_includes_the_margin():
-    r = BudgetRouter.from_config(None)
+    r = BudgetRouter()
     d = r.route(orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "word " * 3000}],
                               "max_tokens": 0}))
     assert d.source == "prior"

@@ -39,7 +39,7 @@ def jdump(value) -> str:
 
 @pytest.fixture(scope="module")
 def router() -> BudgetRouter:
-    return BudgetRouter.from_config(None)
+    return BudgetRouter()
 
 
 # --- chat -------------------------------------------------------------------------------------

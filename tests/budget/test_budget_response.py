@@ -24,8 +24,12 @@ def _captured(folder: str, name: str) -> tuple[int, str, bytes]:
     if folder.startswith("errors"):
         meta = json.loads((base / f"{name}.meta.json").read_text())
         return meta["status"], meta["headers"].get("content-type", ""), (base / f"{name}.body").read_bytes()
-    raw = (base / f"{name}.txt").read_bytes()
-    head, _, body = raw.partition(b"\r\n\r\n")
+    return _exchange(base / f"{name}.txt")
+
+
+def _exchange(path: Path) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a whole recorded HTTP exchange."""
+    head, _, body = path.read_bytes().partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in lines[1:])
     return int(lines[0].split()[1]), headers.get("content-type", ""), body
@@ -135,6 +139,9 @@ def test_max_tokens_zero_asked_by_the_client_is_its_own_error():
      False, None),
     ("max_tokens=9000 cannot be greater than max_model_len=8192. Please request fewer output tokens.",
      OUTPUT_OVER_WINDOW, 8192, None, False, 9000),
+    # the same check where the request set max_completion_tokens (/v1/messages sets both)
+    ("max_completion_tokens=9000 cannot be greater than max_model_len=8192. Please request fewer output "
+     "tokens. (parameter=max_completion_tokens, value=9000)", OUTPUT_OVER_WINDOW, 8192, None, False, 9000),
     # ~0.20-0.31
     ("This model's maximum context length is 8192 tokens. However, you requested 64 output tokens and your prompt "
      "contains 10000 input tokens, for a total of 10064 tokens. Please reduce the length of the input prompt or "
@@ -156,11 +163,13 @@ def test_max_tokens_zero_asked_by_the_client_is_its_own_error():
     ("'max_tokens' or 'max_completion_tokens' is too large: 8000. This model's maximum context length is 8192 "
      "tokens and your request has 300 input tokens (8000 > 8192 - 300).", OUTPUT_OVER_WINDOW, 8192, 300, True, 8000),
 ])
-@pytest.mark.parametrize("envelope", ["nested", "flat", "text"])
+@pytest.mark.parametrize("envelope", ["nested", "flat", "anthropic", "text"])
 def test_every_release_wording_in_every_envelope(message, kind, window, prompt, exact, output, envelope):
     body = {"nested": json.dumps({"error": {"message": message, "type": "BadRequestError", "param": None,
                                             "code": 400}}),
             "flat": json.dumps({"object": "error", "message": message, "type": "BadRequestError", "code": 400}),
+            # /v1/messages: vLLM's error in Anthropic's envelope (anthropic/api_router.py)
+            "anthropic": json.dumps({"type": "error", "error": {"type": "BadRequestError", "message": message}}),
             "text": message}[envelope].encode()
     facts = parse_error(400, body)
     assert (facts.error, facts.window, facts.prompt_tokens, facts.prompt_exact, facts.requested_output) == \
@@ -201,3 +210,101 @@ def test_bounded_inputs_give_an_incomplete_answer_not_a_crash():
     assert read_response(200, "application/json", b"[1, 2").complete is False
     assert read_response(200, "application/json", b'{"usage": {"prompt_tokens": "7"}}').prompt_tokens is None
     assert read_response(200, "application/json", b'{"usage": {"prompt_tokens": true}}').prompt_tokens is None
+
+
+# -- Anthropic Messages (/v1/messages): real vLLM 0.32 exchanges recorded by
+# tests/realvllm/test_messages.py (RECORD_VLLM_MESSAGES=1), an 8K Llama-3.1 server ------------------
+
+MESSAGES = Path(__file__).resolve().parent / "vllm_messages"
+
+# (case, pool capacity, max_tokens asked) -> the misroute vLLM shows, or None
+MESSAGES_CASES = [
+    ("messages_over", 8192, 64, Misroute(PROMPT_OVER_WINDOW, 8193, LB)),
+    ("messages_over_stream", 8192, 64, Misroute(PROMPT_OVER_WINDOW, 8193, LB)),
+    ("messages_chars", 8192, 8, Misroute(PROMPT_OVER_WINDOW, 8193, LB)),
+    ("messages_clamped", 8192, 200, Misroute(OUTPUT_CLAMPED, 8100, EXACT)),
+    ("messages_clamped_stream", 8192, 200, Misroute(OUTPUT_CLAMPED, 8100, EXACT)),
+    ("messages_clamped", 65536, 200, None),
+    ("messages_clamped_stream", 65536, 200, None),
+    ("messages_fills", 8192, 1, Misroute(PROMPT_FILLS_WINDOW, 8192, EXACT)),
+    ("messages_max_over_window", 8192, 9000, Misroute(OUTPUT_OVER_WINDOW, None, LB)),
+    ("messages_json", 8192, 3, None),
+    ("messages_stream", 8192, 3, None),
+    ("messages_no_max", 8192, None, None),   # pydantic's 400 (max_tokens required), OpenAI's envelope
+    ("messages_max_zero", 8192, 0, None),    # "max_tokens must be positive": the client's own 400
+    ("messages_count_tokens", 8192, None, None),  # no generation, and no usage to read
+]
+
+
+def _messages(name: str) -> tuple[int, str, bytes]:
+    return _exchange(MESSAGES / f"{name}.txt")
+
+
+def _events(body: bytes) -> list[dict]:
+    return [json.loads(line[5:]) for line in body.split(b"\n") if line.startswith(b"data:")]
+
+
+@pytest.mark.parametrize("case, capacity, requested, expected", MESSAGES_CASES,
+                         ids=[f"{c}@{cap}" for c, cap, _, _ in MESSAGES_CASES])
+def test_every_recorded_messages_answer_is_judged_as_vllm_meant_it(case, capacity, requested, expected):
+    facts = read_response(*_messages(case))
+    assert judge(facts, capacity, requested) == expected
+
+
+@pytest.mark.parametrize("case", ["messages_json", "messages_clamped"])
+def test_messages_json_usage_and_stop_reason(case):
+    status, ctype, body = _messages(case)
+    doc = json.loads(body)
+    facts = read_response(status, ctype, body)
+    assert (facts.prompt_tokens, facts.prompt_exact, facts.completion_tokens, facts.streamed) == \
+        (doc["usage"]["input_tokens"], True, doc["usage"]["output_tokens"], False)
+    assert facts.finish_length == (doc["stop_reason"] == "max_tokens") is True
+
+
+@pytest.mark.parametrize("case", ["messages_stream", "messages_clamped_stream"])
+def test_messages_stream_events_message_start_and_message_delta(case):
+    status, ctype, body = _messages(case)
+    events = _events(body)
+    start, = (e for e in events if e["type"] == "message_start")
+    delta, = (e for e in events if e["type"] == "message_delta")
+    facts = read_response(status, ctype, body)
+    assert facts.streamed and facts.prompt_exact
+    assert facts.prompt_tokens == start["message"]["usage"]["input_tokens"] == delta["usage"]["input_tokens"]
+    assert facts.completion_tokens == delta["usage"]["output_tokens"]
+    assert facts.finish_length == (delta["delta"]["stop_reason"] == "max_tokens") is True
+    # the stream's prompt is known from its first event on (message_start), before any token
+    reader = ResponseReader(status, ctype)
+    reader.feed(body[: body.index(b"event: content_block_start")])
+    assert reader.prompt_tokens == facts.prompt_tokens
+
+
+def test_messages_cache_counts_are_part_of_the_prompt():
+    """vLLM reports Anthropic's input_tokens without the cached prompt (prompt_tokens - cache_read
+    - cache_creation, with --enable-prompt-tokens-details): the prompt is their sum."""
+    status, ctype, body = _messages("messages_json")
+    doc = json.loads(body)
+    prompt = doc["usage"]["input_tokens"]
+    doc["usage"] = {"input_tokens": prompt - 20, "output_tokens": 3, "cache_read_input_tokens": 16,
+                    "cache_creation_input_tokens": 4}
+    assert read_response(status, ctype, json.dumps(doc).encode()).prompt_tokens == prompt
+    doc["usage"] = {"input_tokens": 0, "output_tokens": 3, "cache_read_input_tokens": prompt}
+    assert read_response(status, ctype, json.dumps(doc).encode()).prompt_tokens == prompt  # all cached
+    status, ctype, body = _messages("messages_stream")
+    cached = body.replace(b'"usage":{"input_tokens":%d' % prompt,
+                          b'"usage":{"cache_read_input_tokens":30,"input_tokens":%d' % (prompt - 30))
+    assert cached != body and read_response(status, ctype, cached).prompt_tokens == prompt
+    # the Responses API's input_tokens already include its cached ones (input_tokens_details)
+    responses = {"usage": {"input_tokens": 11, "input_tokens_details": {"cached_tokens": 8}, "output_tokens": 1}}
+    assert read_response(200, "application/json", json.dumps(responses).encode()).prompt_tokens == 11
+
+
+@pytest.mark.parametrize("case", [c for c in sorted({c for c, *_ in MESSAGES_CASES})])
+def test_messages_split_at_every_byte_reads_the_same(case):
+    status, ctype, body = _messages(case)
+    whole = read_response(status, ctype, body)
+    step = max(1, len(body) // 1500)  # every byte but in the 12 KB clamped stream (every 7th)
+    for cut in range(1, len(body), step):
+        reader = ResponseReader(status, ctype)
+        reader.feed(body[:cut])
+        reader.feed(body[cut:])
+        assert reader.finish() == whole, cut

@@ -13,12 +13,12 @@ from extproc.budget import REASONS, SOURCES, BudgetRouter, Decision, read_reques
 from extproc.budget.request import MAX_OUTPUT_TOKENS
 
 CHAT = "/v1/chat/completions"
-PATHS = (CHAT, "/v1/completions", "/v1/responses", "/v1/other", "")
+PATHS = (CHAT, "/v1/completions", "/v1/responses", "/v1/messages", "/v1/other", "")
 
 
 @pytest.fixture(scope="module")
 def router() -> BudgetRouter:
-    return BudgetRouter.from_config(None)
+    return BudgetRouter()
 
 
 def check(router: BudgetRouter, d: Decision) -> Decision:

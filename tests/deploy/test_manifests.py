@@ -106,14 +106,25 @@ def test_router_deployment_probes_health_over_grpc_and_mounts_its_config():
     assert volumes[mounts[config_dir]]["configMap"]["name"] == "extproc-router-config"
     snapshot_dir = dockerfile_env()["EXTPROC_SERVICE__SNAPSHOT_PATH"].rsplit("/", 1)[0]
     assert snapshot_dir in mounts  # the root filesystem is read-only: the snapshot needs a volume
-    # several replicas: no spillover on per-replica in-flight counts (README, "Several router replicas")
+    # several replicas, each reading the pools' own load: spillover on, against the ready pods
+    # behind each pool's headless Service (README, "Spillover")
     env = {e["name"]: e["value"] for e in container.get("env", [])}
     configmap = _kind(docs, "ConfigMap", "extproc-router-config")
     assert deploy["spec"]["replicas"] > 1
     config_file = REPO / "config" / "router.yaml"
     assert configmap["data"]["router.yaml"] == config_file.read_text()
-    assert load_config(str(config_file), {}).service.spillover  # compose (one router) spills over ...
-    assert not load_config(str(config_file), {**dockerfile_env(), **env}).service.spillover  # ... Kubernetes not
+    compose = load_config(str(config_file), {}).service.spillover
+    assert [(m.pool, m.dns) for m in compose.pools] == [("short", "pool-short:8000"), ("long", "pool-long:8000")]
+    spill = load_config(str(config_file), {**dockerfile_env(), **env}).service.spillover
+    assert [m.pool for m in spill.pools] == ["short", "long"]
+    for m in spill.pools:
+        name, _, port = m.dns.rpartition(":")
+        assert name.endswith(f".{NAMES.namespace}.svc.cluster.local") and int(port) == NAMES.pool_port
+        headless = _kind(docs, "Service", name.split(".")[0])
+        assert headless["spec"]["clusterIP"] == "None"
+        pods = _kind(docs, "Deployment", NAMES.pool_service(m.pool))["spec"]["template"]["metadata"]["labels"]
+        assert headless["spec"]["selector"].items() <= pods.items()
+        assert NAMES.pool_port in [p["port"] for p in headless["spec"]["ports"]]
     # the grace period outlasts the router's own drain (service.grace_period_s)
     drain = load_config(None, {}).service.grace_period_s
     assert pod["terminationGracePeriodSeconds"] > drain

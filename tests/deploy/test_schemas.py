@@ -11,6 +11,7 @@ import copy
 import pytest
 import yaml
 from crd_schema import REPO, CRDSchemas, CRDsUnavailable, describe, metadata_errors
+from tls_rendering import rendered_with_tls
 
 KUBERNETES_VERSION = "1.33"
 # The gateways' API groups the CRDs must cover (the brief of the shared data: crds/)
@@ -30,7 +31,18 @@ def shipped_objects() -> list[tuple[str, dict]]:
     return out
 
 
-OBJECTS = shipped_objects()
+def tls_objects() -> list[tuple[str, dict]]:
+    """The objects rendered from config/router.yaml with service.tls on (tls_rendering.py): not
+    shipped, but what `extproc deploy-manifests` writes for a router serving mTLS."""
+    out = []
+    for path, text in rendered_with_tls().items():
+        for doc in yaml.safe_load_all(text):
+            if isinstance(doc, dict) and isinstance(doc.get("apiVersion"), str) and "kind" in doc:
+                out.append((f"{path} (service.tls)", doc))
+    return out
+
+
+OBJECTS = shipped_objects() + tls_objects()
 IDS = [f"{path}:{describe(doc)}" for path, doc in OBJECTS]
 
 

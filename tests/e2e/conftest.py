@@ -1,7 +1,7 @@
 """End-to-end fixtures: the real stack (Envoy binary + router + simulated vLLM engines) on loopback.
 
 One session stack (``stack``) serves most tests; tests that need another router config (shadow,
-spillover, a bad estimator, an external upstream, a slow engine) get their own from ``make_stack``,
+a bad estimator, an external upstream, a slow engine) get their own from ``make_stack``,
 stopped at the end of their module. Helpers live in e2e_helpers.py.
 """
 

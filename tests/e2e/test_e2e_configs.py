@@ -1,10 +1,7 @@
-"""Router configurations through the stack: a bad estimator's misroutes are counted, spillover
-under in-flight limits, shadow mode."""
+"""Router configurations through the stack: a bad estimator's misroutes are counted, shadow mode.
+(Spillover, on the pools' own load with several replicas: test_e2e_spillover.py.)"""
 
 from __future__ import annotations
-
-import threading
-import time
 
 import pytest
 from e2e_helpers import access_line, chat_body, metric, post, real_text, rid, wait_metric
@@ -30,52 +27,6 @@ def test_context_length_misroute_is_counted(underestimating):
     assert wait_metric(stack, "extproc_misroutes_total", 1, pool="short") >= 1
     assert metric(stack, "extproc_usage_reads_total", outcome="context_error") >= 1
     assert metric(stack, "extproc_misroutes_total", pool="long") == 0
-
-
-# -- spillover ------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", params=["ext_authz", "ext_proc"])
-def spilling(make_stack, request):
-    # ~20 ms per token unscaled: at 0.4, 200 output tokens take well over a second. In-flight
-    # counts come down from the routing stream's end (ext_proc) or Envoy's access-log stream
-    # (ext_authz).
-    return make_stack(f"spillover-{request.param}",
-                      {"service": {"routing_filter": request.param, "spillover": {"short": 1}}}, time_scale=0.4)
-
-
-def test_spillover_to_long_when_short_is_at_its_limit(spilling):
-    stack = spilling
-    ids = [rid("spill-a"), rid("spill-b")]
-    replies: dict[str, object] = {}
-
-    def send(r: str) -> None:
-        replies[r] = post(stack, chat_body("Tell me a long story about a lighthouse.", max_tokens=200), r,
-                          timeout=60)
-
-    threads = [threading.Thread(target=send, args=(r,)) for r in ids]
-    t0 = time.monotonic()
-    threads[0].start()
-    time.sleep(0.3)  # the first is in flight on short
-    threads[1].start()
-    for t in threads:
-        t.join(60)
-    elapsed = time.monotonic() - t0
-    assert all(replies[r].status == 200 for r in ids), {r: replies[r].status for r in replies}
-    assert elapsed > 1.0  # the engine really was slow enough to overlap them
-    a, b = access_line(stack, ids[0]), access_line(stack, ids[1])
-    assert a.served_by == "short", a.raw
-    assert b.served_by == "long", b.raw
-    assert b.decision["decided_pool"] == "short" and b.decision["spilled_from"] == "short"
-    assert metric(stack, "extproc_spillovers_total", from_pool="short", to_pool="long") >= 1
-
-    # both finished: the in-flight count went back down, so short takes the next one again
-    deadline = time.monotonic() + 5
-    while metric(stack, "extproc_inflight_requests", pool="short") > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    r = rid("spill-c")
-    assert post(stack, chat_body("hi", max_tokens=2), r).status == 200
-    assert access_line(stack, r).served_by == "short"
-    assert metric(stack, "extproc_inflight_requests", pool="short") == 0
 
 
 # -- shadow ---------------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ class Replica:
             "grpc_address": f"127.0.0.1:{self.grpc_port}", "http_address": f"127.0.0.1:{self.http_port}",
             "metrics_address": f"127.0.0.1:{self.metrics_port}", "shared_state": redis_url,
             "client_hash_key": "fleet-wide-client-hash-key", "usage_sample_rate": 1.0,
-            "usage_samples_per_s": 1e6, "grace_period_s": 1.0}}))
+            "usage_samples_per_s": 1e6, "grace_period_s": 1.0,
+            "snapshot_path": str(workdir / f"{name}-calibration.json")}}))
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Replica":

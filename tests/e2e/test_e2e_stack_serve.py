@@ -5,6 +5,8 @@ scrapes left connections in TIME_WAIT, and after a start that failed on a taken 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import socket
 import subprocess
@@ -21,26 +23,33 @@ from extproc.service.healthcheck import check as grpc_serving
 from extproc.stack import free_port
 
 
-def _serve(tmp_path, *args: str) -> tuple[subprocess.Popen, int]:
+def _serve(tmp_path, *args: str, snapshot: bool = True, env: dict | None = None) -> tuple[subprocess.Popen, int]:
+    """`extproc serve` on free ports (``snapshot=False``: the file names no snapshot_path)."""
     grpc_port = free_port()
     config = tmp_path / "router.yaml"
-    config.write_text(yaml.safe_dump({"service": {
-        "grpc_address": f"127.0.0.1:{grpc_port}", "http_address": f"127.0.0.1:{free_port()}",
-        "metrics_address": f"127.0.0.1:{free_port()}", "snapshot_path": str(tmp_path / "calibration.json")}}))
+    service = {"grpc_address": f"127.0.0.1:{grpc_port}", "http_address": f"127.0.0.1:{free_port()}",
+               "metrics_address": f"127.0.0.1:{free_port()}"}
+    if snapshot:
+        service["snapshot_path"] = str(tmp_path / "calibration.json")
+    config.write_text(yaml.safe_dump({"service": service}))
     proc = subprocess.Popen([sys.executable, "-m", "extproc", "serve", "--config", str(config), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     return proc, grpc_port
+
+
+def _wait_serving(proc: subprocess.Popen, grpc_port: int) -> None:
+    deadline = time.monotonic() + 30
+    while not grpc_serving(f"127.0.0.1:{grpc_port}", 0.5):
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "router not serving after 30 s"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("level", ["info", "WARNING", "Debug"])
 def test_serve_takes_a_log_level_in_any_case(tmp_path, level):
     proc, grpc_port = _serve(tmp_path, "--log-level", level)
     try:
-        deadline = time.monotonic() + 30
-        while not grpc_serving(f"127.0.0.1:{grpc_port}", 0.5):
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "router not serving after 30 s"
-            time.sleep(0.05)
+        _wait_serving(proc, grpc_port)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
@@ -100,3 +109,24 @@ def test_every_port_is_free_the_moment_a_stop_returns(tmp_path):
             assert {name: _bindable(port) for name, port in ports.items()} == dict.fromkeys(ports, True), taken
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_bare_serve_keeps_its_calibration_in_the_state_directory(tmp_path):
+    """No snapshot_path in the file: `extproc serve` saves under $XDG_STATE_HOME/extproc/ at stop
+    and restores from there at the next start (the directory made on the way)."""
+    state = tmp_path / "state"
+    snapshot = state / "extproc" / "calibration.json"
+    for run in range(2):
+        proc, grpc_port = _serve(tmp_path, snapshot=False, env={**os.environ, "XDG_STATE_HOME": str(state)})
+        try:
+            _wait_serving(proc, grpc_port)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
+        err = proc.stderr.read()
+        assert f"calibration saved to {snapshot}" in err, err[-2000:]
+        assert (f"calibration restored from {snapshot}" in err) == (run == 1), err[-2000:]
+        assert isinstance(json.loads(snapshot.read_text()), dict)

@@ -117,7 +117,7 @@ def test_a_failure_inside_the_router_still_answers_200_with_no_pool(monkeypatch)
         async with running() as h:
             def broken(*args, **kwargs):
                 raise RuntimeError("injected fault")
-            monkeypatch.setattr(h.service.router, "record", broken)
+            monkeypatch.setattr(h.service.router, "_record", broken)
             status, hdrs, _ = await _ask(h, _post("/v1/chat/completions", chat("hi")))
             assert status == 200 and "x-token-pool" not in hdrs  # Envoy's default route: the largest pool
             assert h.value("extproc_stream_errors_total") == 1
@@ -218,11 +218,11 @@ def _ends(*decision_ids: str):
         log_entry=entries))
 
 
-def test_access_log_stream_ends_requests_and_spillover_uses_the_counts():
+def test_access_log_stream_ends_requests_in_the_in_flight_counts():
     from envoy.service.accesslog.v3 import als_pb2_grpc
 
     async def scenario():
-        async with running({"service": {"spillover": {"short": 2}}}) as h:
+        async with running() as h:
             reader, writer = await _connect(h)
             ids, pools = [], []
             for _ in range(3):
@@ -230,19 +230,18 @@ def test_access_log_stream_ends_requests_and_spillover_uses_the_counts():
                 _, hdrs, _ = await _read_response(reader)
                 ids.append(hdrs["x-token-decision"])
                 pools.append(hdrs["x-token-pool"])
-            assert pools == ["short", "short", "long"]  # the third spilled: short had 2 in flight
-            assert h.value("extproc_spillovers_total", from_pool="short", to_pool="long") == 1
+            assert pools == ["short"] * 3 and h.value("extproc_inflight_requests", pool="short") == 3
             stub = als_pb2_grpc.AccessLogServiceStub(h.channel)
             call = stub.StreamAccessLogs()
             await call.write(_ends(ids[0], "unknown-id", ""))  # unknown and absent ids are ignored
             for _ in range(200):
-                if h.value("extproc_inflight_requests", pool="short") == 1:
+                if h.value("extproc_inflight_requests", pool="short") == 2:
                     break
                 await asyncio.sleep(0.01)
-            assert h.value("extproc_inflight_requests", pool="short") == 1
+            assert h.value("extproc_inflight_requests", pool="short") == 2
             writer.write(_post("/v1/chat/completions", chat("hi", max_tokens=4)))
             _, hdrs, _ = await _read_response(reader)
-            assert hdrs["x-token-pool"] == "short"  # room again
+            assert hdrs["x-token-pool"] == "short"
             await call.write(_ends(*ids[1:], hdrs["x-token-decision"]))
             await call.done_writing()
             await asyncio.wait_for(call, 10)
@@ -282,3 +281,19 @@ def test_an_idle_router_counts_out_lost_ends_too():
             assert h.value("extproc_inflight_requests", pool="short") == 0
             assert h.value("extproc_request_ends_missed_total") == 1
     run(scenario())
+
+
+def test_an_offloaded_body_is_routed_as_any_other_size_bound_first():
+    """One door (Router.route): a body read in a worker thread gets the same decision as on the
+    loop, the size bound included (it used to skip it and go straight to the estimate)."""
+    body = chat("word " * 1200, max_tokens=16)  # 6 KB: the size bound proves it fits 8K
+
+    async def answer(config):
+        async with running(config) as h:
+            _, hdrs, _ = await _ask(h, _post("/v1/chat/completions", body))
+            return hdrs
+
+    on_loop = run(answer({"service": {"calibration_samples": 0, "usage_sample_rate": 0.0}}))
+    offloaded = run(answer({"service": {"calibration_samples": 0, "usage_sample_rate": 0.0, "offload_bytes": 4096}}))
+    assert on_loop["x-token-source"] == offloaded["x-token-source"] == "bound"
+    assert on_loop["x-token-pool"] == offloaded["x-token-pool"] == "short"

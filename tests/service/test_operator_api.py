@@ -92,7 +92,8 @@ def _assert_same_decision(resp: pb.ExplainResponse, local: BudgetRouter, body: b
     assert [(p["name"], p["max_context"]) for p in rec["pools"]] == [(p.name, p.max_context) for p in local.pools]
     quick = local.route(body, path, by_size=True)
     assert rec["size_bound_tokens"] == (quick.prompt_tokens if quick.source == "bound" else None)
-    assert rec["pool"] == d.pool and rec["spilled_from"] is None  # nothing in flight, no spillover set
+    assert rec["pool"] == d.pool and rec["spilled_from"] is None  # no spillover set
+    assert all("load" not in p for p in rec["pools"])
 
 
 async def _teach(h, body: bytes, true_tokens: int) -> None:
@@ -181,22 +182,56 @@ def test_explain_is_a_dry_run():
 
 
 def test_explain_shows_spillover_and_the_load_it_read():
+    from aiohttp import web
+
+    async def metrics_page(waiting: int) -> tuple[web.AppRunner, int]:
+        """A real HTTP server with a vLLM metrics page: the pool's load as the router reads it."""
+        body = (f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {waiting}\n'
+                f'vllm:kv_cache_usage_perc{{engine="0",model_name="m"}} 0.5\n').encode()
+        async def page(request: web.Request) -> web.Response:
+            return web.Response(body=body)
+
+        app = web.Application()
+        app.router.add_get("/metrics", page)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return runner, site._server.sockets[0].getsockname()[1]
+
     async def scenario():
-        async with running({"service": {"routing_filter": "ext_proc", "spillover": {"short": 1}}}) as h:
-            short_body = chat("What is the capital of France?")
-            call = h.open()  # a routed request that has not ended: one in flight on the short pool
-            await call.write(request_headers(CHAT))
-            await call.read()
-            await call.write(request_body(short_body))
-            assert set_headers(await call.read())["x-token-pool"] == "short"
-            rec = explain_record(await _stub(h).Explain(pb.ExplainRequest(body=short_body, path=CHAT), timeout=TIMEOUT))
-            assert rec["decided_pool"] == "short" and rec["pool"] == "long" and rec["spilled_from"] == "short"
-            assert rec["pools"] == [
-                {"name": "short", "max_context": 8192, "holds": True, "in_flight": 1, "spillover_limit": 1},
-                {"name": "long", "max_context": 65536, "holds": True, "in_flight": 0, "spillover_limit": None}]
-            assert h.service.router.inflight == {"short": 1, "long": 0}  # Explain placed nothing
-            await call.done_writing()
-            assert await call.read() is grpc.aio.EOF
+        (short_server, short_port), (long_server, long_port) = await metrics_page(20), await metrics_page(0)
+        spill = {"pools": {"short": {"endpoints": [f"127.0.0.1:{short_port}"], "queue_per_instance": 8},
+                           "long": {"endpoints": [f"127.0.0.1:{long_port}"]}}, "period_s": 0.05}
+        try:
+            async with running({"service": {"routing_filter": "ext_proc", "spillover": spill}}) as h:
+                readings = h.service.router.readings
+                for _ in range(200):  # the first read: bounded wait
+                    if readings.view("short").fresh and readings.view("long").fresh:
+                        break
+                    await asyncio.sleep(0.01)
+                short_body = chat("What is the capital of France?")
+                call = h.open()  # a routed request that has not ended: one in flight, spilled to long
+                await call.write(request_headers(CHAT))
+                await call.read()
+                await call.write(request_body(short_body))
+                assert set_headers(await call.read())["x-token-pool"] == "long"
+                rec = explain_record(await _stub(h).Explain(pb.ExplainRequest(body=short_body, path=CHAT),
+                                                            timeout=TIMEOUT))
+                assert rec["decided_pool"] == "short" and rec["pool"] == "long" and rec["spilled_from"] == "short"
+                short, long_ = rec["pools"]
+                assert (short["in_flight"], long_["in_flight"]) == (0, 1)
+                assert short["load"]["under_pressure"] and short["load"]["queue_per_instance"] == 20
+                assert short["load"]["queue_threshold"] == 8 and short["load"]["kv_cache_usage"] == 0.5
+                # long: its page's 0 plus the one request sent since the read began, if it began before
+                assert not long_["load"]["under_pressure"] and long_["load"]["queue_per_instance"] in (0, 1)
+                assert long_["load"]["fresh"] and 0 <= long_["load"]["load_age_s"] < 1
+                assert h.service.router.inflight == {"short": 0, "long": 1}  # Explain placed nothing
+                await call.done_writing()
+                assert await call.read() is grpc.aio.EOF
+        finally:
+            await short_server.cleanup()
+            await long_server.cleanup()
     run(scenario())
 
 

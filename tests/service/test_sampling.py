@@ -20,7 +20,7 @@ def _router(**service) -> Router:
 
 
 def _read(r: Router, body: bytes, n: int) -> int:
-    return sum(r.decide(body, "/v1/chat/completions", ended_by_log=True).read for _ in range(n))
+    return sum(r.route(body, "/v1/chat/completions", ended_by_log=True).read for _ in range(n))
 
 
 def test_every_response_is_read_while_calibrating():
@@ -44,16 +44,16 @@ def test_every_request_at_risk_of_a_misroute_is_read_whatever_the_share_and_cap(
     assert _read(r, near, 50) == 50
     assert _read(r, chat("hi"), 200) == 0  # proven to fit by its size: never misrouted, not read
     far = chat(long_text(40_000), max_tokens=64)  # the largest pool: nothing larger to send it to
-    assert r.decide(far, "/v1/chat/completions").pool == "long"
+    assert r.route(far, "/v1/chat/completions").pool == "long"
     assert _read(r, far, 20) == 0
 
 
 def test_unread_short_requests_are_decided_by_size_and_read_ones_are_estimated():
     calibrated = _router(calibration_samples=0, usage_sample_rate=0.0, usage_samples_per_s=0.0)
-    routed = calibrated.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True)
+    routed = calibrated.route(chat("hi"), "/v1/chat/completions", ended_by_log=True)
     assert routed.decision.source == "bound" and not routed.read and routed.pool == "short"
     calibrating = _router()  # every response read until 50 samples: each needs the real estimate
-    routed = calibrating.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True)
+    routed = calibrating.route(chat("hi"), "/v1/chat/completions", ended_by_log=True)
     assert routed.read and routed.decision.source == "prior"
     assert calibrating.budget.observe(routed.observation, 20) is not None  # learnable, from the same parse
 
@@ -65,6 +65,6 @@ def test_a_cap_of_zero_reads_nothing_after_calibration():
 
 def test_decision_ids_differ_between_router_starts():
     a, b = _router(), _router()
-    ida = a.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True).decision_id
-    idb = b.decide(chat("hi"), "/v1/chat/completions", ended_by_log=True).decision_id
+    ida = a.route(chat("hi"), "/v1/chat/completions", ended_by_log=True).decision_id
+    idb = b.route(chat("hi"), "/v1/chat/completions", ended_by_log=True).decision_id
     assert ida != idb  # a restarted router must not end requests by an old process's ids

@@ -411,12 +411,13 @@ def test_response_only_streams_and_garbage_on_the_usage_side():
 
 def test_two_final_bodies_on_one_stream_do_not_leak_in_flight_counts():
     """Envoy sends one final body per request; a stream that carries two must not leave a pool's
-    in-flight count raised for ever (spillover would then spill for good)."""
+    in-flight count raised for ever."""
     async def scenario():
-        async with running({"service": {"spillover": {"short": 1}}}) as h:
+        async with running() as h:
             resps = await h.exchange([request_headers(), request_body(chat("hi")), request_body(chat("hi again"))])
             assert set_headers(resps[1])["x-token-pool"] == "short"
             await _still_healthy(h)
+            assert h.service.router.inflight == {"short": 0, "long": 0}
     run(scenario())
 
 

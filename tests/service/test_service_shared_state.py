@@ -216,7 +216,7 @@ def test_a_stalled_redis_costs_the_request_path_nothing(redis_server, dev_reques
                 rows = _rows(dev_requests, 50, 10)
                 t0 = time.perf_counter()
                 for row in rows:
-                    routed = a.router.decide(orjson.dumps(row["body"]), "/v1/chat/completions")
+                    routed = a.router.route(orjson.dumps(row["body"]), "/v1/chat/completions")
                     assert routed.pool == "short"
                 teach(a, rows)
                 assert time.perf_counter() - t0 < 1.0

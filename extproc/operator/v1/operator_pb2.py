@@ -24,37 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"extproc/operator/v1/operator.proto\x12\x13\x65xtproc.operator.v1\",\n\x0e\x45xplainRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x82\x01\n\tPoolState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\x03\x12\r\n\x05holds\x18\x03 \x01(\x08\x12\x11\n\tin_flight\x18\x04 \x01(\x03\x12\x1c\n\x0fspillover_limit\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x12\n\x10_spillover_limit\"\xa3\x04\n\x0f\x45xplainResponse\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x63ided_pool\x18\x02 \x01(\t\x12\x14\n\x0cspilled_from\x18\x03 \x01(\t\x12\x0e\n\x06shadow\x18\x04 \x01(\x08\x12+\n\x06reason\x18\x05 \x01(\x0e\x32\x1b.extproc.operator.v1.Reason\x12+\n\x06source\x18\x06 \x01(\x0e\x32\x1b.extproc.operator.v1.Source\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x03\x12\"\n\x1a\x63onservative_prompt_tokens\x18\x08 \x01(\x03\x12\x1d\n\x15output_reserve_tokens\x18\t \x01(\x03\x12\x15\n\rbudget_tokens\x18\n \x01(\x03\x12\x0e\n\x06margin\x18\x0b \x01(\x01\x12\x14\n\x0c\x63ontent_kind\x18\x0c \x01(\t\x12\r\n\x05model\x18\r \x01(\t\x12\x0b\n\x03\x61pi\x18\x0e \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x0f \x01(\t\x12\x17\n\x0f\x63\x61libration_key\x18\x10 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\x11 \x01(\x03\x12\x1e\n\x11size_bound_tokens\x18\x12 \x01(\x03H\x00\x88\x01\x01\x12-\n\x05pools\x18\x13 \x03(\x0b\x32\x1e.extproc.operator.v1.PoolState\x12\x0e\n\x06\x64\x65tail\x18\x14 \x01(\tB\x14\n\x12_size_bound_tokens\"\x17\n\x15GetCalibrationRequest\"j\n\x0b\x43\x61libration\x12\x11\n\testimator\x18\x01 \x01(\t\x12\x15\n\rsnapshot_json\x18\x02 \x01(\x0c\x12\x31\n\x04keys\x18\x03 \x03(\x0b\x32#.extproc.operator.v1.KeyCalibration\"x\n\x0eKeyCalibration\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x14\n\x0csummary_json\x18\x03 \x01(\x0c\x12\x32\n\x08learning\x18\x04 \x01(\x0b\x32 .extproc.operator.v1.KeyLearning\"\xb5\x01\n\x0bKeyLearning\x12\x0e\n\x06window\x18\x01 \x01(\x03\x12\x14\n\x0c\x63lient_share\x18\x02 \x01(\x01\x12\x0e\n\x06recent\x18\x03 \x01(\x03\x12\x14\n\x0cunidentified\x18\x04 \x01(\x03\x12\x0f\n\x07refused\x18\x05 \x01(\x03\x12\x13\n\x0bunexplained\x18\x06 \x01(\x03\x12\x34\n\x07\x63lients\x18\x07 \x03(\x0b\x32#.extproc.operator.v1.ClientLearning\"j\n\x0e\x43lientLearning\x12\x13\n\x0b\x63lient_hash\x18\x01 \x01(\t\x12\x0e\n\x06recent\x18\x02 \x01(\x03\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x0f\n\x07refused\x18\x04 \x01(\x03\x12\x13\n\x0bunexplained\x18\x05 \x01(\x03\"2\n\x19RestoreCalibrationRequest\x12\x15\n\rsnapshot_json\x18\x01 \x01(\x0c\"(\n\x17ResetCalibrationRequest\x12\r\n\x05model\x18\x01 \x01(\t*^\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x0f\n\x0bREASON_FITS\x10\x01\x12\x14\n\x10REASON_TOO_LARGE\x10\x02\x12\x15\n\x11REASON_UNREADABLE\x10\x03*\x94\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11SOURCE_CALIBRATED\x10\x01\x12\x10\n\x0cSOURCE_PRIOR\x10\x02\x12\x10\n\x0cSOURCE_EXACT\x10\x03\x12\x10\n\x0cSOURCE_FIXED\x10\x04\x12\x13\n\x0fSOURCE_FALLBACK\x10\x05\x12\x10\n\x0cSOURCE_BOUND\x10\x06\x32\x8c\x03\n\x08Operator\x12T\n\x07\x45xplain\x12#.extproc.operator.v1.ExplainRequest\x1a$.extproc.operator.v1.ExplainResponse\x12^\n\x0eGetCalibration\x12*.extproc.operator.v1.GetCalibrationRequest\x1a .extproc.operator.v1.Calibration\x12\x66\n\x12RestoreCalibration\x12..extproc.operator.v1.RestoreCalibrationRequest\x1a .extproc.operator.v1.Calibration\x12\x62\n\x10ResetCalibration\x12,.extproc.operator.v1.ResetCalibrationRequest\x1a .extproc.operator.v1.Calibrationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"extproc/operator/v1/operator.proto\x12\x13\x65xtproc.operator.v1\",\n\x0e\x45xplainRequest\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x9b\x03\n\tPoolState\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bmax_context\x18\x02 \x01(\x03\x12\r\n\x05holds\x18\x03 \x01(\x08\x12\x11\n\tin_flight\x18\x04 \x01(\x03\x12\x1f\n\x12queue_per_instance\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0ekv_cache_usage\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x11\n\tinstances\x18\x08 \x01(\x03\x12\x17\n\nload_age_s\x18\t \x01(\x01H\x02\x88\x01\x01\x12\r\n\x05\x66resh\x18\n \x01(\x08\x12\x16\n\x0eunder_pressure\x18\x0b \x01(\x08\x12\x1c\n\x0fqueue_threshold\x18\x0c \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12kv_cache_threshold\x18\r \x01(\x01H\x04\x88\x01\x01\x42\x15\n\x13_queue_per_instanceB\x11\n\x0f_kv_cache_usageB\r\n\x0b_load_age_sB\x12\n\x10_queue_thresholdB\x15\n\x13_kv_cache_thresholdJ\x04\x08\x05\x10\x06R\x0fspillover_limit\"\xa3\x04\n\x0f\x45xplainResponse\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65\x63ided_pool\x18\x02 \x01(\t\x12\x14\n\x0cspilled_from\x18\x03 \x01(\t\x12\x0e\n\x06shadow\x18\x04 \x01(\x08\x12+\n\x06reason\x18\x05 \x01(\x0e\x32\x1b.extproc.operator.v1.Reason\x12+\n\x06source\x18\x06 \x01(\x0e\x32\x1b.extproc.operator.v1.Source\x12\x15\n\rprompt_tokens\x18\x07 \x01(\x03\x12\"\n\x1a\x63onservative_prompt_tokens\x18\x08 \x01(\x03\x12\x1d\n\x15output_reserve_tokens\x18\t \x01(\x03\x12\x15\n\rbudget_tokens\x18\n \x01(\x03\x12\x0e\n\x06margin\x18\x0b \x01(\x01\x12\x14\n\x0c\x63ontent_kind\x18\x0c \x01(\t\x12\r\n\x05model\x18\r \x01(\t\x12\x0b\n\x03\x61pi\x18\x0e \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x0f \x01(\t\x12\x17\n\x0f\x63\x61libration_key\x18\x10 \x01(\t\x12\x1b\n\x13\x63\x61libration_samples\x18\x11 \x01(\x03\x12\x1e\n\x11size_bound_tokens\x18\x12 \x01(\x03H\x00\x88\x01\x01\x12-\n\x05pools\x18\x13 \x03(\x0b\x32\x1e.extproc.operator.v1.PoolState\x12\x0e\n\x06\x64\x65tail\x18\x14 \x01(\tB\x14\n\x12_size_bound_tokens\"\x17\n\x15GetCalibrationRequest\"j\n\x0b\x43\x61libration\x12\x11\n\testimator\x18\x01 \x01(\t\x12\x15\n\rsnapshot_json\x18\x02 \x01(\x0c\x12\x31\n\x04keys\x18\x03 \x03(\x0b\x32#.extproc.operator.v1.KeyCalibration\"x\n\x0eKeyCalibration\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\x03\x12\x14\n\x0csummary_json\x18\x03 \x01(\x0c\x12\x32\n\x08learning\x18\x04 \x01(\x0b\x32 .extproc.operator.v1.KeyLearning\"\xb5\x01\n\x0bKeyLearning\x12\x0e\n\x06window\x18\x01 \x01(\x03\x12\x14\n\x0c\x63lient_share\x18\x02 \x01(\x01\x12\x0e\n\x06recent\x18\x03 \x01(\x03\x12\x14\n\x0cunidentified\x18\x04 \x01(\x03\x12\x0f\n\x07refused\x18\x05 \x01(\x03\x12\x13\n\x0bunexplained\x18\x06 \x01(\x03\x12\x34\n\x07\x63lients\x18\x07 \x03(\x0b\x32#.extproc.operator.v1.ClientLearning\"j\n\x0e\x43lientLearning\x12\x13\n\x0b\x63lient_hash\x18\x01 \x01(\t\x12\x0e\n\x06recent\x18\x02 \x01(\x03\x12\r\n\x05share\x18\x03 \x01(\x01\x12\x0f\n\x07refused\x18\x04 \x01(\x03\x12\x13\n\x0bunexplained\x18\x05 \x01(\x03\"2\n\x19RestoreCalibrationRequest\x12\x15\n\rsnapshot_json\x18\x01 \x01(\x0c\"(\n\x17ResetCalibrationRequest\x12\r\n\x05model\x18\x01 \x01(\t*^\n\x06Reason\x12\x16\n\x12REASON_UNSPECIFIED\x10\x00\x12\x0f\n\x0bREASON_FITS\x10\x01\x12\x14\n\x10REASON_TOO_LARGE\x10\x02\x12\x15\n\x11REASON_UNREADABLE\x10\x03*\x94\x01\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11SOURCE_CALIBRATED\x10\x01\x12\x10\n\x0cSOURCE_PRIOR\x10\x02\x12\x10\n\x0cSOURCE_EXACT\x10\x03\x12\x10\n\x0cSOURCE_FIXED\x10\x04\x12\x13\n\x0fSOURCE_FALLBACK\x10\x05\x12\x10\n\x0cSOURCE_BOUND\x10\x06\x32\x8c\x03\n\x08Operator\x12T\n\x07\x45xplain\x12#.extproc.operator.v1.ExplainRequest\x1a$.extproc.operator.v1.ExplainResponse\x12^\n\x0eGetCalibration\x12*.extproc.operator.v1.GetCalibrationRequest\x1a .extproc.operator.v1.Calibration\x12\x66\n\x12RestoreCalibration\x12..extproc.operator.v1.RestoreCalibrationRequest\x1a .extproc.operator.v1.Calibration\x12\x62\n\x10ResetCalibration\x12,.extproc.operator.v1.ResetCalibrationRequest\x1a .extproc.operator.v1.Calibrationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'extproc.operator.v1.operator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REASON']._serialized_start=1429
-  _globals['_REASON']._serialized_end=1523
-  _globals['_SOURCE']._serialized_start=1526
-  _globals['_SOURCE']._serialized_end=1674
+  _globals['_REASON']._serialized_start=1710
+  _globals['_REASON']._serialized_end=1804
+  _globals['_SOURCE']._serialized_start=1807
+  _globals['_SOURCE']._serialized_end=1955
   _globals['_EXPLAINREQUEST']._serialized_start=59
   _globals['_EXPLAINREQUEST']._serialized_end=103
   _globals['_POOLSTATE']._serialized_start=106
-  _globals['_POOLSTATE']._serialized_end=236
-  _globals['_EXPLAINRESPONSE']._serialized_start=239
-  _globals['_EXPLAINRESPONSE']._serialized_end=786
-  _globals['_GETCALIBRATIONREQUEST']._serialized_start=788
-  _globals['_GETCALIBRATIONREQUEST']._serialized_end=811
-  _globals['_CALIBRATION']._serialized_start=813
-  _globals['_CALIBRATION']._serialized_end=919
-  _globals['_KEYCALIBRATION']._serialized_start=921
-  _globals['_KEYCALIBRATION']._serialized_end=1041
-  _globals['_KEYLEARNING']._serialized_start=1044
-  _globals['_KEYLEARNING']._serialized_end=1225
-  _globals['_CLIENTLEARNING']._serialized_start=1227
-  _globals['_CLIENTLEARNING']._serialized_end=1333
-  _globals['_RESTORECALIBRATIONREQUEST']._serialized_start=1335
-  _globals['_RESTORECALIBRATIONREQUEST']._serialized_end=1385
-  _globals['_RESETCALIBRATIONREQUEST']._serialized_start=1387
-  _globals['_RESETCALIBRATIONREQUEST']._serialized_end=1427
-  _globals['_OPERATOR']._serialized_start=1677
-  _globals['_OPERATOR']._serialized_end=2073
+  _globals['_POOLSTATE']._serialized_end=517
+  _globals['_EXPLAINRESPONSE']._serialized_start=520
+  _globals['_EXPLAINRESPONSE']._serialized_end=1067
+  _globals['_GETCALIBRATIONREQUEST']._serialized_start=1069
+  _globals['_GETCALIBRATIONREQUEST']._serialized_end=1092
+  _globals['_CALIBRATION']._serialized_start=1094
+  _globals['_CALIBRATION']._serialized_end=1200
+  _globals['_KEYCALIBRATION']._serialized_start=1202
+  _globals['_KEYCALIBRATION']._serialized_end=1322
+  _globals['_KEYLEARNING']._serialized_start=1325
+  _globals['_KEYLEARNING']._serialized_end=1506
+  _globals['_CLIENTLEARNING']._serialized_start=1508
+  _globals['_CLIENTLEARNING']._serialized_end=1614
+  _globals['_RESTORECALIBRATIONREQUEST']._serialized_start=1616
+  _globals['_RESTORECALIBRATIONREQUEST']._serialized_end=1666
+  _globals['_RESETCALIBRATIONREQUEST']._serialized_start=1668
+  _globals['_RESETCALIBRATIONREQUEST']._serialized_end=1708
+  _globals['_OPERATOR']._serialized_start=1958
+  _globals['_OPERATOR']._serialized_end=2354
 # @@protoc_insertion_point(module_scope)

@@ -44,18 +44,32 @@ class ExplainRequest(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., path: _Optional[str] = ...) -> None: ...
 
 class PoolState(_message.Message):
-    __slots__ = ("name", "max_context", "holds", "in_flight", "spillover_limit")
+    __slots__ = ("name", "max_context", "holds", "in_flight", "queue_per_instance", "kv_cache_usage", "instances", "load_age_s", "fresh", "under_pressure", "queue_threshold", "kv_cache_threshold")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     HOLDS_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
-    SPILLOVER_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_PER_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_USAGE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    FRESH_FIELD_NUMBER: _ClassVar[int]
+    UNDER_PRESSURE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     name: str
     max_context: int
     holds: bool
     in_flight: int
-    spillover_limit: int
-    def __init__(self, name: _Optional[str] = ..., max_context: _Optional[int] = ..., holds: _Optional[bool] = ..., in_flight: _Optional[int] = ..., spillover_limit: _Optional[int] = ...) -> None: ...
+    queue_per_instance: float
+    kv_cache_usage: float
+    instances: int
+    load_age_s: float
+    fresh: bool
+    under_pressure: bool
+    queue_threshold: float
+    kv_cache_threshold: float
+    def __init__(self, name: _Optional[str] = ..., max_context: _Optional[int] = ..., holds: _Optional[bool] = ..., in_flight: _Optional[int] = ..., queue_per_instance: _Optional[float] = ..., kv_cache_usage: _Optional[float] = ..., instances: _Optional[int] = ..., load_age_s: _Optional[float] = ..., fresh: _Optional[bool] = ..., under_pressure: _Optional[bool] = ..., queue_threshold: _Optional[float] = ..., kv_cache_threshold: _Optional[float] = ...) -> None: ...
 
 class ExplainResponse(_message.Message):
     __slots__ = ("pool", "decided_pool", "spilled_from", "shadow", "reason", "source", "prompt_tokens", "conservative_prompt_tokens", "output_reserve_tokens", "budget_tokens", "margin", "content_kind", "model", "api", "family", "calibration_key", "calibration_samples", "size_bound_tokens", "pools", "detail")
