@@ -42,17 +42,6 @@ def test_a_sample_sent_as_its_document_teaches_exactly_what_the_original_does(de
     assert _state(a) == _state(b)
 
 
-@pytest.fixture(scope="module")
-def count():
-    from extproc.tokens import counter_for
-
-    try:
-        counter = counter_for("llama3")
-    except Exception as exc:  # noqa: BLE001 - offline without a cached tokenizer
-        pytest.skip(f"the Llama-3 tokenizer files are not available: {exc}")
-    return counter.count_chat
-
-
 def _mixed(dev_texts, count, n: int, rng: random.Random) -> list[tuple[bytes, int, str | None]]:
     """Long real texts and, a third of the time, punctuation runs the features cannot see (what
     makes the filter's recent windows matter), from nine clients and some of none."""
