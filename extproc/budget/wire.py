@@ -133,18 +133,26 @@ def _count(value: object) -> float:
 
 
 def _vector(pair: object) -> np.ndarray:
-    """A sparse feature vector: [indices, values], indices strictly increasing."""
+    """A sparse feature vector: [indices, values], indices strictly increasing. (Checked in numpy:
+    every replica parses every sample of the fleet.)"""
     if not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(x, list) for x in pair):
         raise ValueError("a feature vector must be [indices, values]")
     index, values = pair
     if len(index) != len(values) or len(index) > N_FEATURES:
         raise ValueError("a feature vector's indices and values differ in length")
-    last = -1
-    for i in index:
-        if type(i) is not int or not last < i < N_FEATURES:
-            raise ValueError("feature indices must be increasing and within the feature set")
-        last = i
     v = np.zeros(N_FEATURES)
-    if index:
-        v[index] = [_count(x) for x in values]
+    if not index:
+        return v
+    try:
+        idx, vals = np.asarray(index), np.asarray(values)
+    except (OverflowError, ValueError):
+        raise ValueError("a feature vector holds something other than numbers") from None
+    if idx.ndim != 1 or idx.dtype.kind != "i" or vals.ndim != 1 or vals.dtype.kind not in "if":
+        raise ValueError("feature indices must be integers and counts numbers")
+    if idx[0] < 0 or idx[-1] >= N_FEATURES or (len(idx) > 1 and not (np.diff(idx) > 0).all()):
+        raise ValueError("feature indices must be increasing and within the feature set")
+    vals = vals.astype(float)
+    if not (np.isfinite(vals).all() and (vals >= 0).all() and (vals <= MAX_COUNT).all()):
+        raise ValueError("a feature count must be a finite number >= 0")
+    v[idx] = vals
     return v
