@@ -261,3 +261,49 @@ def test_the_url_in_logs_and_config_errors_carries_no_password():
     with pytest.raises(ConfigError) as err:
         parse_config({"service": {"shared_state": "redis://user:secret@h:6379/0?db=1"}})
     assert "secret" not in str(err.value)
+
+
+def test_the_outbox_is_bounded_while_redis_is_away(tmp_path, dev_requests, monkeypatch):
+    monkeypatch.setattr(shared_state, "OUTBOX", 10)
+    server = RedisServer(tmp_path)  # nothing listening
+
+    async def body():
+        a = await replica(server.url)
+        try:
+            teach(a, _rows(dev_requests, 25, 12))
+            assert samples(a) == 25  # every one learned here
+            assert len(a.shared.outbox) == 10
+            assert value(a, "extproc_shared_state_samples_total", outcome="dropped") == 15
+            assert value(a, "extproc_shared_state_outbox") == 10
+        finally:
+            await a.stop(grace=0)
+    run(body())
+
+
+def test_a_corrupt_shared_snapshot_is_replaced_by_a_replicas_state(redis_server, dev_requests, fast, caplog):
+    caplog.set_level(logging.INFO, "extproc.service")
+
+    async def body():
+        r = aioredis.from_url(redis_server.url)
+        await r.hset(shared_state.SNAPSHOT, mapping={"id": "0-0", "epoch": "e", "doc": b'{"version": 99}'})
+        a = await replica(redis_server.url)
+        try:
+            assert "shared snapshot unusable" in caplog.text and a.shared.in_sync
+            assert (await r.hget(shared_state.SNAPSHOT, "epoch")).decode() == a.shared.epoch != "e"
+            teach(a, _rows(dev_requests, 20, 13))
+            await until(lambda: samples(a) == 20, "learning through the stream")
+            b = await replica(redis_server.url)  # the replaced snapshot is a valid one
+            try:
+                assert state(b) == state(a)
+            finally:
+                await b.stop(grace=0)
+        finally:
+            await r.aclose()
+            await a.stop(grace=0)
+    run(body())
+
+
+def test_a_reload_cannot_switch_the_shared_state():
+    from extproc.service.reload import restart_reason
+
+    assert "shared calibration" in restart_reason("service.shared_state")
