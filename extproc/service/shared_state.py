@@ -173,15 +173,15 @@ class SharedState:
         return self._synced.is_set()
 
     async def stop(self, flush_s: float = 0.5) -> None:
-        """Publish what is waiting (briefly), then stop."""
+        """Stop following, publish what is waiting (briefly), close."""
+        if self._task is not None:  # first: no other flush runs beside the last one
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
         if self.up and self.outbox:
             try:
                 await asyncio.wait_for(self._flush(), flush_s)
             except Exception:  # noqa: BLE001 - stopping: what is not out is lost
                 pass
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
         try:
             await self.redis.aclose()
         except Exception:  # noqa: BLE001
@@ -314,10 +314,12 @@ class SharedState:
 
     async def _catch_up(self, after: str) -> None:
         info = await self.redis.xinfo_stream(STREAM) if await self.redis.exists(STREAM) else {}
-        deleted = info.get("max-deleted-entry-id") if isinstance(info, dict) else None
-        if deleted and (deleted := deleted.decode() if isinstance(deleted, bytes) else str(deleted)) != "0-0" \
-                and _newer(deleted, after):
-            log.warning("shared stream was cut past the snapshot (%s > %s): some samples are missed", deleted, after)
+        first = (info.get("first-entry") or (None,))[0] if isinstance(info, dict) else None
+        if first and info.get("entries-added", 0) > info.get("length", 0) and _newer(first.decode(), after):
+            # (the stream was trimmed, and its oldest entry is past the snapshot: entries in between
+            # may be gone; snapshots come far more often than the stream's length is reached)
+            log.warning("shared stream may have been cut past the snapshot (first entry %s, snapshot at %s): "
+                        "samples in between are missed here", first.decode(), after)
         start = f"({after}"
         while True:
             entries = await self.redis.xrange(STREAM, min=start, count=BATCH)

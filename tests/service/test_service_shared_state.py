@@ -307,3 +307,27 @@ def test_a_reload_cannot_switch_the_shared_state():
     from extproc.service.reload import restart_reason
 
     assert "shared calibration" in restart_reason("service.shared_state")
+
+
+def test_a_stream_cut_past_the_snapshot_is_said_and_the_rest_applied(redis_server, dev_requests, caplog):
+    caplog.set_level(logging.INFO, "extproc.service")
+
+    async def body():
+        r = aioredis.from_url(redis_server.url)
+        probe = await replica(redis_server.url)  # only to build sample documents
+        docs = []
+        for row in _rows(dev_requests, 30, 14):
+            _, obs = probe.budget.route_learnable(orjson.dumps(row["body"]))
+            docs.append(orjson.dumps(sample_to_doc(obs, row["prompt_tokens"]["llama3"], "c", False)))
+        await probe.stop(grace=0)
+        await r.flushall()
+        for data in docs:  # a stream whose first 20 entries were trimmed, and a snapshot of none of them
+            await r.xadd(shared_state.STREAM, {"s": data}, maxlen=10, approximate=False)
+        a = await replica(redis_server.url)
+        try:
+            assert "may have been cut past the snapshot" in caplog.text
+            assert value(a, "extproc_shared_state_samples_total", outcome="applied") == 10
+        finally:
+            await r.aclose()
+            await a.stop(grace=0)
+    run(body())
