@@ -1,5 +1,6 @@
 """A learned sample as a compact, JSON-able document, and back: what replicas sharing one
-calibration send each other (service/shared_state.py).
+calibration send each other (service/shared_state.py); likewise what a response told
+(``ResponseFacts``), for the replica that decided the request when another one read it.
 
 A sample is what ``BudgetRouter.observe`` takes: the ``Observation`` (the model, the tokenizer
 family's name, each prompt's measured feature counts — never its text, which is gone once the
@@ -22,6 +23,7 @@ import numpy as np
 from .features import N_FEATURES
 from .priors import Family
 from .request import Prompt
+from .response import MISROUTE_KINDS, OTHER_ERROR, ResponseFacts
 
 WIRE_VERSION = 1
 MAX_MODEL_CHARS = 200       # what request.py keeps of a model name
@@ -156,3 +158,44 @@ def _vector(pair: object) -> np.ndarray:
         raise ValueError("a feature count must be a finite number >= 0")
     v[idx] = vals
     return v
+
+
+# -- what a response told ------------------------------------------------------------------------
+_FACT_INTS = ("prompt_tokens", "completion_tokens", "window", "requested_output")
+_FACT_FLAGS = ("streamed", "prompt_exact", "finish_length", "complete")
+_FACT_ERRORS = frozenset(MISROUTE_KINDS[:3] + (OTHER_ERROR,))
+
+
+def facts_to_doc(facts: ResponseFacts) -> dict:
+    doc: dict = {"st": facts.status}
+    for name in _FACT_INTS + _FACT_FLAGS:
+        value = getattr(facts, name)
+        if value is not None:
+            doc[name] = int(value) if type(value) is bool else value
+    if facts.error is not None:
+        doc["error"] = facts.error
+    return doc
+
+
+def facts_from_doc(doc: object) -> ResponseFacts:
+    """The facts a document states, checked field by field (ValueError saying what is wrong)."""
+    if not isinstance(doc, dict):
+        raise ValueError("facts must be an object")
+    status = doc.get("st")
+    if type(status) is not int or not 100 <= status <= 599:
+        raise ValueError("facts need an HTTP status")
+    fields: dict = {}
+    for name in _FACT_INTS:
+        value = doc.get(name)
+        if value is not None and (type(value) is not int or not 0 <= value <= 1 << 31):
+            raise ValueError(f"facts field {name!r} must be a count")
+        fields[name] = value
+    for name in _FACT_FLAGS:
+        if name in doc:
+            if doc[name] not in (0, 1) or type(doc[name]) is not int:
+                raise ValueError(f"facts field {name!r} must be 0 or 1")
+            fields[name] = bool(doc[name])
+    error = doc.get("error")
+    if error is not None and error not in _FACT_ERRORS:
+        raise ValueError("facts error must be a known kind")
+    return ResponseFacts(status, error=error, **fields)

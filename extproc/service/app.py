@@ -308,7 +308,8 @@ class Service:
         if not s.client_hash_key:
             log.warning("service.shared_state without service.client_hash_key: each replica hashes clients "
                         "with its own key, so one client's share of the shared learning is bounded per replica")
-        self.shared = SharedState(s.shared_state, self.budget, self.router.apply_sample, self.metrics.registry)
+        self.shared = SharedState(s.shared_state, self.budget, self.router.apply_sample, self.metrics.registry,
+                                  self.router.decision_prefix, self.router.response_read)
         self.router.shared = self.shared
         await self.shared.start()
 

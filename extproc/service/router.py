@@ -356,6 +356,11 @@ class Router:
             m.child(m.spill_held, pool, held).inc()
         return out
 
+    @property
+    def decision_prefix(self) -> str:
+        """What every decision id of this router starts with (unique per process start)."""
+        return self._id_prefix
+
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
 
@@ -411,11 +416,18 @@ class Router:
             self._removed -= {pool}
 
     # -- response side -------------------------------------------------------------------------
+    def awaits(self, decision_id: str | None) -> bool:
+        """Is the response of this decision read? Ours marked for reading, or, with a shared state,
+        another replica's (behind one Envoy a usage stream reaches any replica): relayed to it."""
+        return decision_id in self.pending or (self.shared is not None and self.shared.foreign(decision_id))
+
     def response_read(self, decision_id: str | None, facts: ResponseFacts) -> None:
         """The usage filter read the response of a request marked for reading."""
         awaited = self.pending.pop(decision_id, None) if decision_id else None
         if awaited is not None:
             self.learn_from(awaited.decision, awaited.observation, awaited.pool, facts, awaited.client)
+        elif self.shared is not None:
+            self.shared.relay(decision_id, facts)
 
     def learn_from(self, d: Decision, observation: Observation | None, pool: str, facts: ResponseFacts,
                    client: str | None = None) -> None:

@@ -46,7 +46,8 @@ import orjson
 from prometheus_client import Counter, Gauge
 
 from ..budget import BudgetRouter
-from ..budget.wire import Sample, sample_from_doc, sample_to_doc
+from ..budget.response import ResponseFacts
+from ..budget.wire import Sample, facts_from_doc, facts_to_doc, sample_from_doc, sample_to_doc
 
 log = logging.getLogger("extproc.service")
 
@@ -65,6 +66,10 @@ COALESCE_S = 0.01           # publish and read at most every this long: round tr
                             # bounded at any sample rate, and a sample is learned fleet-wide within ~20 ms
 BACKOFF_S = (0.1, 5.0)
 OUTCOMES = ("published", "applied", "local", "dropped", "rejected")
+RELAY = "extproc:relay:"    # + a replica's decision-id prefix: the responses others read for it
+RELAY_LEN = 1_000           # entries kept per replica's relay stream
+RELAY_TTL_S = 120           # a dead replica's relay stream goes away
+RELAY_OUTCOMES = ("sent", "received", "rejected", "dropped")
 
 # Write the snapshot only if there is none, or this one covers a later stream entry.
 _WRITE_SNAPSHOT = """
@@ -119,7 +124,8 @@ class SharedState:
     """Follows and feeds the shared calibration (see the module doc). ``apply(sample, own)``
     teaches the local calibration one sample (``own``: this replica learned it)."""
 
-    def __init__(self, url: str, budget: BudgetRouter, apply: Callable[[Sample, bool], None], registry) -> None:
+    def __init__(self, url: str, budget: BudgetRouter, apply: Callable[[Sample, bool], None], registry,
+                 decision_prefix: str = "", on_relayed: Callable[[str, ResponseFacts], None] | None = None) -> None:
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -144,6 +150,17 @@ class SharedState:
         self._generation = 0  # of ``_follow``: a reader of an ended one must not apply what it reads
         self._replace = asyncio.Event()  # set by ``replaced``: publish the local state as the fleet's
         self._task: asyncio.Task | None = None
+        # Responses read here for another replica's decisions go to that replica (behind one Envoy
+        # the usage stream of a response reaches any replica, not the one that decided it).
+        self.prefix = decision_prefix.rstrip("-")
+        self.relay_key = RELAY + self.prefix
+        self._relay_last = "0-0"
+        self._on_relayed = on_relayed
+        self.relays: deque[tuple[bytes, bytes]] = deque()
+        relayed = Counter("extproc_shared_state_relayed_reads", "Responses read for another replica's decision: sent "
+                          "to it, received from others, rejected (invalid), dropped (Redis away or queue full)",
+                          ["outcome"], registry=registry)
+        self._relayed = {o: relayed.labels(o) for o in RELAY_OUTCOMES}
         self.samples = Counter("extproc_shared_state_samples", "Calibration samples through the shared state, by "
                                "outcome: published, applied (from the stream), local (applied here while Redis "
                                "was unreachable), dropped (outbox full), rejected (invalid entries)",
@@ -202,6 +219,43 @@ class SharedState:
         self._seq += 1
         self.outbox.append(_Pending(self._seq, orjson.dumps(doc), local))
         self._wake.set()
+
+    def foreign(self, decision_id: str | None) -> bool:
+        """A decision id of another replica (its read is relayed to it)?"""
+        prefix, sep, n = (decision_id or "").partition("-")
+        return bool(sep and self.prefix and prefix != self.prefix and len(prefix) == 8 and _hex(prefix)
+                    and 0 < len(n) <= 16 and _hex(n))
+
+    def relay(self, decision_id: str | None, facts: ResponseFacts) -> None:
+        """Send what a response told to the replica that decided it (never waits)."""
+        if not self.foreign(decision_id):
+            return
+        if not self.up or len(self.relays) >= OUTBOX:
+            self._relayed["dropped"].inc()
+            return
+        doc = facts_to_doc(facts)
+        doc["d"] = decision_id
+        self.relays.append(((RELAY + decision_id.partition("-")[0]).encode(), orjson.dumps(doc)))
+        self._wake.set()
+
+    def _relayed_in(self, entries) -> None:
+        for entry_id, fields in entries:
+            self._relay_last = entry_id.decode()
+            try:
+                doc = orjson.loads(fields.get(b"f", b""))
+                decision_id = doc.get("d") if isinstance(doc, dict) else None
+                if not isinstance(decision_id, str) or decision_id.partition("-")[0] != self.prefix:
+                    raise ValueError("not a decision of this replica")
+                facts = facts_from_doc(doc)
+            except (ValueError, RecursionError, TypeError):
+                self._relayed["rejected"].inc()
+                continue
+            self._relayed["received"].inc()
+            if self._on_relayed is not None:
+                try:
+                    self._on_relayed(decision_id, facts)
+                except Exception as exc:  # noqa: BLE001 - a relayed read must never stop the follower
+                    log.warning("relayed read not applied: %s", type(exc).__name__)
 
     def replaced(self) -> None:
         """The local calibration was replaced on purpose (the operator API's Restore or Reset): it
@@ -373,11 +427,17 @@ class SharedState:
     async def _read_loop(self, gen: int) -> None:
         block_ms = int(TIMEOUT_S * 500)
         while gen == self._generation:
-            reply = await self.redis.xread({STREAM: self.last_id}, count=BATCH, block=block_ms)
+            streams = {STREAM: self.last_id}
+            if self.prefix:
+                streams[self.relay_key] = self._relay_last
+            reply = await self.redis.xread(streams, count=BATCH, block=block_ms)
             if gen != self._generation:
                 return  # this follow has ended (resync): what it read is read again from the new place
-            for _, entries in _stream_entries(reply):
-                self._apply_entries(entries)
+            for name, entries in _stream_entries(reply):
+                if name in (self.relay_key, self.relay_key.encode()):
+                    self._relayed_in(entries)
+                else:
+                    self._apply_entries(entries)
             if reply:
                 await asyncio.sleep(COALESCE_S)  # let the next entries gather: one read for several
 
@@ -389,6 +449,14 @@ class SharedState:
             await self._flush()
 
     async def _flush(self) -> None:
+        if self.relays:
+            pipe = self.redis.pipeline(transaction=False)
+            batch = [self.relays.popleft() for _ in range(min(BATCH, len(self.relays)))]
+            for key, data in batch:  # (lost if this fails: a read is worth less than a wait)
+                pipe.xadd(key, {"f": data}, maxlen=RELAY_LEN, approximate=True)
+                pipe.expire(key, RELAY_TTL_S)
+            await pipe.execute()
+            self._relayed["sent"].inc(len(batch))
         while self.outbox:
             batch = [self.outbox[i] for i in range(min(BATCH, len(self.outbox)))]
             pipe = self.redis.pipeline(transaction=False)
@@ -416,6 +484,10 @@ class SharedState:
                 self.snapshots.inc()
                 log.debug("shared snapshot at %s written (%d bytes, %.1f ms)", covered, len(doc),
                           1e3 * (time.monotonic() - t0))
+
+
+def _hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
 
 
 def _stream_entries(reply) -> list:

@@ -11,7 +11,8 @@ import orjson
 import pytest
 
 from extproc.budget import BudgetRouter
-from extproc.budget.wire import sample_from_doc, sample_to_doc
+from extproc.budget.response import ResponseFacts
+from extproc.budget.wire import facts_from_doc, facts_to_doc, sample_from_doc, sample_to_doc
 
 
 def _samples(dev_requests, n: int, seed: int = 3) -> list[tuple[bytes, int, str]]:
@@ -151,3 +152,16 @@ def test_random_corruption_never_raises_anything_but_value_error(dev_requests):
             sample_from_doc(parsed, families)
         except ValueError:
             pass
+
+
+def test_response_facts_go_over_the_wire_whole_and_bad_ones_are_refused():
+    for facts in (ResponseFacts(200, streamed=True, prompt_tokens=812, prompt_exact=True, completion_tokens=40),
+                  ResponseFacts(400, prompt_tokens=8193, error="prompt_over_window", window=8192),
+                  ResponseFacts(200, prompt_tokens=8000, prompt_exact=True, finish_length=True, complete=False)):
+        assert facts_from_doc(orjson.loads(orjson.dumps(facts_to_doc(facts)))) == facts
+    good = facts_to_doc(ResponseFacts(200, prompt_tokens=5, prompt_exact=True))
+    for bad in (None, [], {}, {**good, "st": 99}, {**good, "st": "200"}, {**good, "prompt_tokens": -1},
+                {**good, "prompt_tokens": 1.5}, {**good, "prompt_tokens": 1 << 40}, {**good, "streamed": 2},
+                {**good, "complete": True}, {**good, "error": "teapot"}, {**good, "window": "8192"}):
+        with pytest.raises(ValueError):
+            facts_from_doc(bad)

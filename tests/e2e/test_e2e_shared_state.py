@@ -5,7 +5,9 @@ redis-server, the simulated vLLM pools, and a real Envoy whose router clusters h
   (within 1%; by design exactly), and a replica started afterwards agrees before it serves;
 * Redis killed mid-load (its data lost) and brought back: no request lost, and the replicas
   agree again afterwards;
-* one replica killed mid-load behind Envoy: no request lost.
+* one replica killed mid-load behind Envoy: no request lost;
+* a read response teaches the replica that decided it, whichever replica Envoy sent its usage
+  stream to.
 """
 
 from __future__ import annotations
@@ -294,6 +296,21 @@ async def _load(fleet: Fleet, total: int, events: dict[int, callable], concurren
 
         await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), budget_s)
     return results
+
+
+def test_every_read_response_teaches_whichever_replica_envoy_sent_its_usage_stream_to(fleet):
+    """Envoy balances the usage streams over the replicas apart from the checks: a read reaches
+    the replica that decided it about one time in three. The others relay what it told."""
+    if fleet.envoy is None:
+        fleet.start_envoy()
+
+    def reads() -> float:
+        return sum(r.metric("extproc_usage_reads_total") for r in fleet.live())
+    before = reads()
+    results = asyncio.run(_load(fleet, 300, {}))
+    assert all(s == 200 for s in results.values())
+    _until(lambda: reads() - before >= 300, "every response learned by the replica that decided it", 15)
+    assert sum(r.metric("extproc_shared_state_relayed_reads_total", outcome="received") for r in fleet.live()) > 100
 
 
 def test_redis_killed_mid_load_loses_no_request_and_the_replicas_agree_again(fleet):

@@ -331,3 +331,31 @@ def test_a_stream_cut_past_the_snapshot_is_said_and_the_rest_applied(redis_serve
             await r.aclose()
             await a.stop(grace=0)
     run(body())
+
+
+def test_a_response_read_by_another_replica_teaches_the_one_that_decided(redis_server, dev_requests):
+    async def body():
+        a, b = await replica(redis_server.url), await replica(redis_server.url)
+        r = aioredis.from_url(redis_server.url)
+        try:
+            rows = _rows(dev_requests, 20, 15)
+            for row in rows:  # decided (and marked for reading) by a; its usage stream reached b
+                routed = a.router.route(orjson.dumps(row["body"]), "/v1/chat/completions", ended_by_log=True)
+                assert routed.read
+                assert b.router.awaits(routed.decision_id)  # b reads it, for a
+                b.router.response_read(routed.decision_id, ResponseFacts(200, prompt_tokens=row["prompt_tokens"]["llama3"],
+                                                                         prompt_exact=True))
+            await until(lambda: samples(a) == samples(b) == 20, "a learned what b read, and b from a's stream")
+            assert value(a, "extproc_usage_reads_total") == 20 and value(b, "extproc_usage_reads_total") == 0
+            # what is not a relayed read of a's own decisions is refused, and counted
+            key = shared_state.RELAY + a.shared.prefix
+            for data in (b"junk", orjson.dumps({"d": "ffffffff-1", "st": 200}), orjson.dumps({"d": f"{a.shared.prefix}-1"})):
+                await r.xadd(key, {"f": data})
+            await until(lambda: value(a, "extproc_shared_state_relayed_reads_total", outcome="rejected") == 3,
+                        "hostile relayed reads refused")
+            assert not b.router.awaits("not-an-id") and not b.router.awaits(f"{b.shared.prefix}-99")
+        finally:
+            await r.aclose()
+            await a.stop(grace=0)
+            await b.stop(grace=0)
+    run(body())
