@@ -123,6 +123,9 @@ class ServiceSettings:
     client_trusted_hops: int = 0          # trusted proxies in front of Envoy (their x-forwarded-for entries are skipped)
     tls: TlsSettings | None = None        # TLS (and mTLS) on the gRPC and check ports; None: plaintext
     config_reload_s: float = 10.0         # the config file is checked for a change this often (0: SIGHUP only)
+    # One calibration for every replica, through Redis or Valkey (service/shared_state.py):
+    # redis://[user:password@]host:port/db or rediss:// (TLS); None: each replica learns alone.
+    shared_state: str | None = None
 
     def provenance_header(self, name: str) -> str:
         return f"{self.header_prefix}{name}"
@@ -264,6 +267,31 @@ _RESERVED_HEADERS = frozenset({
     "authorization", "proxy-authorization", "content-type", "content-length", "content-encoding", "host",
     "connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade", "cookie", "user-agent",
     "accept", "x-request-id", "x-forwarded-for", "x-forwarded-proto", "x-envoy-original-path"})
+
+
+def _redis_url(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    from urllib.parse import urlsplit
+
+    why = "must be redis://host:port/db or rediss://host:port/db"
+    try:
+        u = urlsplit(value) if isinstance(value, str) else None
+        _ = u.port if u else None  # (ValueError: not a port)
+    except ValueError:
+        u = None
+    if u is None or u.scheme not in ("redis", "rediss") or not u.hostname or u.query or u.fragment:
+        raise ConfigError("service.shared_state", f"{why}, got {_without_password(value)!r}")
+    db = u.path.lstrip("/")
+    if db and not db.isdigit():
+        raise ConfigError("service.shared_state", f"{why} (db a number)")
+    return value
+
+
+def _without_password(value: object) -> object:
+    if isinstance(value, str) and "@" in value:
+        return value.split("://", 1)[0] + "://***@" + value.rpartition("@")[2]
+    return value
 
 
 def _path(doc: Mapping, key: str, path: str, required: bool = False) -> str | None:
@@ -434,6 +462,7 @@ def _service(doc: Mapping, pools: tuple[Pool, ...], default_snapshot: str | None
     if hash_key is not None and (not isinstance(hash_key, str) or len(hash_key) < 16):
         raise ConfigError("service.client_hash_key", "must be a string of at least 16 characters")
     return ServiceSettings(
+        shared_state=_redis_url(svc.get("shared_state", d.shared_state)),
         grpc_address=_address(svc, "grpc_address", d.grpc_address),
         http_address=_address(svc, "http_address", d.http_address),
         routing_filter=routing_filter,

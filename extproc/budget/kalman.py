@@ -130,6 +130,19 @@ def error_bucket(g: list[float]) -> str:
     return kind + "/turns" if g[_G["turns"]] >= 3 else kind
 
 
+def _window_entry(key: str, error: float, client: str | None, entry: list) -> tuple:
+    """A window entry of a snapshot: tail (error, client, explained); recent (deviation, client)
+    or, saved since, (deviation, client, group vector, count)."""
+    if len(entry) == 3:
+        return error, client, bool(entry[2])
+    if len(entry) == 2:
+        return error, client, None, 0.0
+    if not isinstance(entry[2], list) or len(entry[2]) != _N_GROUPS:
+        raise ValueError(f"snapshot key {key!r} has a malformed window entry")
+    (y,) = finite(entry[3:], "counts")
+    return error, client, tuple(finite(entry[2], "group vectors")), y
+
+
 class _KeyState:
     __slots__ = ("theta", "P", "errors", "n", "unexplained")
 
@@ -335,7 +348,10 @@ class FeatureKalman(TableKeys):
             e = st.errors
             keys[key] = {"theta": st.theta, "P": st.P, "n": st.n, "unexplained": st.unexplained,
                          "margins": e.margins, "margin_n": e.n,
-                         "recent": {b: [[v, ref(c)] for v, c, _, _ in w] for b, w in e.recent.items() if w},
+                         # (with each sample's group vector and count: a restored state then learns
+                         # exactly as the one saved would, which replicas sharing a calibration need)
+                         "recent": {b: [[v, ref(c)] if g is None else [v, ref(c), list(g), y]
+                                        for v, c, g, y in w] for b, w in e.recent.items() if w},
                          "tail": {b: [[v, ref(c), int(ok)] for v, c, ok in w] for b, w in e.tail.items() if w},
                          "clients": list(clients)}
         return {"version": SNAPSHOT_VERSION, "estimator": self.name, "groups": list(GROUPS),
@@ -383,7 +399,7 @@ class FeatureKalman(TableKeys):
             clients = v.get("clients")
             if not isinstance(clients, list) or not all(isinstance(c, str) for c in clients):
                 raise ValueError(f"snapshot key {key!r} is malformed")
-            for name, width in (("recent", 2), ("tail", 3)):
+            for name, widths in (("recent", (2, 4)), ("tail", (3,))):
                 windows = v.get(name)
                 if not isinstance(windows, dict):
                     raise ValueError(f"snapshot key {key!r} is malformed")
@@ -394,14 +410,14 @@ class FeatureKalman(TableKeys):
                     if not isinstance(entries, list):
                         raise ValueError(f"snapshot key {key!r} has a malformed window")
                     for entry in entries[-target.maxlen:]:
-                        if not isinstance(entry, list) or len(entry) != width:
+                        if not isinstance(entry, list) or len(entry) not in widths:
                             raise ValueError(f"snapshot key {key!r} has a malformed window entry")
                         (e,) = finite(entry[:1], "errors")
                         c = entry[1]
                         if type(c) is not int or not -1 <= c < len(clients):
                             raise ValueError(f"snapshot key {key!r} names an unknown client")
                         who = clients[c] if c >= 0 else None
-                        target.append((e, who, None, 0.0) if width == 2 else (e, who, bool(entry[2])))
+                        target.append(_window_entry(key, e, who, entry))
         errors.n = int(v.get("margin_n", 0))
         return _KeyState(theta, P, errors, int(v["n"]), int(v.get("unexplained", 0)))
 

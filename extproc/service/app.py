@@ -39,6 +39,7 @@ from .pool_load import PoolLoadReader
 from .processor import ExtProcServicer, RequestEndsServicer
 from .reload import ConfigReloader
 from .router import Router
+from .shared_state import SharedState
 from .tls import TlsFiles
 
 log = logging.getLogger("extproc.service")
@@ -237,6 +238,7 @@ class Service:
         self.port: int | None = None
         self.check: CheckServer | None = None
         self._snapshot_task: asyncio.Task | None = None
+        self.shared: SharedState | None = None
         self._metrics_server: MetricsServer | None = None
         self.pool_load: PoolLoadReader | None = None  # reads the pools' metrics for spillover
         self.tracker = RequestTracker()
@@ -251,6 +253,8 @@ class Service:
             _snapshot_directory(s.snapshot_path)
             if restore_snapshot(self.budget, s.snapshot_path):
                 log.info("calibration restored from %s", s.snapshot_path)
+        if s.shared_state:  # before serving: a new replica starts from the fleet's state (bounded wait)
+            await self._follow_shared_state(s)
         maddr = s.metrics_address if metrics_address == "" else metrics_address
         if maddr:  # bound first: a taken port fails the start before anything else is running
             host, _, port = maddr.rpartition(":")
@@ -300,6 +304,15 @@ class Service:
                  f", ext_authz checks on port {self.check.port}" if self.check else "", maddr or "-",
                  ",".join(f"{p.name}={p.max_context}" for p in self.budget.pools), s.operator_api,
                  " [shadow]" if s.shadow else "")
+
+    async def _follow_shared_state(self, s) -> None:
+        if not s.client_hash_key:
+            log.warning("service.shared_state without service.client_hash_key: each replica hashes clients "
+                        "with its own key, so one client's share of the shared learning is bounded per replica")
+        self.shared = SharedState(s.shared_state, self.budget, self.router.apply_sample, self.metrics.registry,
+                                  self.router.decision_prefix, self.router.response_read)
+        self.router.shared = self.shared
+        await self.shared.start()
 
     def _start_pool_load(self) -> None:
         m = self.metrics
@@ -382,6 +395,8 @@ class Service:
         if self.pool_load is not None:  # after the drain: checks still answered keep spilling right
             await self.pool_load.stop()
         await asyncio.gather(*self._retired, return_exceptions=True)
+        if self.shared is not None:  # after the drain: its samples are published too
+            await self.shared.stop()
         if self.router.exact is not None:
             await self.router.exact.close()  # the pools' /tokenize connections
         log.info("stopped after %.2fs", time.monotonic() - t0)

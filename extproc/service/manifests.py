@@ -14,7 +14,8 @@ rendering (as tests/envoy does for envoy/envoy.yaml), so they cannot drift from 
   endpoint picker per pool, one ``HTTPRoute`` choosing the InferencePool on the pool header, and an
   ``EnvoyFilter`` that puts our filters before the picker's (the router decides the pool, then
   that pool's picker the pod);
-* ``envoy/kubernetes/configmap.yaml``: config/router.yaml as a ConfigMap (one copy, not two).
+* ``envoy/kubernetes/configmap.yaml``: config/router.yaml as a ConfigMap (one copy, not two);
+* ``envoy/kubernetes/redis.yaml``: the Redis the router replicas share their calibration through.
 """
 
 from __future__ import annotations
@@ -92,6 +93,14 @@ class ClusterNames:
     router_tls_secret: str = "extproc-router-tls"
     gateway_tls_secret: str = "extproc-router-client-tls"
     router_ca_configmap: str = "extproc-router-ca"
+    # The calibration every router replica shares (service.shared_state; envoy/kubernetes/redis.yaml)
+    redis_service: str = "extproc-redis"
+    redis_image: str = "redis:7"
+    redis_port: int = 6379
+
+    @property
+    def shared_state_url(self) -> str:
+        return f"redis://{self.fqdn(self.redis_service)}:{self.redis_port}/0"
 
     def fqdn(self, service: str) -> str:
         return f"{service}.{self.namespace}.svc.cluster.local"
@@ -552,6 +561,41 @@ def router_configmap(config_text: str, names: ClusterNames) -> dict:
             "data": {"router.yaml": config_text}}
 
 
+def shared_state_redis(names: ClusterNames) -> list[dict]:
+    """The Redis the router replicas share their calibration through: one pod (the replicas
+    re-seed an empty one from their own state, so nothing is persisted), memory bounded and never
+    evicting (the snapshot key must not be dropped to make room), and reachable only from the
+    router's pods (whoever can write to it teaches the calibration)."""
+    labels = {"app.kubernetes.io/name": names.redis_service}
+    meta = {"name": names.redis_service, "namespace": names.namespace, "labels": labels}
+    ping = {"exec": {"command": ["redis-cli", "-p", str(names.redis_port), "ping"]}}
+    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
+        "replicas": 1, "strategy": {"type": "Recreate"}, "selector": {"matchLabels": labels},
+        "template": {"metadata": {"labels": labels}, "spec": {
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 999, "runAsGroup": 999, "fsGroup": 999,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "redis", "image": names.redis_image,
+                "args": ["redis-server", "--port", str(names.redis_port), "--save", "", "--appendonly", "no",
+                         "--maxmemory", "256mb", "--maxmemory-policy", "noeviction"],
+                "ports": [{"name": "redis", "containerPort": names.redis_port}],
+                "readinessProbe": {**ping, "periodSeconds": 2},
+                "livenessProbe": {"tcpSocket": {"port": names.redis_port}, "initialDelaySeconds": 5,
+                                  "periodSeconds": 10},
+                "resources": {"requests": {"cpu": "100m", "memory": "300Mi"}, "limits": {"memory": "512Mi"}},
+                "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                    "capabilities": {"drop": ["ALL"]}},
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}]}],
+            "volumes": [{"name": "data", "emptyDir": {}}]}}}}
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": meta, "spec": {
+        "selector": labels, "ports": [{"name": "tcp-redis", "port": names.redis_port, "targetPort": "redis"}]}}
+    policy = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta, "spec": {
+        "podSelector": {"matchLabels": labels}, "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": names.router_service}}}],
+                     "ports": [{"protocol": "TCP", "port": names.redis_port}]}]}}
+    return [deployment, service, policy]
+
+
 # -- all files ----------------------------------------------------------------------------------------
 
 def render_all(root: pathlib.Path, names: ClusterNames | None = None, config_text: str | None = None) -> dict[str, str]:
@@ -575,6 +619,7 @@ def render_all(root: pathlib.Path, names: ClusterNames | None = None, config_tex
         "envoy/gie/envoyfilter.yaml": head + _docs(gie_envoy_filter(config, names, "ext_authz")),
         "envoy/gie/envoyfilter-ext-proc.yaml": head + _docs(gie_envoy_filter(config, names, "ext_proc")),
         "envoy/kubernetes/configmap.yaml": head + _docs(router_configmap(config_text, names)),
+        "envoy/kubernetes/redis.yaml": head + _docs(*shared_state_redis(names)),
     }
 
 
@@ -593,4 +638,4 @@ def write_all(root: pathlib.Path, check: bool = False) -> list[str]:
 
 __all__ = ["COMPOSE_ENVOY", "compose_envoy_args", "ClusterNames", "envoy_gateway", "gie_envoy_filter", "gie_pools",
            "gie_routing", "istio_envoy_filter", "istio_routing", "pool_tokenize_addresses",
-           "render_all", "router_configmap", "router_headers", "write_all"]
+           "render_all", "router_configmap", "router_headers", "shared_state_redis", "write_all"]

@@ -131,6 +131,8 @@ class OperatorServicer(pb_grpc.OperatorServicer):
             self.r.budget.restore_json(request.snapshot_json)
         except ValueError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"calibration not restored: {exc}")
+        if self.r.shared is not None:  # the fleet's calibration, not one replica's
+            self.r.shared.replaced()
         msg = calibration_message(self.r.budget)
         log.info("calibration restored through the operator API: %d model keys", len(msg.keys))
         return msg
@@ -144,6 +146,8 @@ class OperatorServicer(pb_grpc.OperatorServicer):
         key = budget.calibration_key(request.model)
         if key is None or not budget.reset(request.model):
             await context.abort(grpc.StatusCode.NOT_FOUND, "no calibration held for that model")
+        if self.r.shared is not None:
+            self.r.shared.replaced()
         log.info("calibration of model key %s reset through the operator API", key[:64])
         return calibration_message(budget)
 

@@ -125,7 +125,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 pass
             elif kind == "request_headers":
                 decision_id = _header(req.request_headers, r.h["decision"])
-                done = decision_id not in r.pending  # not marked for reading (or forgotten)
+                done = not r.awaits(decision_id)  # not marked for reading (or forgotten)
             elif kind == "response_headers":
                 hdrs = req.response_headers
                 reader = ResponseReader(_status(hdrs), _header(hdrs, "content-type") or "")

@@ -37,6 +37,7 @@ RESTART_ONLY: dict[str, str] = {
     "service.operator_api": "the operator API's methods are registered at start",
     "service.snapshot_path": "the calibration was restored from the snapshot named at start",
     "service.client_hash_key": "client identities hashed with the old key would not match the new ones",
+    "service.shared_state": "the replica follows the shared calibration it joined at start",
     "budget.estimator": "the learned calibration belongs to the estimator it was learned with",
     "budget.estimator_settings": "the estimator is built with its settings at start",
     "budget.priors_path": "the priors are read at start",

@@ -38,6 +38,7 @@ from typing import Awaitable, Callable
 from ..budget import BudgetRouter, Decision, Explanation, Observation, Pool, RequestShape
 from ..budget.response import ResponseFacts, judge
 from ..budget.stream_usage import with_stream_usage
+from ..budget.wire import Sample
 from ..config import PROVENANCE, ServiceSettings
 from ..exact import ExactCounts, Refined
 from .metrics import Metrics
@@ -126,6 +127,7 @@ class Router:
         self._hash_key = (settings.client_hash_key.encode() if settings.client_hash_key
                           else secrets.token_bytes(16))
         self._client_header = settings.client_header
+        self.shared = None  # service/shared_state.py SharedState: samples go through the fleet's stream
 
     def _watch_pool_load(self) -> None:
         if self.readings is not None and not self._load_watched:  # once: a reload may turn spillover on
@@ -397,6 +399,11 @@ class Router:
             m.child(m.spill_held, pool, held).inc()
         return out
 
+    @property
+    def decision_prefix(self) -> str:
+        """What every decision id of this router starts with (unique per process start)."""
+        return self._id_prefix
+
     def _new_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids):x}"
 
@@ -456,11 +463,18 @@ class Router:
             self._removed -= {pool}
 
     # -- response side -------------------------------------------------------------------------
+    def awaits(self, decision_id: str | None) -> bool:
+        """Is the response of this decision read? Ours marked for reading, or, with a shared state,
+        another replica's (behind one Envoy a usage stream reaches any replica): relayed to it."""
+        return decision_id in self.pending or (self.shared is not None and self.shared.foreign(decision_id))
+
     def response_read(self, decision_id: str | None, facts: ResponseFacts) -> None:
         """The usage filter read the response of a request marked for reading."""
         awaited = self.pending.pop(decision_id, None) if decision_id else None
         if awaited is not None:
             self.learn_from(awaited.decision, awaited.observation, awaited.pool, facts, awaited.client)
+        elif self.shared is not None:
+            self.shared.relay(decision_id, facts)
 
     def learn_from(self, d: Decision, observation: Observation | None, pool: str, facts: ResponseFacts,
                    client: str | None = None) -> None:
@@ -497,6 +511,17 @@ class Router:
 
     def _learn(self, observation: Observation | None, prompt_tokens: int, client: str | None,
                lower_bound: bool = False) -> None:
-        err = self.budget.observe(observation, prompt_tokens, client, lower_bound)
-        if err is not None and observation is not None:
-            self.metrics.estimate_error.labels(observation.family.name).observe(err)
+        if observation is None:
+            return
+        if self.shared is not None:  # applied when the shared stream brings it back (never waits)
+            self.shared.publish(observation, prompt_tokens, client, lower_bound)
+            return
+        self.apply_sample(Sample(observation, prompt_tokens, client, lower_bound))
+
+    def apply_sample(self, sample: Sample, own: bool = True) -> None:
+        """Teach the calibration one sample (``own``: learned by this replica, whose estimate
+        error is exported; the shared stream also brings the other replicas')."""
+        obs = sample.observation
+        err = self.budget.observe(obs, sample.prompt_tokens, sample.client, sample.lower_bound)
+        if err is not None and own:
+            self.metrics.estimate_error.labels(obs.family.name).observe(err)

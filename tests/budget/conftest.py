@@ -33,3 +33,15 @@ DEV_REQUESTS = DEV_TEXTS.parent.parent / "requests" / "dev_requests.jsonl"
 def dev_requests() -> list[dict]:
     """Real chat bodies with the prompt counts vLLM reports for them (Llama-3 and Qwen3)."""
     return _shared_rows(DEV_REQUESTS)
+
+
+@pytest.fixture(scope="session")
+def count():
+    """Exact Llama-3 chat prompt counts (what vLLM counts), from the real tokenizer files."""
+    from extproc.tokens import counter_for
+
+    try:
+        counter = counter_for("llama3")
+    except Exception as exc:  # noqa: BLE001 - offline without a cached tokenizer
+        pytest.skip(f"the Llama-3 tokenizer files are not available: {exc}")
+    return counter.count_chat

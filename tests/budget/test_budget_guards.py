@@ -24,17 +24,6 @@ LLAMA = "meta-llama/Meta-Llama-3-8B-Instruct"
 NEAR = 6000  # tokens of a near-limit prompt (enters the margin windows: over a quarter of 8192)
 
 
-@pytest.fixture(scope="module")
-def count():
-    from extproc.tokens import counter_for
-
-    try:
-        counter = counter_for("llama3")
-    except Exception as exc:  # noqa: BLE001 - offline without a cached tokenizer
-        pytest.skip(f"the Llama-3 tokenizer files are not available: {exc}")
-    return lambda messages: counter.count_chat(messages)
-
-
 def _joined(dev_texts, category: str, n: int) -> list[str]:
     """Near-limit prompts of real texts of one category (a few texts joined)."""
     rows = [r["text"] for r in dev_texts if r["category"] == category]

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 
 import yaml
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "service"))
+from redis_server import need_redis, redis_ping  # noqa: E402
+
 from extproc.service.healthcheck import check as router_serving
 from extproc.stack import _http_ok, _wait, envoy_binary, envoy_cluster_healthy, free_port
 
@@ -142,6 +145,10 @@ class Topology:
 
     def _address(self, service: str, value: str) -> str:
         """``host:port`` on the compose network -> 127.0.0.1 and the local port."""
+        scheme, sep, rest = value.partition("://")
+        if sep and scheme in ("redis", "rediss"):  # service.shared_state
+            hostport, slash, db = rest.partition("/")
+            return f"{scheme}://{self._address(service, hostport)}{slash}{db}"
         host, sep, port = value.rpartition(":")
         if not sep or not port.isdigit():
             return value
@@ -213,6 +220,8 @@ class Topology:
         elif out[0] == "envoy":
             # several Envoys may share this machine (other tests): a base id of its own
             out = [envoy_binary(), *out[1:], "--use-dynamic-base-id", "--concurrency", "1"]
+        elif out[0] == "redis-server":
+            out = [need_redis(), *out[1:], "--bind", "127.0.0.1"]
         else:
             raise ValueError(f"service {name}: no local stand-in for {out[0]!r}")
         return out, env
@@ -238,6 +247,9 @@ class Topology:
         if "serve-engine" in argv:
             port = int(argv[argv.index("--port") + 1])
             _wait(lambda: _http_ok(f"http://127.0.0.1:{port}/health"), name, 60, proc, log)
+        elif "redis-server" in argv[0]:
+            port = int(argv[argv.index("--port") + 1])
+            _wait(lambda: redis_ping(port), name, 30, proc, log)
         elif "serve" in argv:
             _wait(lambda: router_serving(f"127.0.0.1:{self.local(name, 50051)}", 1.0), name, 60, proc, log)
         else:

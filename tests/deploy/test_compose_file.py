@@ -42,7 +42,7 @@ def test_every_variable_the_compose_file_uses_is_in_dotenv():
 
 def test_profiles_swap_gpu_pools_for_simulated_ones_behind_the_same_names():
     doc = compose_doc()
-    always = {"router", "envoy", "prometheus", "grafana"}
+    always = {"router", "redis", "envoy", "prometheus", "grafana"}
     gpu, sim = services(doc, "gpu"), services(doc, "sim")
     assert set(services(doc, None)) == always  # no pool without a profile: never both kinds
     assert set(gpu) == always | {"pool-short-gpu", "pool-long-gpu"}

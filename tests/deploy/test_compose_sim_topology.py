@@ -36,8 +36,11 @@ def _served(topology: Topology, pool_host: str) -> float:
 
 
 def test_sim_profile_runs_the_router_envoy_and_both_pools(sim_topology: Topology):
-    assert set(sim_topology.procs) == {"router", "envoy", "pool-short-sim", "pool-long-sim"}
+    assert set(sim_topology.procs) == {"router", "redis", "envoy", "pool-short-sim", "pool-long-sim"}
     assert all(p.poll() is None for p in sim_topology.procs.values())
+    # the router follows the calibration shared through the compose Redis
+    up = [ln for ln in sim_topology.scrape("router", 9464).splitlines() if ln.startswith("extproc_shared_state_up ")]
+    assert up == ["extproc_shared_state_up 1.0"], up
 
 
 def test_a_short_and_a_long_request_reach_their_pools_through_envoy(sim_topology: Topology):
