@@ -24,7 +24,7 @@ tok/1k = pool /tokenize calls per second of the replay and per 1,000 requests; o
 all) and waste (% of short-eligible) of the final decisions. Then one count's time by prompt
 size per source, and the outcomes.
 
-    .venv/bin/python benchmarks/exact_counts.py [--requests N] [--seed S] [--no-pool]
+    .venv/bin/python benchmarks/exact_counts.py [--requests N] [--seed S] [--half 0|1] [--rounds R] [--no-pool]
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def trace_request(rng: random.Random, by_cat: dict, prompt_tokens: int) -> dict:
             "model": body["model"], "kind": "trace"}
 
 
-def workloads(n: int, seed: int) -> dict[str, list[dict]]:
-    by_cat = rq.load_texts(rq.DEFAULT_TEXTS)
+def workloads(n: int, seed: int, half: int | None = None) -> dict[str, list[dict]]:
+    by_cat = rq.load_texts(rq.DEFAULT_TEXTS, half)
     out = {}
     for name in ("azure-conv", "mooncake"):
         rng = random.Random(seed)
@@ -231,7 +231,7 @@ def row(name: str, mode: str, t: Tally, base: Tally) -> str:
 
 async def main_async(args) -> None:
     t0 = time.time()
-    loads = workloads(args.requests, args.seed)
+    loads = workloads(args.requests, args.seed, args.half)
     print(f"{args.requests} requests per workload, built and counted in {time.time() - t0:.1f}s; seed {args.seed}")
     engines, urls = [], {}
     if not args.no_pool:
@@ -285,6 +285,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-pool", action="store_true", help="skip the pool source (no engine processes)")
+    ap.add_argument("--half", type=int, choices=(0, 1), help="build every set from one half of the texts "
+                    "(the priors' held-out check: fit_priors.py --half)")
     ap.add_argument("--rounds", type=int, default=3, help="replays of each mode, alternating (default: %(default)s)")
     args = ap.parse_args()
     for need in (rq.DEFAULT_TEXTS, TRACES / "azure_llm_2023_conv.csv", TRACES / "mooncake_conversation.jsonl"):
