@@ -182,3 +182,19 @@ def test_a_reloaded_config_brings_new_rules_and_keeps_the_loaded_tokenizers():
 
     before, after = asyncio.run(run())
     assert after is not before and after.local is before.local and after.rule_for(MODEL) is None
+
+
+def test_offline_explain_counts_as_the_service_does():
+    from extproc.explain import LocalExplainer
+    from extproc.operator.v1 import operator_pb2 as pb
+
+    explainer = LocalExplainer(parse_config({"exact": {"models": [{"model": "*", "source": "local",
+                                                                   "family": "llama3"}]}}), learn=False)
+    try:
+        body, n = body_with_prompt(7000, 8192 - 7000)
+        resp = explainer.explain(body, "/v1/chat/completions")
+        far = explainer.explain(body_with_prompt(200, 64)[0], "/v1/chat/completions")
+    finally:
+        explainer.close()
+    assert resp.source == pb.SOURCE_EXACT and resp.prompt_tokens == n and f"exact: local, {WHY}" in resp.detail
+    assert far.source != pb.SOURCE_EXACT
