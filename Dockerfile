@@ -10,6 +10,12 @@ COPY extproc ./extproc
 RUN pip install . \
  && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin extproc \
  && install -d -o 10001 -g 10001 /var/lib/extproc
+# The built-in families' tokenizer files (pinned by SHA-256), for exact counts near a pool's limit:
+# fetched at build time so that the router needs no network at run time. (XDG_CACHE_HOME, not
+# EXTPROC_TOKENIZER_CACHE: every EXTPROC_* variable is read as a config field.)
+ENV XDG_CACHE_HOME=/opt/cache
+RUN python -c "from extproc.tokens.files import BUILTIN, family_dir; [family_dir(f) for f in BUILTIN]" \
+ && chmod -R a+rX /opt/cache
 
 # The built-in config; mount another over it (compose, a Kubernetes ConfigMap) or override single
 # fields with EXTPROC_<SECTION>__<FIELD> variables.

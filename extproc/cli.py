@@ -71,8 +71,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"cannot explain with {explainer.origin}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     finally:
-        if args.server:
-            explainer.close()
+        explainer.close()
     for line in format_explained(explained, label, explainer.origin, calibration, as_json=args.json):
         print(line)
     return 0

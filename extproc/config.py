@@ -21,11 +21,13 @@ from .budget.policy import Pool, order_pools
 from .budget.priors import load_priors
 from .budget.registry import ESTIMATORS
 from .budget.router import BudgetSettings
+from .exact.settings import SOURCES as EXACT_SOURCES
+from .exact.settings import ExactRule, ExactSettings, LocalSettings, PoolSettings
 
 ENV_PREFIX = "EXTPROC_"
 ROUTING_FILTERS = ("ext_authz", "ext_proc")
 OPERATOR_API_MODES = ("read_only", "read_write", "off")
-PROVENANCE = ("budget", "estimate", "source", "reason", "read", "decision", "shadow", "spilled")
+PROVENANCE = ("budget", "estimate", "source", "reason", "read", "decision", "shadow", "spilled", "exact")
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class Config:
     budget: BudgetSettings = field(default_factory=BudgetSettings)
     service: ServiceSettings = field(default_factory=ServiceSettings)
     source: str = "built-in defaults"
+    exact: ExactSettings = field(default_factory=ExactSettings)
 
 
 def _int(doc: Mapping, key: str, path: str, default: int, lo: int = 0, hi: int = 1 << 31) -> int:
@@ -233,7 +236,7 @@ def _families(doc: Mapping) -> tuple[tuple[tuple[str, str], ...], str]:
 
 BUDGET_FIELDS = {"pools", "estimator", "output_reserve", "media_tokens", "families", "default_family",
                  "template_allowance_tokens", "learning"}
-TOP_FIELDS = BUDGET_FIELDS | {"service"}
+TOP_FIELDS = BUDGET_FIELDS | {"service", "exact"}
 
 
 def _address(doc: Mapping, key: str, default: str) -> str:
@@ -487,6 +490,115 @@ def _service(doc: Mapping, pools: tuple[Pool, ...], default_snapshot: str | None
     )
 
 
+# -- exact counts near a threshold (issue 12) ---------------------------------------------------
+
+def _exact_url(value: object, path: str) -> str:
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str):
+        raise ConfigError(path, f"must be an http:// or https:// URL of a vLLM server, got {value!r}")
+    try:
+        u = urlsplit(value)
+        port = u.port
+    except ValueError as exc:
+        raise ConfigError(path, f"is not a URL: {exc}") from None
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment or u.username:
+        raise ConfigError(path, f"must be an http:// or https:// URL of a vLLM server, got {value!r}")
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(path, "port must be in 1..65535")
+    return value.rstrip("/")
+
+
+def _exact_rule(item: object, i: int, addresses: Mapping[str, str]) -> ExactRule:
+    from .tokens.files import BUILTIN, CONFIG_FILE, TOKENIZER_FILE
+
+    path = f"exact.models[{i}]."
+    if not isinstance(item, Mapping):
+        raise ConfigError(f"exact.models[{i}]", "must be a mapping with model and source")
+    _check_keys(item, {"model", "source", "family", "tokenizer", "pool", "pool_url"}, path)
+    model = item.get("model")
+    if not isinstance(model, str) or not model or len(model) > 256:
+        raise ConfigError(f"{path}model", f"must be a model-name glob such as 'llama*', got {model!r}")
+    source = item.get("source", "local")
+    if source not in EXACT_SOURCES:
+        raise ConfigError(f"{path}source", f"must be one of {', '.join(EXACT_SOURCES)}, got {source!r}")
+    family, tokenizer = item.get("family"), item.get("tokenizer")
+    if family is not None and family not in BUILTIN:
+        raise ConfigError(f"{path}family", f"unknown tokenizer family {family!r} (built in: {', '.join(BUILTIN)})")
+    if tokenizer is not None:
+        if family is not None:
+            raise ConfigError(f"{path}tokenizer", "names a tokenizer directory: leave out family")
+        if not isinstance(tokenizer, str) or not os.path.isfile(os.path.join(tokenizer, TOKENIZER_FILE)):
+            raise ConfigError(f"{path}tokenizer", f"must be a directory holding {TOKENIZER_FILE} (and "
+                              f"{CONFIG_FILE} with the chat template), got {tokenizer!r}")
+    url = item.get("pool_url")
+    if url is not None:
+        if item.get("pool") is not None:
+            raise ConfigError(f"{path}pool_url", "names an address: leave out pool")
+        url = _exact_url(url, f"{path}pool_url")
+    elif item.get("pool") is not None:  # a pool by name: its address from exact.pool_addresses
+        url = addresses.get(item["pool"])
+        if url is None:
+            raise ConfigError(f"{path}pool", f"no address for pool {item['pool']!r} in exact.pool_addresses "
+                              f"(has: {', '.join(sorted(addresses)) or 'none'})")
+    if source == "pool" and url is None:
+        raise ConfigError(f"{path}pool_url", "source pool needs the URL of a vLLM serving the model "
+                          "(pool_url, or pool: a pool named in exact.pool_addresses)")
+    if source != "local" and (family is not None or tokenizer is not None):
+        raise ConfigError(f"{path}source", "family and tokenizer are for source local")
+    return ExactRule(model, source, family, tokenizer, url)
+
+
+def _exact_number(doc: Mapping, key: str, path: str, default: float, lo: float, hi: float) -> float:
+    value = doc.get(key, default)
+    if type(value) not in (int, float) or not lo <= value <= hi:
+        raise ConfigError(f"{path}{key}", f"must be a number between {lo} and {hi}, got {value!r}")
+    return float(value)
+
+
+def _exact(doc: Mapping, pools: tuple[Pool, ...]) -> ExactSettings:
+    ex = _mapping(doc, "exact", "")
+    _check_keys(ex, {"enabled", "models", "local", "pool", "pool_addresses"}, "exact.")
+    # where each pool's vLLM answers /tokenize (EXTPROC_EXACT__POOL_ADDRESSES__SHORT=... per deployment)
+    addresses = {}
+    names = {p.name for p in pools}
+    for name, url in _mapping(ex, "pool_addresses", "exact.").items():
+        if name not in names:
+            raise ConfigError(f"exact.pool_addresses.{name}", f"no such pool (pools: {', '.join(sorted(names))})")
+        addresses[name] = _exact_url(url, f"exact.pool_addresses.{name}")
+    d = ExactSettings()
+    enabled = ex.get("enabled", d.enabled)
+    if type(enabled) is not bool:
+        raise ConfigError("exact.enabled", f"must be true or false, got {enabled!r}")
+    raw = ex.get("models")
+    if raw is None:
+        rules = d.rules
+    elif not isinstance(raw, list) or len(raw) > 64:
+        raise ConfigError("exact.models", "must be a list (at most 64) of {model, source, family | tokenizer, pool_url}")
+    else:
+        rules = tuple(_exact_rule(item, i, addresses) for i, item in enumerate(raw))
+    local = _mapping(ex, "local", "exact.")
+    _check_keys(local, {f.name for f in dataclasses.fields(LocalSettings)}, "exact.local.")
+    ld = LocalSettings()
+    pool = _mapping(ex, "pool", "exact.")
+    _check_keys(pool, {f.name for f in dataclasses.fields(PoolSettings)}, "exact.pool.")
+    pd = PoolSettings()
+    return ExactSettings(
+        enabled=enabled, rules=rules,
+        local=LocalSettings(
+            max_bytes=_int(local, "max_bytes", "exact.local.", ld.max_bytes, lo=0, hi=1 << 30),
+            inline_bytes=_int(local, "inline_bytes", "exact.local.", ld.inline_bytes, lo=0, hi=1 << 30),
+            margin_tokens=_int(local, "margin_tokens", "exact.local.", ld.margin_tokens, hi=100_000),
+            margin_ratio=_exact_number(local, "margin_ratio", "exact.local.", ld.margin_ratio, 0.0, 0.5)),
+        pool=PoolSettings(
+            timeout_s=_exact_number(pool, "timeout_s", "exact.pool.", pd.timeout_s, 0.001, 10.0),
+            max_concurrent=_int(pool, "max_concurrent", "exact.pool.", pd.max_concurrent, lo=1, hi=4096),
+            max_per_s=_exact_number(pool, "max_per_s", "exact.pool.", pd.max_per_s, 0.0, 1e6),
+            max_bytes=_int(pool, "max_bytes", "exact.pool.", pd.max_bytes, lo=0, hi=1 << 30),
+            max_response_bytes=_int(pool, "max_response_bytes", "exact.pool.", pd.max_response_bytes,
+                                    lo=1024, hi=1 << 30)))
+
+
 def parse_config(doc: Mapping | None, source: str = "built-in defaults", default_snapshot: str | None = None) -> Config:
     doc = doc or {}
     if not isinstance(doc, Mapping):
@@ -514,7 +626,8 @@ def parse_config(doc: Mapping | None, source: str = "built-in defaults", default
         client_share=float(share),
         client_window=_int(learning, "client_window", "learning.", BudgetSettings().client_window, lo=8, hi=100_000),
     )
-    return Config(budget=budget, service=_service(doc, budget.pools, default_snapshot), source=source)
+    return Config(budget=budget, service=_service(doc, budget.pools, default_snapshot), source=source,
+                  exact=_exact(doc, budget.pools))
 
 
 def apply_env(doc: dict, environ: Mapping[str, str]) -> dict:

@@ -4,6 +4,7 @@ learns). Both give ``ExplainResponse`` messages, and one function formats them."
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Protocol
@@ -36,6 +37,8 @@ class Explainer(Protocol):
 
     def calibration(self, keys: dict[str, str]) -> dict[str, str]: ...
 
+    def close(self) -> None: ...
+
 
 class LocalExplainer:
     """A router of this process, with nothing in flight; learns each true count unless told not to."""
@@ -45,20 +48,33 @@ class LocalExplainer:
         from .service.metrics import Metrics
         from .service.router import Router
 
+        from .exact import ExactCounts
+
         budget = BudgetRouter(config.budget)
         if snapshot is not None:
             budget.restore_json(snapshot)
-        self.router = Router(budget, config.service, Metrics(budget.calibration_states))
+        self.exact = ExactCounts(config.exact)  # close decisions counted as the service counts them
+        self.router = Router(budget, config.service, Metrics(budget.calibration_states), self.exact)
         self.learns = learn
         self.origin = "a local router" + ("" if learn else " that does not learn")
         self._last: Observation | None = None  # what the next true count is about
+        self._loop = asyncio.new_event_loop()    # one loop: the pool source's connections live on it
 
     def explain(self, body: bytes, path: str) -> pb.ExplainResponse:
         from .service.operator import explain_response
 
-        explanation = self.router.budget.explain(body, path)
-        self._last = explanation.observation
-        return explain_response(self.router.place(explanation))
+        model = self.router.budget.read(body, path).model
+        try:
+            self.exact.warm(model)  # a command answers at once: its tokenizer loaded now, not in the background
+        except Exception:  # noqa: BLE001 - no tokenizer files (offline): the estimate decides, as in the service
+            pass
+        placed = self._loop.run_until_complete(self.router.explain(body, path))
+        self._last = placed.explanation.observation
+        return explain_response(placed)
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self.exact.close())
+        self._loop.close()
 
     def learn(self, true_tokens: int) -> None:
         if self.learns and self._last is not None:

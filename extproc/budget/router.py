@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -19,6 +20,12 @@ REASONS = (REASON_FITS, REASON_TOO_LARGE, REASON_UNREADABLE)
 SOURCES = ("calibrated", "prior", "exact", "fixed", "fallback", "bound")
 # Upper bound on template tokens per chat turn (role headers, separators): real templates use ~5.
 BOUND_TOKENS_PER_MESSAGE = 16
+# An estimate the guards distrust (``distrusted``): not calibrated yet, a margin this wide, or
+# features measured on a sample of a very long text. Its close range widens to ±DISTRUST_WIDTH.
+DISTRUST_MARGIN = 0.25
+DISTRUST_WIDTH = 0.5
+# A decision is close when a capacity lies within this many safety margins of its point estimate.
+CLOSE_SPAN = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +90,38 @@ class Explanation:
     calibration_samples: int         # usage counts that state learned from
     size_bound_tokens: int | None    # set when the request path decides on the size bound alone (source "bound")
     observation: Observation | None = None  # what learning the true count would need (offline explain learns)
+
+
+def distrusted(d: Decision, observation: Observation | None) -> bool:
+    """Does the estimate behind ``d`` deserve less trust than its margin says? Not calibrated yet
+    (priors only), a margin as wide as ``DISTRUST_MARGIN``, or features measured on a sample."""
+    return d.source in ("prior", "fixed") or d.margin >= DISTRUST_MARGIN or (
+        observation is not None and any(p.measured_on_sample for p in observation.prompts))
+
+
+def close_to(d: Decision, pools: tuple[Pool, ...], distrust: bool = False) -> Pool | None:
+    """The pool whose capacity an estimated decision lies close to, or None: pure.
+
+    Close means the budget's range contains the capacity: the point estimate ± ``CLOSE_SPAN``
+    times its safety margin (the conservative estimate less the point), plus the output reserve.
+    Both sides matter: under-estimates near a limit overflow, over-estimates are the waste; and
+    the margin is a high quantile of the errors, not their bound, so the range reaches beyond it.
+    A distrusted estimate's range is at least ±``DISTRUST_WIDTH`` around the point. Only pools
+    below the largest count (near the largest, the request goes there whether it fits or not).
+    Decisions on a proven count (the size bound, token ids, an exact count) and unreadable ones
+    are never close."""
+    if d.source in ("bound", "exact", "fallback") or d.reason == REASON_UNREADABLE:
+        return None
+    point = float(d.prompt_tokens)
+    span = CLOSE_SPAN * (d.budget_tokens - d.output_tokens - point)
+    low, high = point - span, point + span
+    if distrust:
+        low, high = min(low, point * (1 - DISTRUST_WIDTH)), max(high, point * (1 + DISTRUST_WIDTH))
+    out = d.output_tokens
+    for pool in pools[:-1]:
+        if low + out <= pool.max_context < high + out:
+            return pool
+    return None
 
 
 class BudgetRouter:
@@ -213,6 +252,25 @@ class BudgetRouter:
         return Explanation(d, obs.family.name if obs is not None else "", self.calibration_key(d.model),
                            self.estimator.samples(d.model) if d.model else 0,
                            quick.prompt_tokens if quick.source == "bound" else None, obs)
+
+
+    def close(self, d: Decision, observation: Observation | None) -> Pool | None:
+        """The pool an estimated decision lies close to (``close_to``), its estimate's trust
+        judged by ``distrusted``; None when the estimate decides safely."""
+        return close_to(d, self.pools, distrusted(d, observation))
+
+    def decide_exact(self, d: Decision, prompt_tokens: int, margin_tokens: int = 0, why: str = "") -> Decision:
+        """``d`` decided again on an exact prompt count (the longest prompt's): the budget is the
+        count plus ``margin_tokens`` (what a source may differ from vLLM by) plus the same output
+        reserve, the pool the smallest that holds it (source ``exact``). ``why``: a note for the
+        detail (which source counted, what it was close to)."""
+        budget = prompt_tokens + margin_tokens + d.output_tokens
+        pool, fits = choose_pool(self.pools, budget)
+        return dataclasses.replace(
+            d, pool=pool.name, prompt_tokens=prompt_tokens, budget_tokens=budget, source="exact",
+            reason=REASON_FITS if fits else REASON_TOO_LARGE, margin=margin_tokens / max(1, prompt_tokens),
+            fits=tuple(p.name for p in pools_that_fit(self.pools, budget)),
+            detail=f"{d.detail}; {why}" if why and d.detail else (why or d.detail))
 
     # -- learning ------------------------------------------------------------------------------
     def observe(self, observation: Observation | None, prompt_tokens: int, client: str | None = None,

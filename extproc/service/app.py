@@ -31,6 +31,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from ..budget import BudgetRouter
 from ..config import Config
+from ..exact import ExactCounts
 from .check import CheckServer
 from .metrics import Metrics
 from .operator import add_to_server as add_operator_api
@@ -227,7 +228,7 @@ class Service:
         self.config = config
         self.budget = BudgetRouter(config.budget)
         self.metrics = Metrics(self.budget.calibration_states)
-        self.router = Router(self.budget, config.service, self.metrics)
+        self.router = Router(self.budget, config.service, self.metrics, ExactCounts(config.exact))
         self.server: grpc.aio.Server | None = None
         self.ext_proc = ExtProcServicer(self.router)
         self.tls: TlsFiles | None = None
@@ -340,6 +341,11 @@ class Service:
         self.budget.reconfigure(config.budget)
         self.router.reconfigure(config.service)
         self.ext_proc.refresh()
+        if config.exact != self.config.exact:  # new rules and caps; the loaded tokenizers stay
+            old = self.router.exact
+            self.router.exact = ExactCounts(config.exact, old.local if old is not None else None)
+            if old is not None:
+                self._retired.append(asyncio.create_task(old.close()))
         self.config = config
         if self.router.readings is not readings and self.pool_load is not None:  # spillover changed
             self._retired = [t for t in self._retired if not t.done()] + [asyncio.create_task(self.pool_load.stop())]
@@ -391,6 +397,8 @@ class Service:
         await asyncio.gather(*self._retired, return_exceptions=True)
         if self.shared is not None:  # after the drain: its samples are published too
             await self.shared.stop()
+        if self.router.exact is not None:
+            await self.router.exact.close()  # the pools' /tokenize connections
         log.info("stopped after %.2fs", time.monotonic() - t0)
         if s.snapshot_path:
             try:

@@ -544,6 +544,16 @@ def gie_pools(config: Config, names: ClusterNames) -> list[dict]:
 
 # -- Kubernetes -------------------------------------------------------------------------------------
 
+POOL_PORT = 8000  # where each pool's vLLM serves the OpenAI API (and /tokenize)
+
+
+def pool_tokenize_addresses(config: Config, names: ClusterNames) -> dict[str, str]:
+    """Where the router reaches each pool's vLLM for exact counts (``exact.pool_addresses``): the
+    pool's Service name, which is also its compose network alias, so one config/router.yaml serves
+    both (the router and the pools share a namespace)."""
+    return {p.name: f"http://{names.pool_service(p.name)}:{POOL_PORT}" for p in config.budget.pools}
+
+
 def router_configmap(config_text: str, names: ClusterNames) -> dict:
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": "extproc-router-config", "namespace": names.namespace,
@@ -627,5 +637,5 @@ def write_all(root: pathlib.Path, check: bool = False) -> list[str]:
 
 
 __all__ = ["COMPOSE_ENVOY", "compose_envoy_args", "ClusterNames", "envoy_gateway", "gie_envoy_filter", "gie_pools",
-           "gie_routing", "istio_envoy_filter", "istio_routing",
+           "gie_routing", "istio_envoy_filter", "istio_routing", "pool_tokenize_addresses",
            "render_all", "router_configmap", "router_headers", "shared_state_redis", "write_all"]

@@ -52,6 +52,13 @@ class Metrics:
                                       "invalid, restart_required)", ["outcome"], registry=r)
         self.tls_reloads = Counter("extproc_tls_reloads", "TLS certificate file changes by outcome (reloaded, "
                                    "invalid: the last good certificate stays)", ["outcome"], registry=r)
+        # exact counts of close decisions (issue 12): sources and outcomes are fixed sets (extproc.exact)
+        self.exact_counts = Counter("extproc_exact_counts", "Exact prompt counts asked for decisions close to a "
+                                    "pool's capacity, by source (local, pool) and outcome (counted, timeout, "
+                                    "error, capped, too_large, unsupported, unavailable)", ["source", "outcome"],
+                                    registry=r)
+        self.exact_seconds = Histogram("extproc_exact_count_seconds", "Time an exact count added to a counted "
+                                       "request", ["source"], buckets=_SECONDS_BUCKETS, registry=r)
         if calibration is not None:
             r.register(_CalibrationCollector(calibration))
         self.phase = {p: self.phase_seconds.labels(p) for p in PHASES}

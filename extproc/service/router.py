@@ -24,6 +24,7 @@ core only ever sees a keyed hash of it, and so do the operator API and the logs.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -39,6 +40,7 @@ from ..budget.response import ResponseFacts, judge
 from ..budget.stream_usage import with_stream_usage
 from ..budget.wire import Sample
 from ..config import PROVENANCE, ServiceSettings
+from ..exact import ExactCounts, Refined
 from .metrics import Metrics
 from .pool_load import LoadView, PoolReadings
 
@@ -67,6 +69,7 @@ class Routed:
     new_body: bytes | None = None       # include_usage injected: the routing stream reads the response
     observation: Observation | None = None  # what learning its true count needs (estimated decisions)
     client: str | None = None           # hash of who sent it
+    exact: str | None = None            # an exact count was asked: the source, its outcome and why
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +95,10 @@ class Router:
 
     _removed: frozenset[str] = frozenset()  # pools a reload removed whose requests still run
 
-    def __init__(self, budget: BudgetRouter, settings: ServiceSettings, metrics: Metrics) -> None:
+    def __init__(self, budget: BudgetRouter, settings: ServiceSettings, metrics: Metrics,
+                 exact: ExactCounts | None = None) -> None:
         self.budget = budget
+        self.exact = exact  # exact counts for close decisions (issue 12); None: the estimate decides all
         self.s = settings
         self.metrics = metrics
         self.pools = budget.pools
@@ -227,9 +232,10 @@ class Router:
 
     def at_risk(self, d: Decision, pool: str) -> bool:
         """Could this request not fit the pool it goes to? Only where a larger pool exists and
-        nothing proved the fit: the size bound (source ``bound``) is a true upper bound, the
-        estimate is not. Every such response is read, so that every misroute is counted."""
-        return pool != self.largest and d.reason == "fits" and d.source != "bound"
+        nothing proved the fit: the size bound (source ``bound``) is a true upper bound, and so is
+        an exact count (source ``exact``, its margin included); the estimate is not. Every such
+        response is read, so that every misroute is counted."""
+        return pool != self.largest and d.reason == "fits" and d.source not in ("bound", "exact")
 
     def wants_read(self, d: Decision, pool: str) -> bool:
         """Read this response? Every one at risk of a misroute (``at_risk``), every one while the
@@ -294,6 +300,9 @@ class Router:
             return self._route_offloaded(body, path, may_inject, ended_by_log, client)
         shape = self.budget.read(body, path)
         d, observation = self.budget.decide(shape, by_size=True)
+        why = self.exact.wants(self.budget, d, observation) if self.exact is not None else None
+        if why is not None:  # close to a pool's capacity: counted exactly (awaited)
+            return self._route_exact(d, observation, why, body, may_inject, ended_by_log, client)
         choice = self._spill(d)
         read = self.wants_read(d, choice[0])
         if read and d.source == "bound":
@@ -305,12 +314,43 @@ class Router:
                                client: str | None) -> Routed:
         """``route`` for a large body: the pure core in a worker thread, the accounting here."""
         shape, (d, observation) = await asyncio.to_thread(self._read_and_decide, body, path)
+        why = self.exact.wants(self.budget, d, observation) if self.exact is not None else None
+        if why is not None:
+            return await self._route_exact(d, observation, why, body, may_inject, ended_by_log, client)
         choice = self._spill(d)
         read = self.wants_read(d, choice[0])
         if read and d.source == "bound":
             d, observation = await asyncio.to_thread(self.budget.decide, shape)
             choice = self._spill(d)
         return self._record(d, observation, choice, read, body, may_inject, ended_by_log, client)
+
+    async def _route_exact(self, d: Decision, observation: Observation | None, why: str, body: bytes,
+                           may_inject: bool, ended_by_log: bool, client: str | None) -> Routed:
+        """``route`` for a close decision: the exact count decides where it is had, and is learned
+        at once (a calibration sample that needs no response: the client guards apply). Such a
+        request is not at risk: its response is read only as a proven fit's is (while the model
+        calibrates, or sampled), and teaches nothing twice. On a failed count the estimate decides
+        as before."""
+        refined = await self.exact.refine(self.budget, d, observation, body, why)
+        self._count_exact(refined)
+        d = refined.decision
+        if d.source == "exact":
+            self._learn(observation, refined.count.total, client)
+            observation = None  # learned: a read response would teach it twice
+        choice = self._spill(d)
+        read = self.wants_read(d, choice[0])
+        out = self._record(d, observation, choice, read, body, may_inject, ended_by_log, client)
+        out.exact = refined.header()
+        return out
+
+    def _count_exact(self, refined: Refined) -> None:
+        if refined.count is None:
+            return
+        m = self.metrics
+        for source, outcome, _ in refined.count.tried:  # (a local count checked again on HF: two)
+            m.child(m.exact_counts, source, outcome).inc()
+        if refined.count.outcome == "counted":  # what the request waited, once
+            m.child(m.exact_seconds, refined.count.source).observe(refined.count.seconds)
 
     def _read_and_decide(self, body: bytes, path: str) -> tuple[RequestShape, tuple[Decision, Observation | None]]:
         shape = self.budget.read(body, path)
@@ -323,6 +363,9 @@ class Router:
             explanation = await asyncio.to_thread(self.budget.explain, body, path)
         else:
             explanation = self.budget.explain(body, path)
+        if self.exact is not None:  # counted as route() would count it (nothing learned)
+            refined = await self.exact.refine(self.budget, explanation.decision, explanation.observation, body)
+            explanation = dataclasses.replace(explanation, decision=refined.decision)
         return self.place(explanation)
 
     def _record(self, d: Decision, observation: Observation | None, choice: tuple[str, str | None, str | None],
@@ -395,6 +438,8 @@ class Router:
             values.append((h["shadow"], d.pool))
         if routed.spilled_from:
             values.append((h["spilled"], routed.spilled_from))
+        if routed.exact:
+            values.append((h["exact"], routed.exact))
         return values
 
     def decision_fields(self, routed: Routed) -> dict:
@@ -404,6 +449,8 @@ class Router:
                   "output_reserve": d.output_tokens, "source": d.source, "reason": d.reason, "api": d.api}
         if routed.spilled_from:
             fields["spilled_from"] = routed.spilled_from
+        if routed.exact:
+            fields["exact"] = routed.exact
         return fields
 
     def finished(self, pool: str) -> None:
