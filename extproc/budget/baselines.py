@@ -23,7 +23,7 @@ _CJK = tuple(_F[f"n:{c}"] for c in "hkf")
 
 def paper_category(prompt: Prompt) -> str:
     """The paper's three categories from the text features (CJK share, code-like punctuation)."""
-    f = prompt.text if prompt.text is not None else prompt.json
+    f = prompt.text_features if prompt.text_features is not None else prompt.json_features
     if f is None:
         return "prose"
     cjk = sum(f[i] for i in _CJK)
@@ -32,7 +32,7 @@ def paper_category(prompt: Prompt) -> str:
         return "cjk"
     punct = f[_F["n:p"]] + f[_F["n:q"]]
     indent = f[_F["r:s/4"]]
-    if prompt.json is not None or punct > 0.25 * max(1.0, letters) or indent > 0.02 * max(1.0, letters):
+    if prompt.json_features is not None or punct > 0.25 * max(1.0, letters) or indent > 0.02 * max(1.0, letters):
         return "code"
     return "prose"
 

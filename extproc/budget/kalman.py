@@ -91,14 +91,14 @@ class KalmanSettings:
 
 def group_vector(prompt: Prompt, family: Family) -> list[float]:
     """The prompt's prior token estimate per group, plus its template overhead counts."""
-    if prompt.text is not None:
-        g = (prompt.text @ family.by_group).tolist() + [0.0] * (_N_GROUPS - _N_CONTENT)
+    if prompt.text_features is not None:
+        g = (prompt.text_features @ family.by_group).tolist() + [0.0] * (_N_GROUPS - _N_CONTENT)
     else:
         g = [0.0] * _N_GROUPS
-    if prompt.json is not None:
-        g[_G["json"]] = float(prompt.json @ family.coef)
-    if prompt.schema is not None:
-        g[_G["schema"]] = float(prompt.schema @ family.coef)
+    if prompt.json_features is not None:
+        g[_G["json"]] = float(prompt.json_features @ family.coef)
+    if prompt.schema_features is not None:
+        g[_G["schema"]] = float(prompt.schema_features @ family.coef)
     g[_G["special"]] = prompt.special
     g[_G["turns"]] = prompt.messages
     g[_G["chat"]] = prompt.chat

@@ -45,9 +45,9 @@ _BILLING_HEADER = "x-anthropic-billing-header"
 class Prompt:
     """One sequence the engine will hold in its KV cache (a batched completion has several)."""
 
-    text: np.ndarray | None = None       # features of free text (all messages joined)
-    json: np.ndarray | None = None       # features of JSON the template renders (tools, arguments)
-    schema: np.ndarray | None = None     # features of output schemas (response_format)
+    text_features: np.ndarray | None = None    # byte-class features of free text (all messages joined)
+    json_features: np.ndarray | None = None    # ... of JSON the template renders (tools, arguments)
+    schema_features: np.ndarray | None = None  # ... of output schemas (response_format)
     text_bytes: int = 0                  # UTF-8 bytes of everything measured (special-token strings too)
     special: float = 0                   # special-token strings typed in the text: one token each
     messages: int = 0                    # chat turns (the template adds tokens per turn)
@@ -66,7 +66,7 @@ class Prompt:
                 part, factor = sample(joined)  # (a very long text: evenly spaced blocks, counts scaled up)
                 part, found = specials.split(part)
                 self.special += found * factor
-                setattr(self, kind, measure_sampled(part, factor))
+                setattr(self, f"{kind}_features", measure_sampled(part, factor))
                 self.measured_on_sample |= factor != 1.0
         self.unmeasured = None
         return self

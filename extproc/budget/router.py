@@ -202,7 +202,7 @@ class BudgetRouter:
             if p.exact_tokens is not None:
                 tokens = p.exact_tokens
             elif p.tools or p.media or (p.unmeasured and p.unmeasured.keys() - {"text"}) or \
-                    p.json is not None or p.schema is not None:
+                    p.json_features is not None or p.schema_features is not None:
                 return None
             else:
                 tokens = (p.text_bytes + BOUND_TOKENS_PER_MESSAGE * p.messages

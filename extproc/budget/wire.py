@@ -30,7 +30,7 @@ MAX_MODEL_CHARS = 200       # what request.py keeps of a model name
 MAX_PROMPTS = 1024          # a batched completion's prompts
 MAX_CLIENT_CHARS = 64       # client hashes are 16 hex digits
 MAX_COUNT = float(1 << 40)  # no feature count, byte size or token count of a real prompt is larger
-_VECTORS = (("x", "text"), ("j", "json"), ("s", "schema"))
+_VECTORS = (("x", "text_features"), ("j", "json_features"), ("s", "schema_features"))
 _INTS = (("b", "text_bytes"), ("n", "messages"), ("ch", "chat"), ("md", "media"), ("tl", "tools"))
 
 

@@ -61,15 +61,15 @@ def test_the_path_names_the_api_and_count_tokens_is_no_generation(router):
 def test_system_is_one_turn_of_text(system, text):
     shape, p = one({"system": system, "messages": [{"role": "user", "content": "Hello."}]})
     assert (p.messages, p.chat, p.media, p.tools) == (2, 1, 0, 0)
-    same_features(p.text, text + "\nHello.")
-    assert p.json is None and not shape.template_extras
+    same_features(p.text_features, text + "\nHello.")
+    assert p.json_features is None and not shape.template_extras
 
 
 def test_text_blocks_measure_like_chat_content_parts():
     blocks = [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second part."}]
     _, p = one({"messages": [{"role": "user", "content": blocks}]})
     chat = read_request(body({"messages": [{"role": "user", "content": "First part.\nSecond part."}]}), CHAT)
-    np.testing.assert_array_equal(p.text, chat.prompts[0].text)
+    np.testing.assert_array_equal(p.text_features, chat.prompts[0].text_features)
     assert p.text_bytes == chat.prompts[0].text_bytes and p.messages == 1
 
 
@@ -89,8 +89,8 @@ def test_tool_use_is_its_name_and_input_json_and_lifts_the_bound(router):
     doc = {"messages": [{"role": "user", "content": "Weather?"},
                         {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, call]}]}
     shape, p = one(doc)
-    same_features(p.text, "Weather?\nChecking.\nget_weather")
-    same_features(p.json, '{"city":"Oslo"}')
+    same_features(p.text_features, "Weather?\nChecking.\nget_weather")
+    same_features(p.json_features, '{"city":"Oslo"}')
     assert shape.template_extras and p.messages == 2
 
 
@@ -102,7 +102,7 @@ def test_a_users_tool_result_is_a_tool_turn(content, text):
     result = {"type": "tool_result", "tool_use_id": "toolu_1", "content": content}
     shape, p = one({"messages": [{"role": "user", "content": [result]}]})
     assert p.messages == 1  # the user message made only of tool results is no turn: its tool turn is
-    same_features(p.text, text)
+    same_features(p.text_features, text)
     assert shape.template_extras  # the tool turn carries its id, which some templates print
     _, p = one({"messages": [{"role": "user", "content": [result, {"type": "text", "text": "Thanks."}]}]})
     assert p.messages == 2
@@ -113,16 +113,16 @@ def test_images_in_a_tool_result_are_media_in_a_user_turn_of_their_own():
     result = {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "a chart"}, image, image]}
     _, p = one({"messages": [{"role": "user", "content": [result]}]})
     assert (p.media, p.messages) == (2, 2)
-    same_features(p.text, "a chart")
+    same_features(p.text_features, "a chart")
 
 
 def test_an_assistants_tool_result_is_text_after_tool_result():
     result = {"type": "tool_result", "tool_use_id": "t", "content": "42"}
     _, p = one({"messages": [{"role": "user", "content": "Ask."}, {"role": "assistant", "content": [result]}]})
-    same_features(p.text, "Ask.\nTool result: \n42")
+    same_features(p.text_features, "Ask.\nTool result: \n42")
     listed = {**result, "content": [{"type": "text", "text": "42"}]}
     _, p = one({"messages": [{"role": "assistant", "content": [listed]}]})
-    assert p.json is not None  # Python's str() of the blocks: not their text bytes, so measured as JSON
+    assert p.json_features is not None  # Python's str() of the blocks: not their text bytes, so measured as JSON
 
 
 def test_tools_are_measured_in_the_chat_shape_vllm_renders():
@@ -133,7 +133,7 @@ def test_tools_are_measured_in_the_chat_shape_vllm_renders():
                                                     "parameters": schema}},
                   {"type": "function", "function": {"name": "noop", "parameters": {}}}]
     chat = read_request(body({"messages": [{"role": "user", "content": "hi"}], "tools": chat_tools}), CHAT)
-    np.testing.assert_array_equal(p.json, chat.prompts[0].json)
+    np.testing.assert_array_equal(p.json_features, chat.prompts[0].json_features)
     assert p.tools == 2
 
 
@@ -141,14 +141,14 @@ def test_thinking_blocks_are_text_and_redacted_ones_nothing():
     blocks = [{"type": "thinking", "thinking": "Let me see.", "signature": "abc"},
               {"type": "redacted_thinking", "data": "Z" * 500}, {"type": "text", "text": "Yes."}]
     _, p = one({"messages": [{"role": "assistant", "content": blocks}]})
-    same_features(p.text, "Let me see.\nYes.")
+    same_features(p.text_features, "Let me see.\nYes.")
 
 
 def test_output_config_schema_is_a_schema():
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     _, p = one({"messages": [{"role": "user", "content": "hi"}],
                 "output_config": {"format": {"type": "json_schema", "schema": schema}}})
-    same_features(p.schema, orjson.dumps(schema).decode())
+    same_features(p.schema_features, orjson.dumps(schema).decode())
 
 
 def test_max_tokens_is_the_reserve_and_other_fields_change_nothing(router):

@@ -50,8 +50,8 @@ def test_chat_string_content():
     assert shape.api == "chat"
     assert shape.model == "meta-llama/Llama-3.1-8B-Instruct"
     assert (p.messages, p.chat, p.media, p.exact_tokens) == (1, 1, 0, None)
-    assert_features(p.text, "Hello, world!")
-    assert p.json is None and p.schema is None
+    assert_features(p.text_features, "Hello, world!")
+    assert p.json_features is None and p.schema_features is None
     assert p.text_bytes == 13
     assert shape.output_tokens is None and shape.output_field is None and shape.notes == []
 
@@ -66,21 +66,21 @@ def test_chat_all_roles_are_turns_and_their_text_is_joined():
     assert p.messages == 5
     # the four roles every template has are in its per-turn tokens; any other is printed: its text counts
     joined = "\n".join(m["content"] for m in msgs[:4]) + "\ntool\ndistance=12km"
-    assert_features(p.text, joined)
+    assert_features(p.text_features, joined)
     assert p.text_bytes == len(joined)
 
 
 @pytest.mark.parametrize("role", ["narrator", "Ärztin", "x" * 3000, "user "])
 def test_custom_role_names_are_text_and_keep_the_size_bound(role):
     shape, p = one_prompt({"messages": [{"role": role, "content": "Once upon a time."}]})
-    assert_features(p.text, role + "\nOnce upon a time.")
+    assert_features(p.text_features, role + "\nOnce upon a time.")
     assert p.text_bytes == utf8_len(role) + len("\nOnce upon a time.")
     assert not shape.template_extras  # the role's bytes are in text_bytes: the bound still holds
 
 
 def test_name_fields_are_text_and_keep_the_size_bound():
     shape, p = one_prompt({"messages": [{"role": "user", "name": "alice_smith", "content": "Hi."}]})
-    assert_features(p.text, "Hi.\nalice_smith")
+    assert_features(p.text_features, "Hi.\nalice_smith")
     assert not shape.template_extras
     shape, _ = one_prompt({"messages": [{"role": "user", "content": "Hi.", "tool_call_id": "x"}]})
     assert shape.template_extras  # a field templates may print that is not gathered: no bound
@@ -88,7 +88,7 @@ def test_name_fields_are_text_and_keep_the_size_bound():
 
 def test_a_role_that_is_not_a_string_is_measured_and_not_bounded():
     shape, p = one_prompt({"messages": [{"role": {"r": "user"}, "content": "Hi."}]})
-    assert shape.template_extras and p.json is not None
+    assert shape.template_extras and p.json_features is not None
 
 
 def test_special_token_strings_in_content_are_counted_apart_and_cut_from_the_text():
@@ -99,7 +99,7 @@ def test_special_token_strings_in_content_are_counted_apart_and_cut_from_the_tex
     shape = read_request(body({"messages": [{"role": "user", "content": text}]}), measured=False)
     p = shape.prompts[0].measure(llama)
     assert p.special == 3  # Llama-3's three; <think> and <|im_end|> are text to it
-    assert_features(p.text, "Start\x00 middle \x00user\x00 end <think>x</think> <|im_end|>")
+    assert_features(p.text_features, "Start\x00 middle \x00user\x00 end <think>x</think> <|im_end|>")
     assert p.text_bytes == len(text)  # the size bound still counts every byte
     q = read_request(body({"messages": [{"role": "user", "content": text}]}), measured=False).prompts[0]
     assert q.measure(qwen).special == 3  # Qwen3's: <think>, </think>, <|im_end|>
@@ -111,9 +111,9 @@ def test_content_parts_text_joined_like_string_content():
     parts = [{"type": "text", "text": "First part."}, {"type": "text", "text": "Second part."}]
     _, p = one_prompt({"messages": [{"role": "user", "content": parts}]})
     _, q = one_prompt({"messages": [{"role": "user", "content": "First part.\nSecond part."}]})
-    np.testing.assert_array_equal(p.text, q.text)
+    np.testing.assert_array_equal(p.text_features, q.text_features)
     assert p.text_bytes == q.text_bytes == len("First part.\nSecond part.")
-    assert p.media == 0 and p.json is None
+    assert p.media == 0 and p.json_features is None
 
 
 def test_media_parts_are_counted_not_measured(router):
@@ -124,9 +124,9 @@ def test_media_parts_are_counted_not_measured(router):
              {"type": "image_url", "image_url": {"url": "https://example.com/x.png"}}]
     shape, p = one_prompt({"messages": [{"role": "user", "content": parts}]})
     assert p.media == 3
-    assert_features(p.text, "Describe these.")
+    assert_features(p.text_features, "Describe these.")
     assert p.text_bytes == len("Describe these.")  # base64 payloads are not text
-    assert p.json is None
+    assert p.json_features is None
     # each media part adds media_tokens (1024) to the estimate and the budget
     d = router.route(body({"messages": [{"role": "user", "content": parts}]}))
     d0 = router.route(body({"messages": [{"role": "user", "content": [parts[0]]}]}))
@@ -137,8 +137,8 @@ def test_media_parts_are_counted_not_measured(router):
 def test_unknown_part_type_is_counted_as_json_not_dropped():
     part = {"type": "custom_widget", "payload": {"rows": [1, 2, 3], "title": "quarterly numbers"}}
     _, p = one_prompt({"messages": [{"role": "user", "content": [{"type": "text", "text": "See:"}, part]}]})
-    assert_features(p.text, "See:")
-    assert_features(p.json, jdump(part))
+    assert_features(p.text_features, "See:")
+    assert_features(p.json_features, jdump(part))
     assert p.text_bytes == len("See:") + len(jdump(part))
     assert p.media == 0
 
@@ -146,7 +146,7 @@ def test_unknown_part_type_is_counted_as_json_not_dropped():
 def test_message_name_and_reasoning_are_text():
     _, p = one_prompt({"messages": [{"role": "user", "name": "alice", "content": "hi"},
                                     {"role": "assistant", "content": "ok", "reasoning_content": "think"}]})
-    assert_features(p.text, "hi\nalice\nok\nthink")
+    assert_features(p.text_features, "hi\nalice\nok\nthink")
 
 
 @pytest.mark.parametrize("arguments", ['{"city": "Paris", "days": 3}', {"city": "Paris", "days": 3}],
@@ -159,17 +159,17 @@ def test_assistant_tool_call_arguments_are_json(arguments):
             {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     _, p = one_prompt({"messages": msgs})
     assert p.messages == 3
-    assert_features(p.text, "Weather?\nget_weather\ntool\nsunny")
+    assert_features(p.text_features, "Weather?\nget_weather\ntool\nsunny")
     expected_json = arguments if isinstance(arguments, str) else jdump(arguments)
-    assert_features(p.json, expected_json)
+    assert_features(p.json_features, expected_json)
     assert p.text_bytes == len("Weather?\nget_weather\ntool\nsunny") + len(expected_json)
 
 
 def test_legacy_function_call_is_json():
     msgs = [{"role": "assistant", "function_call": {"name": "lookup", "arguments": '{"q": "x"}'}}]
     _, p = one_prompt({"messages": msgs})
-    assert_features(p.text, "lookup")
-    assert_features(p.json, '{"q": "x"}')
+    assert_features(p.text_features, "lookup")
+    assert_features(p.json_features, '{"q": "x"}')
 
 
 TOOL = {"type": "function", "function": {
@@ -183,9 +183,9 @@ TOOL2 = {"type": "function", "function": {"name": "noop", "parameters": {"type":
 def test_tool_schemas_are_json(key, tools, router):
     doc = {"messages": [{"role": "user", "content": "hi"}], key: tools}
     _, p = one_prompt(doc)
-    assert_features(p.text, "hi")
-    assert_features(p.json, "\n".join(jdump(t) for t in tools))
-    assert p.schema is None
+    assert_features(p.text_features, "hi")
+    assert_features(p.json_features, "\n".join(jdump(t) for t in tools))
+    assert p.schema_features is None
     # tools make the prompt estimate larger than the same chat without them where the family's
     # template renders them (Qwen3's does; Llama-3's own template ignores tools altogether)
     qwen = {"model": "Qwen/Qwen3-8B"}
@@ -200,14 +200,14 @@ def test_response_format_json_schema_is_schema():
     schema = {"name": "answer", "schema": {"type": "object", "properties": {"answer": {"type": "string"}}}}
     _, p = one_prompt({"messages": [{"role": "user", "content": "hi"}],
                        "response_format": {"type": "json_schema", "json_schema": schema}})
-    assert_features(p.schema, jdump(schema))
-    assert p.json is None
+    assert_features(p.schema_features, jdump(schema))
+    assert p.json_features is None
     assert p.text_bytes == 2 + len(jdump(schema))
 
 
 def test_response_format_text_is_not_a_schema():
     _, p = one_prompt({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"}})
-    assert p.schema is None
+    assert p.schema_features is None
 
 
 # --- completions ------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_completions_string_prompt():
     shape, p = one_prompt({"model": "m", "prompt": "Once upon a time"}, COMPLETIONS)
     assert shape.api == "completions"
     assert (p.chat, p.messages, p.exact_tokens) == (0, 0, None)
-    assert_features(p.text, "Once upon a time")
+    assert_features(p.text_features, "Once upon a time")
     assert p.text_bytes == 16
 
 
@@ -226,7 +226,7 @@ def test_completions_list_of_strings_gives_one_prompt_each(router):
     assert shape.error is None
     assert len(shape.prompts) == 3
     for p, text in zip(shape.prompts, prompts):
-        assert_features(p.text, text)
+        assert_features(p.text_features, text)
         assert p.text_bytes == len(text)
     # the batch needs room for its longest prompt, not the sum
     d_all = router.route(body({"prompt": prompts}), COMPLETIONS)
@@ -238,7 +238,7 @@ def test_completions_list_of_strings_gives_one_prompt_each(router):
 def test_completions_token_ids_are_exact(router):
     shape, p = one_prompt({"prompt": list(range(1000, 1777))}, COMPLETIONS)
     assert p.exact_tokens == 777
-    assert p.text is None and p.text_bytes == 0
+    assert p.text_features is None and p.text_bytes == 0
     d = router.route(body({"prompt": list(range(1000, 1777)), "max_tokens": 23}), COMPLETIONS)
     assert (d.prompt_tokens, d.budget_tokens, d.source, d.output_tokens) == (777, 800, "exact", 23)
 
@@ -253,7 +253,7 @@ def test_completions_list_of_token_id_lists(router):
 
 def test_completions_suffix_is_measured():
     _, p = one_prompt({"prompt": "def f(", "suffix": "    return x\n"}, COMPLETIONS)
-    assert_features(p.text, "def f(\n    return x\n")
+    assert_features(p.text_features, "def f(\n    return x\n")
 
 
 # --- responses --------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_responses_input_string_and_instructions():
     shape, p = one_prompt({"model": "m", "input": "Tell me a joke.", "instructions": "You are funny."}, RESPONSES)
     assert shape.api == "responses"
     assert p.messages == 2 and p.chat == 1
-    assert_features(p.text, "You are funny.\nTell me a joke.")
+    assert_features(p.text_features, "You are funny.\nTell me a joke.")
 
 
 def test_responses_input_item_list():
@@ -274,14 +274,14 @@ def test_responses_input_item_list():
     _, p = one_prompt({"input": items, "tools": [{"type": "function", "name": "search"}]}, RESPONSES)
     assert p.messages == 4
     assert p.media == 1
-    assert_features(p.text, "Look at this\nsearch\n3 results\nDone.")
-    assert_features(p.json, '{"q": "cats"}\n' + jdump({"type": "function", "name": "search"}))
+    assert_features(p.text_features, "Look at this\nsearch\n3 results\nDone.")
+    assert_features(p.json_features, '{"q": "cats"}\n' + jdump({"type": "function", "name": "search"}))
 
 
 def test_responses_text_format_json_schema_is_schema():
     fmt = {"type": "json_schema", "name": "x", "schema": {"type": "object"}}
     _, p = one_prompt({"input": "hi", "text": {"format": fmt}}, RESPONSES)
-    assert_features(p.schema, jdump(fmt))
+    assert_features(p.schema_features, jdump(fmt))
 
 
 # --- output reserve ---------------------------------------------------------------------------
@@ -351,13 +351,13 @@ def test_ascii_escaped_cjk_measures_like_utf8(path, doc, router):
     a, b = read_request(escaped, path), read_request(raw, path)
     assert a.prompts[0].text_bytes == b.prompts[0].text_bytes
     assert a.prompts[0].text_bytes >= utf8_len(CJK) == 3 * len(CJK)
-    for kind in ("text", "json", "schema"):
+    for kind in ("text_features", "json_features", "schema_features"):
         fa, fb = getattr(a.prompts[0], kind), getattr(b.prompts[0], kind)
         assert (fa is None) == (fb is None)
         if fa is not None:
             np.testing.assert_array_equal(fa, fb)
     cjk = FEATURE_NAMES.index("n:h")
-    assert a.prompts[0].text[cjk] >= len(CJK) - 20 * 2  # ideographs (not the full-width ，。 forms)
+    assert a.prompts[0].text_features[cjk] >= len(CJK) - 20 * 2  # ideographs (not the full-width ，。 forms)
     da, db = router.route(escaped, path), router.route(raw, path)
     assert (da.prompt_tokens, da.budget_tokens, da.pool) == (db.prompt_tokens, db.budget_tokens, db.pool)
 
