@@ -99,6 +99,14 @@ def counter_key(rule: ExactRule, model: str) -> tuple[str, str]:
     return ("family", rule.family or family_for_model(model))
 
 
+def _keys_of(rule: ExactRule) -> list[tuple[str, str]]:
+    if rule.tokenizer or rule.family:
+        return [counter_key(rule, "")]
+    hinted = [f for hint, fams in (("qwen", ("qwen3",)), ("llama", ("llama3", "llama3_1"))) if hint in rule.model.lower()
+              for f in fams]
+    return [("family", f) for f in (hinted or QUICK_ENCODINGS)]
+
+
 class LocalCounters:
     """Counters by tokenizer (a handful: one per family or directory the rules name), loaded in
     the background on first use."""
@@ -128,6 +136,18 @@ class LocalCounters:
         if key not in self._ready:
             self._ready[key] = load_counter(key)
         return self._ready[key]
+
+    def preload(self, rules: tuple[ExactRule, ...]) -> None:
+        """Load now every tokenizer the local rules can name (a rule without a family: each
+        built-in family its pattern hints at, all where it hints at none). ``extproc serve`` does
+        this before it serves: a load holds the GIL for ~0.5 s, which mid-traffic stalls the
+        event loop past Envoy's check timeout. One that fails is logged and tried again later."""
+        for key in sorted({k for rule in rules if rule.source == "local" for k in _keys_of(rule)}):
+            if key not in self._ready:
+                t0 = time.monotonic()
+                self._load(key)
+                if key in self._ready:
+                    log.info("exact counts: tokenizer %s ready in %.1fs", key[1], time.monotonic() - t0)
 
     def _load(self, key: tuple[str, str]) -> None:
         try:

@@ -449,6 +449,8 @@ async def run(config: Config, path: str | None = None, load=None) -> None:
     """Serve until SIGTERM or SIGINT, then stop gracefully; a second signal stops at once. SIGHUP,
     or a change of the file at ``path``, reloads the config with ``load()`` (service/reload.py)."""
     service = Service(config)
+    if service.router.exact is not None and config.exact.enabled:
+        await asyncio.to_thread(service.router.exact.local.preload, config.exact.rules)  # nothing served yet
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

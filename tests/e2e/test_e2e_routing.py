@@ -51,8 +51,9 @@ def test_short_prompt_with_large_output_reserve_is_served_by_long(stack):
 
 def test_spoofed_router_headers_are_ignored(stack):
     """A client cannot pick its pool or fake provenance: the router's values win."""
-    spoof = {"x-token-pool": "short", "x-token-budget": "1", "x-token-estimate": "1", "x-token-source": "exact",
-             "x-token-reason": "fits", "x-token-read": "1", "x-token-decision": "spoofed-id"}
+    spoof = {"x-token-pool": "short", "x-token-budget": "1", "x-token-estimate": "1", "x-token-source": "spoofed",
+             "x-token-reason": "fits", "x-token-read": "1", "x-token-decision": "spoofed-id",
+             "x-token-exact": "spoofed"}
     r = rid("spoof")
     reply = post(stack, chat_body(real_text(12_000), max_tokens=16), r, headers=spoof)
     assert reply.status == 200, reply.body[:300]
@@ -60,7 +61,7 @@ def test_spoofed_router_headers_are_ignored(stack):
     assert line.served_by == "long", line.raw
     assert line.pool == "long"
     assert int(line.fields["budget"]) > 8192
-    assert line.fields["source"] != "exact"
+    assert line.fields["source"] != "spoofed" and line.fields.get("exact") != "spoofed"
 
     # and the other way: a short request that claims the long pool still goes short
     r2 = rid("spoof-short")

@@ -310,3 +310,16 @@ def test_local_above_its_cap_asks_the_pool():
     assert (found.source, found.outcome) == ("pool", "counted")
     assert [t[:2] for t in found.tried] == [("local", "too_large"), ("pool", "counted")]
     assert found.tokens == counter_for("llama3").count_chat([{"role": "user", "content": "lorem ipsum " * 200}])
+
+
+def test_serve_preloads_every_tokenizer_the_rules_name_so_no_request_waits_on_a_load():
+    """A load holds the GIL ~0.5 s: mid-traffic it stalled the loop past Envoy's check timeout
+    (the request after the first close one failed open). ``extproc serve`` loads them first."""
+    from extproc.exact import DEFAULT_RULES, ExactRule
+    from extproc.exact.local import LocalCounters
+
+    local = LocalCounters()
+    local.preload(DEFAULT_RULES + (ExactRule("gpt-*", "off"),))
+    for model in ("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B"):
+        rule = next(r for r in DEFAULT_RULES if r.matches(model))
+        assert local.get(rule, model) is not None, model  # ready: no load started on the request path
