@@ -47,6 +47,7 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 PROCESS_METHOD = f"/{SERVICE_NAME}/Process"
 MAX_MESSAGE = 64 << 20  # an 8 MiB prompt with JSON escapes, with room
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+PRELOAD_WAIT_S = 20.0  # serve waits this long at most for its local tokenizers (exact counts)
 
 
 class JsonFormatter(logging.Formatter):
@@ -450,7 +451,12 @@ async def run(config: Config, path: str | None = None, load=None) -> None:
     or a change of the file at ``path``, reloads the config with ``load()`` (service/reload.py)."""
     service = Service(config)
     if service.router.exact is not None and config.exact.enabled:
-        await asyncio.to_thread(service.router.exact.local.preload, config.exact.rules)  # nothing served yet
+        # nothing served yet; bounded, for a first start that fetches the files over a slow network
+        loading = asyncio.ensure_future(asyncio.to_thread(service.router.exact.local.preload, config.exact.rules))
+        try:
+            await asyncio.wait_for(asyncio.shield(loading), PRELOAD_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("exact counts: tokenizers still loading after %.0fs; serving meanwhile", PRELOAD_WAIT_S)
     await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
