@@ -21,6 +21,7 @@ import argparse
 import http.client
 import json
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,40 @@ from extproc.service.envoy_config import EnvoyLayout, render_yaml  # noqa: E402
 from extproc.stack import _wait, envoy_binary, envoy_cluster_healthy, free_port  # noqa: E402
 
 TEXTS = ROOT.parent / "shared" / "data" / "texts" / "dev_texts.jsonl"
+
+
+def sample_text(min_chars: int) -> str:
+    """The shared dev texts joined (a stand-in sentence where they are absent), at least this long."""
+    text = "\n".join(json.loads(line)["text"] for line in TEXTS.open()) if TEXTS.exists() else \
+        "The quick brown fox jumps over the lazy dog. " * 30000
+    while len(text) < min_chars:
+        text += "\n" + text
+    return text
+
+
+class Processes:
+    """The child processes of one run, each logged to a file in ``work``; ``stop`` ends them all by
+    their own PIDs (SIGCONT first: a run may have stopped one on purpose)."""
+
+    def __init__(self, work: pathlib.Path) -> None:
+        self.work = work
+        self.procs: list[subprocess.Popen] = []
+
+    def spawn(self, argv: list[str], name: str) -> subprocess.Popen:
+        p = subprocess.Popen(argv, stdout=open(self.work / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.append(p)
+        return p
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.send_signal(signal.SIGCONT)
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
 
 
 def cpu_ns(pid: int) -> int:
@@ -109,18 +144,10 @@ def main() -> None:
     if args.inject:
         args.filters = ["ext_proc"]  # injection needs the routing stream
 
-    text = "\n".join(json.loads(line)["text"] for line in TEXTS.open()) if TEXTS.exists() else \
-        "The quick brown fox jumps over the lazy dog. " * 30000
-    while len(text) < 1_100_000:
-        text += "\n" + text
+    text = sample_text(1_100_000)
     work = pathlib.Path(tempfile.mkdtemp(prefix="extproc-overhead-"))
-    procs: list[subprocess.Popen] = []
-
-    def spawn(argv, name):
-        p = subprocess.Popen(argv, stdout=open(work / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
-        procs.append(p)
-        return p
+    children = Processes(work)
+    spawn = children.spawn
 
     try:
         up_port, grpc_port, http_port, metrics_port = free_port(), free_port(), free_port(), free_port()
@@ -210,13 +237,7 @@ def main() -> None:
             reads = [ln for ln in resp.read().decode().splitlines() if ln.startswith("extproc_usage_reads_total")]
         print("\nrouter usage reads over the run: " + "; ".join(reads))
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        children.stop()
 
 
 if __name__ == "__main__":

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import pathlib
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import yaml  # noqa: E402
-from overhead import TEXTS, body_of, cpu_ns, pct, run_load  # noqa: E402  (run_load: the warm-up)
+from overhead import Processes, body_of, cpu_ns, pct, run_load, sample_text  # noqa: E402  (run_load: the warm-up)
 
 from extproc.service.envoy_config import EnvoyLayout, render_yaml  # noqa: E402
 from extproc.stack import _wait, envoy_binary, envoy_cluster_healthy, free_port  # noqa: E402
@@ -84,16 +82,10 @@ def main() -> None:
     redis_server = shutil.which("redis-server")
     if not redis_server:
         sys.exit("no redis-server (apt-get install redis-server)")
-    text = "\n".join(json.loads(line)["text"] for line in TEXTS.open()) if TEXTS.exists() else \
-        "The quick brown fox jumps over the lazy dog. " * 3000
+    text = sample_text(max(args.sizes) + 1)
     work = pathlib.Path(tempfile.mkdtemp(prefix="extproc-shared-state-"))
-    procs: list[subprocess.Popen] = []
-
-    def spawn(argv, name):
-        p = subprocess.Popen(argv, stdout=open(work / f"{name}.log", "wb"), stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True)
-        procs.append(p)
-        return p
+    children = Processes(work)
+    spawn = children.spawn
 
     try:
         up_port, redis_port = free_port(), free_port()
@@ -168,14 +160,7 @@ def main() -> None:
         print("\nshared router's samples: " + ", ".join(f"{k} {v}" for k, v in counts.items())
               + f"; up now: {int(metric(on_metrics, 'extproc_shared_state_up'))}")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGCONT)
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        children.stop()
 
 
 if __name__ == "__main__":
