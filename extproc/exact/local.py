@@ -52,7 +52,7 @@ class _QuickTokens:
     tokens (one token each), the pieces between are counted by quicktok."""
 
     def __init__(self, hf, quick, added: tuple[str, ...]) -> None:
-        self._q = quick
+        self._q = quick  # anything with count(text) -> int: quicktok, or precise.PreciseQuick
         self._cut = re.compile("|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)))
         self._bos = len(hf.encode("", add_special_tokens=True).ids)  # what the post-processor adds
 
@@ -72,15 +72,26 @@ class _QuickTokens:
 class LocalCounter:
     counter: TokenCounter
     quick: bool                           # ASCII bodies are counted with quicktok
-    precise: TokenCounter | None = None   # the same on Hugging Face tokenizers (exact, 30x slower)
+    precise: TokenCounter | None = None   # the same, exact: quicktok, Hugging Face on its weak words
 
 
-def quick_counter(counter: TokenCounter, encoding: str) -> TokenCounter:
-    """A copy of ``counter`` (same template, same added tokens) whose BPE runs on quicktok."""
+def quick_counter(counter: TokenCounter, encoding: str, precise: bool = False) -> TokenCounter:
+    """A copy of ``counter`` (same template, same added tokens) whose BPE runs on quicktok;
+    ``precise``: with the words quicktok may count short re-counted on Hugging Face (precise.py)."""
     import quicktok
 
+    quick = quicktok.get_encoding(encoding)
+    if precise:
+        import orjson
+
+        from .precise import PreciseQuick, unreachable_ids
+
+        from ..tokens.files import TOKENIZER_FILE, family_dir
+
+        doc = orjson.loads((family_dir(counter.family) / TOKENIZER_FILE).read_bytes())
+        quick = PreciseQuick(quick, counter._tok, unreachable_ids(doc))
     fast = copy.copy(counter)
-    fast._tok = _QuickTokens(counter._tok, quicktok.get_encoding(encoding), counter.special_tokens)
+    fast._tok = _QuickTokens(counter._tok, quick, counter.special_tokens)
     return fast
 
 
@@ -90,7 +101,9 @@ def load_counter(key: tuple[str, str]) -> LocalCounter:
         return LocalCounter(TokenCounter.from_dir(name), False)
     hf = counter_for(name)
     encoding = QUICK_ENCODINGS.get(name)
-    return LocalCounter(quick_counter(hf, encoding), True, hf) if encoding else LocalCounter(hf, False)
+    if not encoding:
+        return LocalCounter(hf, False)
+    return LocalCounter(quick_counter(hf, encoding), True, quick_counter(hf, encoding, precise=True))
 
 
 def counter_key(rule: ExactRule, model: str) -> tuple[str, str]:
