@@ -9,7 +9,8 @@ token rank, Hugging Face by its merge list; they differ on a few words that are 
 vocabulary whole (" seviyorum": 2 tokens against 4), always seen as fewer tokens from quicktok:
 2-7 tokens on 4 of 1,292 dev texts (Turkish, Czech, Cyrillic), none on English, code, JSON or
 Chinese. A body with non-ASCII text gets the source's safety margin, and a request the margin
-alone would move is counted again exactly (``precise``: Hugging Face, or the rule's pool). An
+alone would move is counted again exactly (``precise``: precise.py, quicktok with Hugging Face
+on the few words where they can differ). An
 ASCII body gets none: the words that differ are foreign words, which ASCII text carries only
 without their letters (Turkish typed as " seviyorum"); such a prompt can be counted a token or two
 short, which near the limit costs vLLM 0.32's clamp of as many output tokens, no error. A tokenizer given by path has no quicktok twin:

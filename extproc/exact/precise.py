@@ -77,16 +77,19 @@ class PreciseQuick:
         if not len(bad):
             return n
         starts = np.flatnonzero(self._start[arr])
-        done = -1
-        for i in bad.tolist():
-            if i < done:
-                continue  # in the span just re-counted
-            k = int(np.searchsorted(starts, i, side="right"))
-            j = int(starts[k - 1]) if k else 0
-            end = int(starts[k]) if k < len(starts) else n
-            n += self._correction(ids[j:end])
-            done = end
-        return n
+        done, total = -1, n
+        try:
+            for i in bad.tolist():
+                if i < done:
+                    continue  # in the span just re-counted
+                k = int(np.searchsorted(starts, i, side="right"))
+                j = int(starts[k - 1]) if k else 0
+                end = int(starts[k]) if k < len(starts) else n
+                total += self._correction(ids[j:end])
+                done = end
+        except UnicodeDecodeError:  # a span not of whole characters (never seen): the whole text on HF
+            return len(self._hf.encode(text, add_special_tokens=False).ids)
+        return total
 
     def _correction(self, span: list[int]) -> int:
         """Hugging Face's count of a span of whole words less quicktok's."""
@@ -96,7 +99,7 @@ class PreciseQuick:
             if hit is not None:
                 self._cache.move_to_end(raw)
                 return hit
-        fix = len(self._hf.encode(raw.decode("utf-8", "replace"), add_special_tokens=False).ids) - len(span)
+        fix = len(self._hf.encode(raw.decode("utf-8"), add_special_tokens=False).ids) - len(span)
         with self._lock:
             self._cache[raw] = fix
             while len(self._cache) > CACHE_SPANS:
