@@ -60,6 +60,9 @@ class PreciseQuick:
     def __init__(self, quick, hf, unreachable: np.ndarray) -> None:
         self._q = quick
         self._hf = hf
+        if not unreachable.any():  # (Qwen3) every token is one the merges make: quicktok is exact
+            self.count = quick.count
+            return
         size = max(len(unreachable), quick.n_vocab)
         self._bad = np.zeros(size, dtype=bool)
         self._bad[:len(unreachable)] = unreachable
