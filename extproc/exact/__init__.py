@@ -104,7 +104,7 @@ class ExactCounts:
             return Refined(dataclasses.replace(d, detail=f"{d.detail}; {note}" if d.detail else note), found, why)
         exact = budget.decide_exact(d, found.tokens, found.margin_tokens, f"exact: {found.source}, {why}")
         if found.margin_tokens and exact.pool != budget.decide_exact(d, found.tokens).pool:
-            # the safety margin alone moves it: count again on Hugging Face, which needs none
+            # the safety margin alone moves it: count again exactly (precise.py), with none
             again = await self.count(d.model, d.api, body, precise=True)
             if again is not None and again.outcome == "counted":
                 again.seconds += found.seconds
@@ -115,11 +115,12 @@ class ExactCounts:
 
     async def count(self, model: str, api: str, body: bytes, precise: bool = False) -> ExactCount | None:
         """The exact count of a body's prompts, or None where no rule names the model. Never raises.
-        ``precise``: a local count on Hugging Face tokenizers (no margin; 30x slower than quicktok).
+        ``precise``: a local count with no margin (quicktok, and Hugging Face on the words where
+        they may differ: precise.py).
 
         A local rule counts on quicktok with the safety margin (local.py says why); a body over
         ``local.max_bytes``, a tokenizer not loaded yet, or a precise count goes to the rule's
-        pool, if it names one (the pool's CPU, not the router's)."""
+        pool, if it names one."""
         rule = self.rule_for(model)
         if rule is None:
             return None
@@ -134,7 +135,7 @@ class ExactCounts:
             return ExactCount(rule.source, "unsupported", tried=((rule.source, "unsupported", 0.0),))
         tried: list[tuple[str, str, float]] = []
         found = None
-        if rule.source == "local" and not (precise and rule.pool_url):  # (the pool is exact, and its CPU not ours)
+        if rule.source == "local":
             found = await self._local(rule, model, api, doc, body, precise)
             tried.append((found.source, found.outcome, found.seconds))
         if found is None or (found.outcome in ("too_large", "unavailable") and rule.pool_url):
@@ -158,7 +159,7 @@ class ExactCounts:
         local = self.local.get(rule, model)
         if local is None:
             return ExactCount("local", "unavailable")
-        slow = precise or not local.quick  # Hugging Face tokenizers: 30x the time of quicktok
+        slow = not local.quick  # Hugging Face tokenizers: 30x the time of quicktok
         try:
             if size > (ls.inline_bytes // SLOWER if slow else ls.inline_bytes):
                 counts = await asyncio.to_thread(count_local, local, api, doc, precise)
@@ -170,7 +171,7 @@ class ExactCounts:
             return ExactCount("local", "error", seconds=time.perf_counter() - t0)
         longest = max(counts)
         margin = 0
-        if local.quick and not slow and not (body.isascii() and b"\\u" not in body):
+        if local.quick and not precise and not (body.isascii() and b"\\u" not in body):
             # every difference seen on real text is in one with non-ASCII words (local.py)
             margin = ls.margin_tokens + math.ceil(ls.margin_ratio * longest)
         return ExactCount("local", "counted", longest, sum(counts), margin, time.perf_counter() - t0)

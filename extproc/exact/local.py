@@ -9,7 +9,8 @@ token rank, Hugging Face by its merge list; they differ on a few words that are 
 vocabulary whole (" seviyorum": 2 tokens against 4), always seen as fewer tokens from quicktok:
 2-7 tokens on 4 of 1,292 dev texts (Turkish, Czech, Cyrillic), none on English, code, JSON or
 Chinese. A body with non-ASCII text gets the source's safety margin, and a request the margin
-alone would move is counted again exactly (``precise``: Hugging Face, or the rule's pool). An
+alone would move is counted again exactly (``precise``: precise.py, quicktok with Hugging Face
+on the few words where they can differ). An
 ASCII body gets none: the words that differ are foreign words, which ASCII text carries only
 without their letters (Turkish typed as " seviyorum"); such a prompt can be counted a token or two
 short, which near the limit costs vLLM 0.32's clamp of as many output tokens, no error. A tokenizer given by path has no quicktok twin:
@@ -52,7 +53,7 @@ class _QuickTokens:
     tokens (one token each), the pieces between are counted by quicktok."""
 
     def __init__(self, hf, quick, added: tuple[str, ...]) -> None:
-        self._q = quick
+        self._q = quick  # anything with count(text) -> int: quicktok, or precise.PreciseQuick
         self._cut = re.compile("|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)))
         self._bos = len(hf.encode("", add_special_tokens=True).ids)  # what the post-processor adds
 
@@ -72,15 +73,26 @@ class _QuickTokens:
 class LocalCounter:
     counter: TokenCounter
     quick: bool                           # ASCII bodies are counted with quicktok
-    precise: TokenCounter | None = None   # the same on Hugging Face tokenizers (exact, 30x slower)
+    precise: TokenCounter | None = None   # the same, exact: quicktok, Hugging Face on its weak words
 
 
-def quick_counter(counter: TokenCounter, encoding: str) -> TokenCounter:
-    """A copy of ``counter`` (same template, same added tokens) whose BPE runs on quicktok."""
+def quick_counter(counter: TokenCounter, encoding: str, precise: bool = False) -> TokenCounter:
+    """A copy of ``counter`` (same template, same added tokens) whose BPE runs on quicktok;
+    ``precise``: with the words quicktok may count short re-counted on Hugging Face (precise.py)."""
     import quicktok
 
+    quick = quicktok.get_encoding(encoding)
+    if precise:
+        import orjson
+
+        from .precise import PreciseQuick, unreachable_ids
+
+        from ..tokens.files import TOKENIZER_FILE, family_dir
+
+        doc = orjson.loads((family_dir(counter.family) / TOKENIZER_FILE).read_bytes())
+        quick = PreciseQuick(quick, counter._tok, unreachable_ids(doc))
     fast = copy.copy(counter)
-    fast._tok = _QuickTokens(counter._tok, quicktok.get_encoding(encoding), counter.special_tokens)
+    fast._tok = _QuickTokens(counter._tok, quick, counter.special_tokens)
     return fast
 
 
@@ -90,7 +102,9 @@ def load_counter(key: tuple[str, str]) -> LocalCounter:
         return LocalCounter(TokenCounter.from_dir(name), False)
     hf = counter_for(name)
     encoding = QUICK_ENCODINGS.get(name)
-    return LocalCounter(quick_counter(hf, encoding), True, hf) if encoding else LocalCounter(hf, False)
+    if not encoding:
+        return LocalCounter(hf, False)
+    return LocalCounter(quick_counter(hf, encoding), True, quick_counter(hf, encoding, precise=True))
 
 
 def counter_key(rule: ExactRule, model: str) -> tuple[str, str]:

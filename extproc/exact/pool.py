@@ -116,7 +116,8 @@ class PoolCounter:
             raise PoolError("capped")
         caps.in_flight += 1
         try:
-            return await asyncio.wait_for(self._post(url.rstrip("/") + "/tokenize", payload), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # (no task per call, as wait_for makes)
+                return await self._post(url.rstrip("/") + "/tokenize", payload)
         except asyncio.TimeoutError:
             raise PoolError("timeout") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:

@@ -33,7 +33,7 @@ class LocalSettings:
     # merges further than Hugging Face's merge list allows (2-7 tokens on 4 of 1,292 dev texts,
     # all with Turkish, Czech or Cyrillic words; fewer tokens), so bodies with non-ASCII text get
     # this margin; ASCII ones none (local.py). Where the margin alone would move a request to a
-    # larger pool, it is counted again exactly (on Hugging Face, or by the rule's pool).
+    # larger pool, it is counted again exactly (precise.py: quicktok, Hugging Face on its weak words).
     margin_tokens: int = 8
     margin_ratio: float = 0.005
 

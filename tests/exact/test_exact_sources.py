@@ -89,7 +89,7 @@ def test_local_margin_covers_quicktok_and_precise_counts_on_hugging_face():
     assert quick.tokens == truth  # English: the same
 
 
-def test_a_margin_that_alone_moves_a_request_is_checked_on_hugging_face():
+def test_a_margin_that_alone_moves_a_request_is_counted_again_exactly():
     from extproc.budget import BudgetRouter, Decision
 
     ex = exact(ExactRule("*", "local", family="llama3"))
@@ -104,6 +104,12 @@ def test_a_margin_that_alone_moves_a_request_is_checked_on_hugging_face():
     refined = asyncio.run(ex.refine(router, d, None, body))
     assert [t[:2] for t in refined.count.tried] == [("local", "counted"), ("local", "counted")]
     assert (refined.decision.pool, refined.decision.budget_tokens, refined.count.margin_tokens) == ("short", 8192, 0)
+    # a rule naming a pool re-counts in the router too (cheap and exact: precise.py); the pool is not asked
+    pooled = exact(ExactRule("*", "local", family="llama3", pool_url="http://127.0.0.1:9"))
+    pooled.warm("m")
+    refined = asyncio.run(pooled.refine(router, d, None, body))
+    assert [t[:2] for t in refined.count.tried] == [("local", "counted"), ("local", "counted")]
+    assert refined.decision.pool == "short"
     roomy = orjson.dumps(chat(text, "m", max_tokens=8192 - n - 200))  # the margin changes nothing: one count
     d.output_tokens = 8192 - n - 200
     refined = asyncio.run(ex.refine(router, d, None, roomy))
