@@ -8,12 +8,9 @@ count exactly as vLLM counts them) and only the pieces between go to quicktok. q
 token rank, Hugging Face by its merge list; they differ on a few words that are not in the
 vocabulary whole (" seviyorum": 2 tokens against 4), always seen as fewer tokens from quicktok:
 2-7 tokens on 4 of 1,292 dev texts (Turkish, Czech, Cyrillic), none on English, code, JSON or
-Chinese. A body with non-ASCII text gets the source's safety margin, and a request the margin
-alone would move is counted again exactly (``precise``: precise.py, quicktok with Hugging Face
-on the few words where they can differ). An
-ASCII body gets none: the words that differ are foreign words, which ASCII text carries only
-without their letters (Turkish typed as " seviyorum"); such a prompt can be counted a token or two
-short, which near the limit costs vLLM 0.32's clamp of as many output tokens, no error. A tokenizer given by path has no quicktok twin:
+Chinese. Every quicktok count carries the source's safety margin (ASCII words differ too:
+" seviyorum"), and a request the margin alone would move is counted again exactly (``precise``:
+precise.py, quicktok with Hugging Face on the few words where they can differ). A tokenizer given by path has no quicktok twin:
 ``tokenizers`` counts it, exactly and slower (keep ``local.max_bytes`` small for it, or name a
 pool).
 
@@ -72,7 +69,7 @@ class _QuickTokens:
 @dataclass(frozen=True, slots=True)
 class LocalCounter:
     counter: TokenCounter
-    quick: bool                           # ASCII bodies are counted with quicktok
+    quick: bool                           # a built-in family: counted with quicktok (and the margin)
     precise: TokenCounter | None = None   # the same, exact: quicktok, Hugging Face on its weak words
 
 
