@@ -80,14 +80,10 @@ def quick_counter(counter: TokenCounter, encoding: str, precise: bool = False) -
 
     quick = quicktok.get_encoding(encoding)
     if precise:
-        import orjson
-
-        from .precise import PreciseQuick, unreachable_ids
-
         from ..tokens.files import TOKENIZER_FILE, family_dir
+        from .precise import PreciseQuick, cached_unreachable_ids
 
-        doc = orjson.loads((family_dir(counter.family) / TOKENIZER_FILE).read_bytes())
-        quick = PreciseQuick(quick, counter._tok, unreachable_ids(doc))
+        quick = PreciseQuick(quick, counter._tok, cached_unreachable_ids(family_dir(counter.family) / TOKENIZER_FILE))
     fast = copy.copy(counter)
     fast._tok = _QuickTokens(counter._tok, quick, counter.special_tokens)
     return fast

@@ -17,6 +17,8 @@ bounded table (the same foreign words recur).
 
 from __future__ import annotations
 
+import os
+import pathlib
 import threading
 from collections import OrderedDict
 
@@ -39,6 +41,31 @@ def unreachable_ids(tokenizer_json: dict) -> np.ndarray:
     for tok, i in vocab.items():
         if len(tok) > 1 and len(bpe.tokenize(tok)) != 1:
             table[i] = True
+    return table
+
+
+def cached_unreachable_ids(tokenizer_file: pathlib.Path) -> np.ndarray:
+    """``unreachable_ids`` of a tokenizer.json, kept beside it: the table takes ~2 s to build (a
+    BPE run per vocabulary entry) and a router loads it at every start. Keyed by the file's
+    SHA-256, so a changed file is never read with an old table; a cache it cannot write is no error."""
+    import hashlib
+
+    import orjson
+
+    raw = tokenizer_file.read_bytes()
+    cached = tokenizer_file.with_name(f"unreachable-{hashlib.sha256(raw).hexdigest()[:16]}.npy")
+    try:
+        return np.load(cached, allow_pickle=False)
+    except (OSError, ValueError):
+        pass
+    table = unreachable_ids(orjson.loads(raw))
+    try:
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, table, allow_pickle=False)
+        os.replace(tmp, cached)  # whole or not at all: another router may be reading it
+    except OSError:
+        pass
     return table
 
 
