@@ -173,6 +173,9 @@ class Stack:
         svc["metrics_address"] = f"127.0.0.1:{self.metrics_port}"
         svc.setdefault("snapshot_path", str(self.workdir / "calibration.json"))
         doc["service"] = svc
+        # the stack's engines serve one model: count that one exactly, and load only its tokenizer
+        # at start (the built-in rules name three, ~1 s each)
+        doc.setdefault("exact", {"models": [{"model": self.model, "source": "local"}]})
         self.router_config.write_text(yaml.safe_dump(doc))
 
     @property

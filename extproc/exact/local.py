@@ -109,6 +109,8 @@ def counter_key(rule: ExactRule, model: str) -> tuple[str, str]:
 def _keys_of(rule: ExactRule) -> list[tuple[str, str]]:
     if rule.tokenizer or rule.family:
         return [counter_key(rule, "")]
+    if not any(c in rule.model for c in "*?["):  # one model by name: its own family
+        return [counter_key(rule, rule.model)]
     hinted = [f for hint, fams in (("qwen", ("qwen3",)), ("llama", ("llama3", "llama3_1"))) if hint in rule.model.lower()
               for f in fams]
     return [("family", f) for f in (hinted or QUICK_ENCODINGS)]
