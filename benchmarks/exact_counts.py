@@ -12,8 +12,8 @@ estimate, then (exact on) the exact-count step for close decisions, learning at 
 exact count and from the response of every request that would be read (at risk, or while its
 model calibrates). Sources: ``local`` (the router's tokenizer), ``pool`` (POST /tokenize of a
 simulated vLLM engine, ``python -m extproc.engine``, a real HTTP server on loopback) and
-``local+pool`` (the shipped config's way: local, with the pool for what local passes on — large
-bodies, and re-counts where the local margin alone would move a request).
+``local+pool`` (the shipped config's way: local, with the pool for what local passes on: bodies
+over its cap).
 
 Columns: counted = share of requests given an exact count; CPU µs/r = router process CPU per
 request over the whole replay (the engine's work is in its own process), and its ratio to exact
@@ -212,7 +212,7 @@ async def latency_table(modes: dict[str, ExactCounts]) -> list[str]:
             times, c0 = [], time.process_time()
             for body in bodies:
                 doc = orjson.loads(body)
-                found = await exact.count(doc["model"] or model, "chat", body, precise=False)
+                found = await exact.count(doc["model"] or model, "chat", body)
                 times.append(found.seconds * 1e3)
             cpu = (time.process_time() - c0) / len(bodies) * 1e3
             kb = statistics.fmean(len(b) for b in bodies) / 1024

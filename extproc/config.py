@@ -587,9 +587,7 @@ def _exact(doc: Mapping, pools: tuple[Pool, ...]) -> ExactSettings:
         enabled=enabled, rules=rules,
         local=LocalSettings(
             max_bytes=_int(local, "max_bytes", "exact.local.", ld.max_bytes, lo=0, hi=1 << 30),
-            inline_bytes=_int(local, "inline_bytes", "exact.local.", ld.inline_bytes, lo=0, hi=1 << 30),
-            margin_tokens=_int(local, "margin_tokens", "exact.local.", ld.margin_tokens, hi=100_000),
-            margin_ratio=_exact_number(local, "margin_ratio", "exact.local.", ld.margin_ratio, 0.0, 0.5)),
+            inline_bytes=_int(local, "inline_bytes", "exact.local.", ld.inline_bytes, lo=0, hi=1 << 30)),
         pool=PoolSettings(
             timeout_s=_exact_number(pool, "timeout_s", "exact.pool.", pd.timeout_s, 0.001, 10.0),
             max_concurrent=_int(pool, "max_concurrent", "exact.pool.", pd.max_concurrent, lo=1, hi=4096),

@@ -259,16 +259,15 @@ class BudgetRouter:
         judged by ``distrusted``; None when the estimate decides safely."""
         return close_to(d, self.pools, distrusted(d, observation))
 
-    def decide_exact(self, d: Decision, prompt_tokens: int, margin_tokens: int = 0, why: str = "") -> Decision:
-        """``d`` decided again on an exact prompt count (the longest prompt's): the budget is the
-        count plus ``margin_tokens`` (what a source may differ from vLLM by) plus the same output
-        reserve, the pool the smallest that holds it (source ``exact``). ``why``: a note for the
-        detail (which source counted, what it was close to)."""
-        budget = prompt_tokens + margin_tokens + d.output_tokens
+    def decide_exact(self, d: Decision, prompt_tokens: int, why: str = "") -> Decision:
+        """``d`` decided again on an exact prompt count (the longest prompt's, as vLLM counts it):
+        the budget is the count plus the same output reserve, the pool the smallest that holds it
+        (source ``exact``). ``why``: a note for the detail (which source counted, what it was close to)."""
+        budget = prompt_tokens + d.output_tokens
         pool, fits = choose_pool(self.pools, budget)
         return dataclasses.replace(
             d, pool=pool.name, prompt_tokens=prompt_tokens, budget_tokens=budget, source="exact",
-            reason=REASON_FITS if fits else REASON_TOO_LARGE, margin=margin_tokens / max(1, prompt_tokens),
+            reason=REASON_FITS if fits else REASON_TOO_LARGE, margin=0.0,
             fits=tuple(p.name for p in pools_that_fit(self.pools, budget)),
             detail=f"{d.detail}; {why}" if why and d.detail else (why or d.detail))
 

@@ -9,14 +9,13 @@ the estimate decides.
     exact = ExactCounts(ExactSettings())
     found = await exact.count(model, api, body)     # None: no source for this model
     if found.outcome == "counted":
-        d = budget.decide_exact(d, found.tokens, found.margin_tokens, why=...)
+        d = budget.decide_exact(d, found.tokens, why=...)
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 
@@ -41,7 +40,6 @@ class ExactCount:
     outcome: str                # one of OUTCOMES
     tokens: int = 0             # the longest prompt's count (what routing needs)
     total: int = 0              # every prompt's together (what learning takes)
-    margin_tokens: int = 0      # what the source may differ from vLLM by
     seconds: float = 0.0        # time the count took (waiting on a pool included)
     tried: tuple[tuple[str, str, float], ...] = ()  # (source, outcome, seconds) of each source asked
 
@@ -102,25 +100,13 @@ class ExactCounts:
         if found.outcome != "counted":
             note = f"exact: {found.source} {found.outcome}, {why}"
             return Refined(dataclasses.replace(d, detail=f"{d.detail}; {note}" if d.detail else note), found, why)
-        exact = budget.decide_exact(d, found.tokens, found.margin_tokens, f"exact: {found.source}, {why}")
-        if found.margin_tokens and exact.pool != budget.decide_exact(d, found.tokens).pool:
-            # the safety margin alone moves it: count again exactly (precise.py), with none
-            again = await self.count(d.model, d.api, body, precise=True)
-            if again is not None and again.outcome == "counted":
-                again.seconds += found.seconds
-                again.tried = found.tried + again.tried
-                found = again
-                exact = budget.decide_exact(d, found.tokens, found.margin_tokens, f"exact: {found.source}, {why}")
-        return Refined(exact, found, why)
+        return Refined(budget.decide_exact(d, found.tokens, f"exact: {found.source}, {why}"), found, why)
 
-    async def count(self, model: str, api: str, body: bytes, precise: bool = False) -> ExactCount | None:
+    async def count(self, model: str, api: str, body: bytes) -> ExactCount | None:
         """The exact count of a body's prompts, or None where no rule names the model. Never raises.
-        ``precise``: a local count with no margin (quicktok, and Hugging Face on the words where
-        they may differ: precise.py).
 
-        A local rule counts on quicktok with the safety margin (local.py says why); a body over
-        ``local.max_bytes``, a tokenizer not loaded yet, or a precise count goes to the rule's
-        pool, if it names one."""
+        A local rule counts in the router (local.py); a body over ``local.max_bytes``, or a
+        tokenizer not loaded yet, goes to the rule's pool, if it names one."""
         rule = self.rule_for(model)
         if rule is None:
             return None
@@ -136,7 +122,7 @@ class ExactCounts:
         tried: list[tuple[str, str, float]] = []
         found = None
         if rule.source == "local":
-            found = await self._local(rule, model, api, doc, body, precise)
+            found = await self._local(rule, model, api, doc, len(body))
             tried.append((found.source, found.outcome, found.seconds))
         if found is None or (found.outcome in ("too_large", "unavailable") and rule.pool_url):
             found = await self._pool(rule, api, doc, len(body))
@@ -149,33 +135,25 @@ class ExactCounts:
         local = self.s.local.max_bytes if rule.source == "local" else 0
         return max(local, self.s.pool.max_bytes if rule.pool_url else 0)
 
-    async def _local(self, rule: ExactRule, model: str, api: str, doc: dict, body: bytes,
-                     precise: bool) -> ExactCount:
+    async def _local(self, rule: ExactRule, model: str, api: str, doc: dict, size: int) -> ExactCount:
         t0 = time.perf_counter()
-        size = len(body)
         ls = self.s.local
         if size > ls.max_bytes:
             return ExactCount("local", "too_large")
         local = self.local.get(rule, model)
         if local is None:
             return ExactCount("local", "unavailable")
-        slow = not local.quick  # Hugging Face tokenizers: 30x the time of quicktok
+        slow = not local.quick  # Hugging Face tokenizers alone: 30x the time of quicktok
         try:
             if size > (ls.inline_bytes // SLOWER if slow else ls.inline_bytes):
-                counts = await asyncio.to_thread(count_local, local, api, doc, precise)
+                counts = await asyncio.to_thread(count_local, local, api, doc)
             else:
-                counts = count_local(local, api, doc, precise)
+                counts = count_local(local, api, doc)
         except Exception:  # noqa: BLE001 - vLLM would refuse it (a TemplateError), or a bug: the estimate decides
             return ExactCount("local", "error", seconds=time.perf_counter() - t0)
         if not counts:
             return ExactCount("local", "error", seconds=time.perf_counter() - t0)
-        longest = max(counts)
-        margin = 0
-        if local.quick and not precise:
-            # quicktok counts a few words short (local.py), ASCII ones too (" seviyorum"): a request
-            # the margin alone moves is counted again, exactly and cheaply (precise.py)
-            margin = ls.margin_tokens + math.ceil(ls.margin_ratio * longest)
-        return ExactCount("local", "counted", longest, sum(counts), margin, time.perf_counter() - t0)
+        return ExactCount("local", "counted", max(counts), sum(counts), time.perf_counter() - t0)
 
     async def _pool(self, rule: ExactRule, api: str, doc: dict, size: int) -> ExactCount:
         t0 = time.perf_counter()
@@ -187,7 +165,7 @@ class ExactCounts:
             return ExactCount("pool", exc.outcome, seconds=time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - a bug must cost exactness, never the request
             return ExactCount("pool", "error", seconds=time.perf_counter() - t0)
-        return ExactCount("pool", "counted", n, n, 0, time.perf_counter() - t0)
+        return ExactCount("pool", "counted", n, n, time.perf_counter() - t0)
 
     async def close(self) -> None:
         await self.pool.close()

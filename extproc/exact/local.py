@@ -5,12 +5,10 @@ built-in families the BPE runs on quicktok rather than Hugging Face ``tokenizers
 (32 KB of text, an 8K-token prompt, in ~0.4 ms instead of ~13 ms). The text is cut at the
 tokenizer's own added tokens (Hugging Face's list, so special-token strings typed in a message
 count exactly as vLLM counts them) and only the pieces between go to quicktok. quicktok merges by
-token rank, Hugging Face by its merge list; they differ on a few words that are not in the
-vocabulary whole (" seviyorum": 2 tokens against 4), always seen as fewer tokens from quicktok:
-2-7 tokens on 4 of 1,292 dev texts (Turkish, Czech, Cyrillic), none on English, code, JSON or
-Chinese. Every quicktok count carries the source's safety margin (ASCII words differ too:
-" seviyorum"), and a request the margin alone would move is counted again exactly (``precise``:
-precise.py, quicktok with Hugging Face on the few words where they can differ). A tokenizer given by path has no quicktok twin:
+token rank, Hugging Face by its merge list; alone they differ on a few words that are not in the
+vocabulary whole (" seviyorum": 2 tokens against 4; 2-7 tokens on 4 of 1,292 dev texts), so the
+words where they can differ are counted again on Hugging Face (precise.py): the count is Hugging
+Face's, at about 2x quicktok's cost. A tokenizer given by path has no quicktok twin:
 ``tokenizers`` counts it, exactly and slower (keep ``local.max_bytes`` small for it, or name a
 pool).
 
@@ -47,10 +45,10 @@ class _Ids:
 
 class _QuickTokens:
     """Stands in for a counter's Hugging Face tokenizer: the text is cut at the tokenizer's added
-    tokens (one token each), the pieces between are counted by quicktok."""
+    tokens (one token each), the pieces between are counted by ``quick`` (precise.PreciseQuick)."""
 
     def __init__(self, hf, quick, added: tuple[str, ...]) -> None:
-        self._q = quick  # anything with count(text) -> int: quicktok, or precise.PreciseQuick
+        self._q = quick  # anything with count(text) -> int
         self._cut = re.compile("|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)))
         self._bos = len(hf.encode("", add_special_tokens=True).ids)  # what the post-processor adds
 
@@ -69,21 +67,17 @@ class _QuickTokens:
 @dataclass(frozen=True, slots=True)
 class LocalCounter:
     counter: TokenCounter
-    quick: bool                           # a built-in family: counted with quicktok (and the margin)
-    precise: TokenCounter | None = None   # the same, exact: quicktok, Hugging Face on its weak words
+    quick: bool   # a built-in family: BPE on quicktok (fast enough to count large bodies inline)
 
 
-def quick_counter(counter: TokenCounter, encoding: str, precise: bool = False) -> TokenCounter:
-    """A copy of ``counter`` (same template, same added tokens) whose BPE runs on quicktok;
-    ``precise``: with the words quicktok may count short re-counted on Hugging Face (precise.py)."""
+def quick_counter(counter: TokenCounter, encoding: str) -> TokenCounter:
+    """A copy of ``counter`` (same template, same added tokens) whose BPE runs on quicktok, the
+    words where quicktok may differ from Hugging Face counted on Hugging Face (precise.py)."""
     import quicktok
 
-    quick = quicktok.get_encoding(encoding)
-    if precise:
-        from ..tokens.files import TOKENIZER_FILE, family_dir
-        from .precise import PreciseQuick, cached_unreachable_ids
+    from .precise import PreciseQuick
 
-        quick = PreciseQuick(quick, counter._tok, cached_unreachable_ids(family_dir(counter.family) / TOKENIZER_FILE))
+    quick = PreciseQuick(quicktok.get_encoding(encoding), counter._tok)
     fast = copy.copy(counter)
     fast._tok = _QuickTokens(counter._tok, quick, counter.special_tokens)
     return fast
@@ -97,7 +91,7 @@ def load_counter(key: tuple[str, str]) -> LocalCounter:
     encoding = QUICK_ENCODINGS.get(name)
     if not encoding:
         return LocalCounter(hf, False)
-    return LocalCounter(quick_counter(hf, encoding), True, quick_counter(hf, encoding, precise=True))
+    return LocalCounter(quick_counter(hf, encoding), True)
 
 
 def counter_key(rule: ExactRule, model: str) -> tuple[str, str]:
@@ -171,10 +165,8 @@ class LocalCounters:
                 self._loading.discard(key)
 
 
-def count_local(local: LocalCounter, api: str, doc: Mapping[str, Any], precise: bool = False) -> list[int]:
+def count_local(local: LocalCounter, api: str, doc: Mapping[str, Any]) -> list[int]:
     """Prompt tokens of each prompt the engine runs for the body, as vLLM counts them (a server
-    with a tool parser: a request with tools is counted, not refused); ``precise``: on Hugging
-    Face tokenizers even where quicktok could count. Raises ValueError (TemplateError) where
-    vLLM would answer 400."""
-    counter = local.precise if precise and local.precise is not None else local.counter
-    return counter.count_request(api, doc, enable_auto_tool_choice=True, tool_call_parser="hermes")
+    with a tool parser: a request with tools is counted, not refused). Raises ValueError
+    (TemplateError) where vLLM would answer 400."""
+    return local.counter.count_request(api, doc, enable_auto_tool_choice=True, tool_call_parser="hermes")

@@ -1,72 +1,66 @@
 """Exact counts on quicktok: Hugging Face's count without running Hugging Face on the whole text.
 
-Where quicktok and Hugging Face ``tokenizers`` differ, quicktok's tokens include one that
-Hugging Face's merges do not make from its own bytes (588 of Llama 3's, e.g. " seviy"; none of
-Qwen3's): Hugging Face makes such a token only as a whole word (``ignore_merges``), quicktok inside
-a longer one too (" seviyorum": " seviy" + "orum", 2 tokens against Hugging Face's 4). So the text is
-encoded on quicktok, and only the words holding such an *unreachable* token are counted again on
-Hugging Face; the rest keep quicktok's count. Checked against Hugging Face on all 1,292 dev texts
-for both families (tests/exact/test_exact_precise.py).
+quicktok merges by token rank (tiktoken's BPE), Hugging Face ``tokenizers`` by its merge list,
+and for Llama 3 the two orders differ: " rahati" is [" rahat", "i"] on quicktok and
+[" r", "ah", "ati"] on Hugging Face, which vLLM runs. Qwen3's list agrees with its ranks, but
+the check below costs little, so it covers every family alike.
 
-A span re-counted is cut at tokens that begin with a space followed by a non-space: the
-pre-tokenizer (Llama 3's and Qwen3's regex) starts a word there and nowhere inside one, and
-scans left to right with only a look-ahead at whitespace, so the span's words alone are its words
-in the whole text, and a BPE's count is the sum over words. Corrections are kept by span in a
-bounded table (the same foreign words recur).
+A merge-list BPE's tokens for a word are t1..tk exactly when each adjacent pair is what the BPE
+makes of the pair's own bytes (``BPE(ti + ti+1) == [ti, ti+1]``; the property GitHub's ``bpe``
+crate is built on). So the text is encoded on quicktok, each adjacent pair within a word is
+checked, with the verdicts kept in a bounded table (pairs recur far more than words), and only
+the words holding a pair Hugging Face would not make are counted again on Hugging Face; the
+rest keep quicktok's count. The pair is checked on Hugging Face's own model with its whole-word
+lookup on: a pair whose join is a vocabulary word counts as failed, which can only send more
+words to Hugging Face, never fewer. Checked against Hugging Face on every dev text and on
+adversarial strings (tests/exact/test_exact_precise.py).
+
+A word is found by tokens that begin with a space followed by a non-space: the pre-tokenizer
+(Llama 3's and Qwen3's regex) starts a word there and nowhere inside one, and scans left to
+right with only a look-ahead at whitespace, so a span between two such tokens alone is the same
+words as in the whole text, and a BPE's count is the sum over words. No pair across such a
+boundary needs checking (a BPE never merges across words); a pair across another boundary
+(a word and its comma) is checked all the same, which again can only cost time.
 """
 
 from __future__ import annotations
 
-import os
-import pathlib
-import threading
-from collections import OrderedDict
-
 import numpy as np
 
-CACHE_SPANS = 4096  # spans' corrections remembered (each a short text and an int)
+CACHE_SPANS = 16_384      # spans' corrections remembered (each a short text and an int)
+GOOD_SLOTS = 1 << 20      # pairs known to agree: a table of this many keys (8 MB)
+BAD_SLOTS = 1 << 16       # pairs known to disagree (0.5 MB)
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a key's slot is the top bits of key * this
 
 
-def unreachable_ids(tokenizer_json: dict) -> np.ndarray:
-    """A table by token id: True where the BPE, merging by its merge list alone (no whole-word
-    lookup), does not make the token from its own bytes (Llama 3: 588 tokens, Qwen3: none)."""
-    import json
+class PairTable:
+    """A bounded set of int64 keys, looked up many at once: each key may sit in either of two
+    neighbouring slots (its hash, and that with the last bit flipped), a key that finds both
+    taken evicts one. Losing a key costs only a check again. Two lookups per key in one cache
+    line (a sorted array's binary search misses the cache ~20 times a key: slower than the
+    encoding itself)."""
 
-    from tokenizers import Tokenizer
+    def __init__(self, slots: int) -> None:
+        self.keys = np.full(slots, -1, dtype=np.int64)
+        self._shift = np.uint64(64 - (slots.bit_length() - 1))
 
-    doc = {**tokenizer_json, "model": {**tokenizer_json["model"], "ignore_merges": False}}
-    bpe = Tokenizer.from_str(json.dumps(doc)).model
-    vocab: dict[str, int] = doc["model"]["vocab"]
-    table = np.zeros(max(vocab.values()) + 1, dtype=bool)
-    for tok, i in vocab.items():
-        if len(tok) > 1 and len(bpe.tokenize(tok)) != 1:
-            table[i] = True
-    return table
+    def __len__(self) -> int:
+        return int(np.count_nonzero(self.keys >= 0))
 
+    def slots(self, keys: np.ndarray) -> np.ndarray:
+        return ((keys.view(np.uint64) * _MIX) >> self._shift).view(np.int64)
 
-def cached_unreachable_ids(tokenizer_file: pathlib.Path) -> np.ndarray:
-    """``unreachable_ids`` of a tokenizer.json, kept beside it: the table takes ~2 s to build (a
-    BPE run per vocabulary entry) and a router loads it at every start. Keyed by the file's
-    SHA-256, so a changed file is never read with an old table; a cache it cannot write is no error."""
-    import hashlib
+    def holds(self, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        table = self.keys
+        return (table[slots] == keys) | (table[slots ^ 1] == keys)
 
-    import orjson
-
-    raw = tokenizer_file.read_bytes()
-    cached = tokenizer_file.with_name(f"unreachable-{hashlib.sha256(raw).hexdigest()[:16]}.npy")
-    try:
-        return np.load(cached, allow_pickle=False)
-    except (OSError, ValueError):
-        pass
-    table = unreachable_ids(orjson.loads(raw))
-    try:
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, table, allow_pickle=False)
-        os.replace(tmp, cached)  # whole or not at all: another router may be reading it
-    except OSError:
-        pass
-    return table
+    def add(self, key: int) -> None:
+        """(One int64 store: a reader in another thread sees the old key or the new.)"""
+        slot = int(self.slots(np.array([key], dtype=np.int64))[0])
+        table = self.keys
+        if table[slot] >= 0 and (table[slot ^ 1] < 0 or key & 1):
+            slot ^= 1
+        table[slot] = key
 
 
 def word_starts(quick, size: int) -> np.ndarray:
@@ -84,54 +78,60 @@ def word_starts(quick, size: int) -> np.ndarray:
 class PreciseQuick:
     """``count(text)``: Hugging Face's count of ``text`` (no special tokens), on quicktok."""
 
-    def __init__(self, quick, hf, unreachable: np.ndarray) -> None:
+    def __init__(self, quick, hf) -> None:
         self._q = quick
-        self._hf = hf
-        if not unreachable.any():  # (Qwen3) every token is one the merges make: quicktok is exact
-            self.count = quick.count
-            return
-        size = max(len(unreachable), quick.n_vocab)
-        self._bad = np.zeros(size, dtype=bool)
-        self._bad[:len(unreachable)] = unreachable
+        self._hf = hf               # a tokenizers.Tokenizer over the same vocabulary and merges
+        size = quick.n_vocab
+        self._shift = max(size, hf.get_vocab_size()).bit_length()
         self._start = word_starts(quick, size)
-        self._cache: OrderedDict[bytes, int] = OrderedDict()
-        self._lock = threading.Lock()  # counts may run in worker threads
+        self.good, self.bad = PairTable(GOOD_SLOTS), PairTable(BAD_SLOTS)
+        self._cache: dict[bytes, int] = {}
 
     def count(self, text: str) -> int:
         ids = self._q.encode_ordinary(text)
         n = len(ids)
         if n < 2:
             return n
-        arr = np.asarray(ids, dtype=np.int64)
-        bad = np.flatnonzero(self._bad[arr])
-        if not len(bad):
+        arr = np.fromiter(ids, dtype=np.int64, count=n)
+        keys = (arr[:-1] << self._shift) | arr[1:]     # every adjacent pair (gathers cost more than lookups)
+        unknown = ~self.good.holds(keys, self.good.slots(keys))
+        unknown &= ~self._start[arr[1:]]               # a pair across a word start needs no check
+        inner = np.flatnonzero(unknown)
+        if not len(inner):
             return n
+        keys = keys[inner]
+        inner += 1                                     # the pair (i-1, i) by its second token
+        failed = self.bad.holds(keys, self.bad.slots(keys))
+        new = np.flatnonzero(~failed)
+        if len(new):
+            fresh = {key: self._agrees(key) for key in set(keys[new].tolist())}
+            failed[new] = [not fresh[key] for key in keys[new].tolist()]
+        if not failed.any():
+            return n
+        # the spans (from a word start to the next) holding a failed pair, each once
         starts = np.flatnonzero(self._start[arr])
-        done, total = -1, n
+        edges = np.concatenate(([0], starts[starts > 0], [n]))
+        k = np.unique(np.searchsorted(edges, inner[failed], side="right"))  # 1 <= i < n: inside
         try:
-            for i in bad.tolist():
-                if i < done:
-                    continue  # in the span just re-counted
-                k = int(np.searchsorted(starts, i, side="right"))
-                j = int(starts[k - 1]) if k else 0
-                end = int(starts[k]) if k < len(starts) else n
-                total += self._correction(ids[j:end])
-                done = end
+            return n + sum(self._correction(ids[j:e]) for j, e in zip(edges[k - 1].tolist(), edges[k].tolist()))
         except UnicodeDecodeError:  # a span not of whole characters (never seen): the whole text on HF
             return len(self._hf.encode(text, add_special_tokens=False).ids)
-        return total
+
+    def _agrees(self, key: int) -> bool:
+        """Does Hugging Face's BPE make the pair ``key`` of its bytes? Remembered either way."""
+        a, b = key >> self._shift, key & ((1 << self._shift) - 1)
+        ta, tb = self._hf.id_to_token(a), self._hf.id_to_token(b)
+        ok = ta is not None and tb is not None and [t.id for t in self._hf.model.tokenize(ta + tb)] == [a, b]
+        (self.good if ok else self.bad).add(key)
+        return ok
 
     def _correction(self, span: list[int]) -> int:
         """Hugging Face's count of a span of whole words less quicktok's."""
         raw = self._q.decode_bytes(span)
-        with self._lock:
-            hit = self._cache.get(raw)
-            if hit is not None:
-                self._cache.move_to_end(raw)
-                return hit
-        fix = len(self._hf.encode(raw.decode("utf-8"), add_special_tokens=False).ids) - len(span)
-        with self._lock:
+        fix = self._cache.get(raw)
+        if fix is None:
+            fix = len(self._hf.encode(raw.decode("utf-8"), add_special_tokens=False).ids) - len(span)
+            if len(self._cache) >= CACHE_SPANS:  # the oldest out (dict order); a race only forgets more
+                self._cache.pop(next(iter(self._cache), None), None)
             self._cache[raw] = fix
-            while len(self._cache) > CACHE_SPANS:
-                self._cache.popitem(last=False)
         return fix

@@ -29,13 +29,6 @@ class ExactRule:
 class LocalSettings:
     max_bytes: int = 262_144         # larger bodies are not counted here (the pool, if named, or the estimate)
     inline_bytes: int = 65_536       # larger bodies are counted in a worker thread (the event loop goes on)
-    # What a quicktok count may differ from vLLM's (Hugging Face's) by: on a few words quicktok
-    # merges further than Hugging Face's merge list allows (2-7 tokens on 4 of 1,292 dev texts,
-    # all with Turkish, Czech or Cyrillic words, ASCII ones too; fewer tokens), so every quicktok
-    # count gets this margin (local.py). Where the margin alone would move a request to a
-    # larger pool, it is counted again exactly (precise.py: quicktok, Hugging Face on its weak words).
-    margin_tokens: int = 8
-    margin_ratio: float = 0.005
 
 
 @dataclass(frozen=True, slots=True)

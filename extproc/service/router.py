@@ -233,7 +233,7 @@ class Router:
     def at_risk(self, d: Decision, pool: str) -> bool:
         """Could this request not fit the pool it goes to? Only where a larger pool exists and
         nothing proved the fit: the size bound (source ``bound``) is a true upper bound, and so is
-        an exact count (source ``exact``, its margin included); the estimate is not. Every such
+        an exact count (source ``exact``); the estimate is not. Every such
         response is read, so that every misroute is counted."""
         return pool != self.largest and d.reason == "fits" and d.source not in ("bound", "exact")
 
@@ -347,7 +347,7 @@ class Router:
         if refined.count is None:
             return
         m = self.metrics
-        for source, outcome, _ in refined.count.tried:  # (a local count checked again on HF: two)
+        for source, outcome, _ in refined.count.tried:  # (local, then the pool for what local passes on: two)
             m.child(m.exact_counts, source, outcome).inc()
         if refined.count.outcome == "counted":  # what the request waited, once
             m.child(m.exact_seconds, refined.count.source).observe(refined.count.seconds)

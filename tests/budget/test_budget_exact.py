@@ -72,16 +72,16 @@ def test_features_measured_on_a_sample_are_distrusted():
     assert not any(p.measured_on_sample for p in obs2.prompts)
 
 
-def test_decide_exact_budget_is_count_plus_margin_plus_reserve():
+def test_decide_exact_budget_is_count_plus_reserve():
     router = BudgetRouter(BudgetSettings(pools=POOLS))
     d = decision(7000, 7300)
-    e = router.decide_exact(d, 7100, 16, "exact: local, close to short (8192)")
-    assert (e.pool, e.source, e.reason, e.prompt_tokens, e.budget_tokens) == ("short", "exact", "fits", 7100, 8140)
-    assert e.fits == ("short", "mid", "long") and e.output_tokens == 1024
+    e = router.decide_exact(d, 7100, "exact: local, close to short (8192)")
+    assert (e.pool, e.source, e.reason, e.prompt_tokens, e.budget_tokens) == ("short", "exact", "fits", 7100, 8124)
+    assert e.fits == ("short", "mid", "long") and e.output_tokens == 1024 and e.margin == 0.0
     assert "close to short" in e.detail
-    over = router.decide_exact(d, 7160, 16)   # 7160 + 16 + 1024 = 8200: the margin sends it on
-    assert over.pool == "mid" and over.budget_tokens == 8200
-    assert router.decide_exact(d, 7160).pool == "short"
+    assert router.decide_exact(d, 7168).pool == "short"    # 7168 + 1024 = 8192: to the token
+    over = router.decide_exact(d, 7169)
+    assert over.pool == "mid" and over.budget_tokens == 8193
     huge = router.decide_exact(d, 70_000)
     assert (huge.pool, huge.reason) == ("long", "too_large")
     assert d.source == "calibrated" and d.budget_tokens == 8324  # the input decision is not changed

@@ -15,7 +15,7 @@ def test_defaults_count_the_builtin_families_locally():
     assert ex.rule_for("meta-llama/Llama-3.1-8B-Instruct").source == "local"
     assert ex.rule_for("Qwen/Qwen3-8B").family == "qwen3"
     assert ex.rule_for("gpt-4o") is None and ex.rule_for("mistral-7b") is None
-    assert ex.pool.timeout_s == 0.05 and (ex.local.margin_tokens, ex.local.margin_ratio) == (8, 0.005)
+    assert ex.pool.timeout_s == 0.05 and ex.local.inline_bytes == 65_536
 
 
 def test_rules_first_match_wins_and_off_switches_a_model_off():
@@ -79,7 +79,7 @@ def test_environment_overrides_reach_the_section(tmp_path):
      "exact.models[0].source", "for source local"),
     ({"models": [{"model": "x", "when": 1}]}, "exact.models[0].when", "unknown field"),
     ({"local": {"max_bytes": -1}}, "exact.local.max_bytes", "between"),
-    ({"local": {"margin_ratio": 0.9}}, "exact.local.margin_ratio", "between"),
+    ({"local": {"margin_tokens": 8}}, "exact.local.margin_tokens", "unknown field"),  # counts are exact
     ({"local": {"speed": 1}}, "exact.local.speed", "unknown field"),
     ({"pool": {"timeout_s": 0}}, "exact.pool.timeout_s", "between"),
     ({"pool": {"timeout_s": "fast"}}, "exact.pool.timeout_s", "number"),

@@ -63,56 +63,47 @@ def test_local_counts_equal_the_real_counter(family, texts):
         return out
 
     pairs = asyncio.run(run())
-    # quicktok merges a few non-English words further than Hugging Face (local.py): rare, never more tokens
-    assert sum(a != b for a, b in pairs) <= 2, [p for p in pairs if p[0] != p[1]]
-    assert all(b - 8 <= a <= b for a, b in pairs)
+    assert [a for a, _ in pairs] == [b for _, b in pairs]  # exact: no margin, no second pass
 
 
 TURKISH = "Yeni teknolojileri öğrenmeyi seviyorum. " * 40
 
 
-def test_local_margin_covers_quicktok_and_precise_counts_on_hugging_face():
-    from extproc.exact.local import quick_counter
-
-    ex = exact(ExactRule("*", "local", family="llama3"), local=LocalSettings(margin_tokens=8, margin_ratio=0.01))
-    ex.warm("m")
-    hf = counter_for("llama3")
-    assert quick_counter(hf, "llama3").count_text(" seviyorum") == 2 < hf.count_text(" seviyorum") == 4  # why
-    for text in (TURKISH, "The quick brown fox. " * 500, "Yeni teknolojileri ogrenmeyi seviyorum. " * 40):
-        for body in (orjson.dumps(chat(text, "m")), json.dumps(chat(text, "m")).encode()):  # raw, \u escaped
-            truth = hf.count_request("chat", orjson.loads(body))[0]
-            quick = asyncio.run(ex.count("m", "chat", body))
-            precise = asyncio.run(ex.count("m", "chat", body, precise=True))
-            # the margin on every quicktok count: ASCII words are counted short too (the last text)
-            assert quick.tokens <= truth and quick.margin_tokens == 8 + -(-quick.tokens // 100)
-            assert (precise.tokens, precise.margin_tokens) == (truth, 0)
-
-
-def test_a_margin_that_alone_moves_a_request_is_counted_again_exactly():
-    from extproc.budget import BudgetRouter, Decision
+def test_local_counts_the_words_quicktok_alone_gets_wrong_as_hugging_face_does():
+    import quicktok
 
     ex = exact(ExactRule("*", "local", family="llama3"))
     ex.warm("m")
-    router = BudgetRouter()
     hf = counter_for("llama3")
-    text = "The quick brown fox — déjà vu. " * 300  # non-ASCII: counted with the margin
-    n = hf.count_chat([{"role": "user", "content": text}])
-    body = orjson.dumps(chat(text, "m", max_tokens=8192 - n))  # fits the short pool to the token
-    d = Decision("long", n + 100, n + 150 + 8192 - n, "fits", "calibrated", output_tokens=8192 - n, model="m",
-                 api="chat", margin=0.03)
-    refined = asyncio.run(ex.refine(router, d, None, body))
-    assert [t[:2] for t in refined.count.tried] == [("local", "counted"), ("local", "counted")]
-    assert (refined.decision.pool, refined.decision.budget_tokens, refined.count.margin_tokens) == ("short", 8192, 0)
-    # a rule naming a pool re-counts in the router too (cheap and exact: precise.py); the pool is not asked
-    pooled = exact(ExactRule("*", "local", family="llama3", pool_url="http://127.0.0.1:9"))
-    pooled.warm("m")
-    refined = asyncio.run(pooled.refine(router, d, None, body))
-    assert [t[:2] for t in refined.count.tried] == [("local", "counted"), ("local", "counted")]
-    assert refined.decision.pool == "short"
-    roomy = orjson.dumps(chat(text, "m", max_tokens=8192 - n - 200))  # the margin changes nothing: one count
-    d.output_tokens = 8192 - n - 200
-    refined = asyncio.run(ex.refine(router, d, None, roomy))
-    assert len(refined.count.tried) == 1 and refined.decision.pool == "short" and refined.count.margin_tokens > 0
+    # why precise.py exists: quicktok alone counts this ASCII word short
+    assert quicktok.get_encoding("llama3").count(" seviyorum") == 2 < hf.count_text(" seviyorum") == 4
+    for text in (TURKISH, "The quick brown fox. " * 500, "Yeni teknolojileri ogrenmeyi seviyorum. " * 40):
+        for body in (orjson.dumps(chat(text, "m")), json.dumps(chat(text, "m")).encode()):  # raw, \u escaped
+            found = asyncio.run(ex.count("m", "chat", body))
+            assert (found.outcome, found.tokens) == ("counted", hf.count_request("chat", orjson.loads(body))[0])
+
+
+def test_a_request_that_fits_to_the_token_is_decided_on_one_count():
+    from extproc.budget import BudgetRouter, Decision
+
+    router = BudgetRouter()
+    n = counter_for("llama3").count_chat([{"role": "user", "content": TURKISH}])
+
+    def refined(ex: ExactCounts, output: int):
+        body = orjson.dumps(chat(TURKISH, "m", max_tokens=output))
+        d = Decision("long", n - 100, n + 150 + output, "fits", "calibrated", output_tokens=output, model="m",
+                     api="chat", margin=0.03)
+        return asyncio.run(ex.refine(router, d, None, body))
+
+    for ex in (exact(ExactRule("*", "local", family="llama3")),
+               # a rule naming a pool: the router counts it all the same, the pool is not asked
+               exact(ExactRule("*", "local", family="llama3", pool_url="http://127.0.0.1:9"))):
+        ex.warm("m")
+        fits = refined(ex, 8192 - n)  # fills the short pool to the token
+        assert [t[:2] for t in fits.count.tried] == [("local", "counted")]
+        assert (fits.decision.pool, fits.decision.source, fits.decision.budget_tokens) == ("short", "exact", 8192)
+        over = refined(ex, 8193 - n)  # one token more
+        assert (over.decision.pool, over.decision.budget_tokens) == ("long", 8193)
 
 
 def test_local_completions_batch_counts_every_prompt():
@@ -171,14 +162,14 @@ def test_a_counter_loads_in_the_background_and_a_bad_one_fails_once(tmp_path):
     assert counters.get(bad, "m") is None  # not retried at once
 
 
-def test_a_tokenizer_directory_is_counted_exactly_without_a_margin():
+def test_a_tokenizer_directory_is_counted_exactly():
     from extproc.tokens.files import family_dir
 
     ex = exact(ExactRule("*", "local", tokenizer=str(family_dir("qwen3"))))
     ex.warm("m")
     body = chat("Grüße aus Köln, 東京 and more text. " * 40, "m")
     found = asyncio.run(ex.count("m", "chat", orjson.dumps(body)))
-    assert found.outcome == "counted" and found.margin_tokens == 0
+    assert found.outcome == "counted"
     assert found.tokens == counter_for("qwen3").count_request("chat", body)[0]
 
 
@@ -220,7 +211,7 @@ def test_pool_counts_equal_the_engines_and_the_counter(texts):
 
     out, prompt, batch, unknown = asyncio.run(run())
     for found, truth in out:
-        assert (found.source, found.outcome, found.tokens, found.margin_tokens) == ("pool", "counted", truth, 0)
+        assert (found.source, found.outcome, found.tokens) == ("pool", "counted", truth)
     assert prompt.outcome == "counted" and prompt.tokens == counter_for("llama3_1").count_prompt(texts[0])
     assert batch.outcome == "unsupported"
     assert unknown.outcome == "error"  # the engine's 404

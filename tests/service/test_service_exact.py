@@ -74,9 +74,8 @@ def test_a_close_request_is_decided_on_its_exact_count_and_learned():
     assert headers["x-token-exact"] == f"local counted; {WHY}"
     assert r.decision_fields(routed)["exact"] == headers["x-token-exact"]
     assert f"exact: local, {WHY}" in d.detail
-    # prompt + reserve is the window to the token: the quicktok count's margin alone would move it,
-    # so it was counted again exactly (two counts, one wait observed)
-    assert metric(r, "extproc_exact_counts_total", source="local", outcome="counted") == 2
+    # prompt + reserve is the window to the token: one exact count decides it (no margin, no second pass)
+    assert metric(r, "extproc_exact_counts_total", source="local", outcome="counted") == 1
     assert metric(r, "extproc_exact_count_seconds_count", source="local") == 1
 
 
