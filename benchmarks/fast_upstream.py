@@ -8,6 +8,10 @@ is that the upstream adds as little and as steady a latency as possible to both 
 
 CHUNK_DELAY_MS spaces the stream's chunks like a model's inter-token latency (each then reaches
 Envoy, and any filter reading the stream, as a separate body chunk).
+
+A request header ``x-bench-prompt-tokens: N`` (the benchmark knows each body's true count) makes
+the JSON answer's ``usage.prompt_tokens`` N, so that a router learns what vLLM would teach it; a
+request's ``x-token-exact`` (set by the router) comes back as the response header ``x-bench-exact``.
 """
 
 import asyncio
@@ -20,7 +24,11 @@ _JSON = json.dumps({"id": "cmpl-1", "object": "chat.completion", "model": "m",
 _CHUNK = b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
 _USAGE = (b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choices":[],'
           b'"usage":{"prompt_tokens":1000,"completion_tokens":20,"total_tokens":1020}}\n\n')
-_SSE_BODY = _CHUNK * 20 + _USAGE + b"data: [DONE]\n\n"
+
+
+def _json(prompt_tokens: int) -> bytes:
+    return _JSON.replace(b'"prompt_tokens": 1000, "completion_tokens": 1, "total_tokens": 1001',
+                         b'"prompt_tokens": %d, "completion_tokens": 1, "total_tokens": %d' % (prompt_tokens, prompt_tokens + 1))
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -29,6 +37,7 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             head = await reader.readuntil(b"\r\n\r\n")
             length = 0
             chunked = False
+            prompt, exact = None, b""
             for line in head.split(b"\r\n")[1:]:
                 k, _, v = line.partition(b":")
                 k = k.strip().lower()
@@ -36,6 +45,10 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                     length = int(v)
                 elif k == b"transfer-encoding" and b"chunked" in v.lower():
                     chunked = True
+                elif k == b"x-bench-prompt-tokens":
+                    prompt = int(v)
+                elif k == b"x-token-exact":
+                    exact = b"x-bench-exact: %s\r\n" % v.strip()
             if chunked:
                 body = bytearray()
                 while True:
@@ -57,8 +70,9 @@ async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                         await asyncio.sleep(CHUNK_DELAY_S)
                 writer.write(b"0\r\n\r\n")
             else:
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                             % (len(_JSON), _JSON))
+                answer = _JSON if prompt is None else _json(prompt)
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n%scontent-length: %d\r\n\r\n%s"
+                             % (exact, len(answer), answer))
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError, ValueError):
         pass

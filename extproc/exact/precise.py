@@ -26,10 +26,12 @@ boundary needs checking (a BPE never merges across words); a pair across another
 from __future__ import annotations
 
 import numpy as np
+from tokenizers import Tokenizer, pre_tokenizers
 
 CACHE_SPANS = 16_384      # spans' corrections remembered (each a short text and an int)
 GOOD_SLOTS = 1 << 20      # pairs known to agree: a table of this many keys (8 MB)
 BAD_SLOTS = 1 << 16       # pairs known to disagree (0.5 MB)
+SPILL = 65_536            # good pairs that found no slot in the table (a set, looked up one by one)
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a key's slot is the top bits of key * this
 
 
@@ -50,17 +52,25 @@ class PairTable:
     def slots(self, keys: np.ndarray) -> np.ndarray:
         return ((keys.view(np.uint64) * _MIX) >> self._shift).view(np.int64)
 
-    def holds(self, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    def holds(self, keys: np.ndarray, slots: np.ndarray) -> np.ndarray:  # (slots: of these keys)
         table = self.keys
         return (table[slots] == keys) | (table[slots ^ 1] == keys)
 
-    def add(self, key: int) -> None:
-        """(One int64 store: a reader in another thread sees the old key or the new.)"""
-        slot = int(self.slots(np.array([key], dtype=np.int64))[0])
+    def add(self, keys: np.ndarray) -> np.ndarray:
+        """Remember keys: each in its first slot if free, else its second if free, else one of
+        the two by the key's last bit; returns the keys, new or old, that no longer have a place.
+        (Whole int64 stores: a reader in another thread sees the old key or the new.)"""
         table = self.keys
-        if table[slot] >= 0 and (table[slot ^ 1] < 0 or key & 1):
-            slot ^= 1
-        table[slot] = key
+        first = self.slots(keys)
+        second = first ^ 1
+        chosen = np.where(table[first] < 0, first, np.where((table[second] < 0) | (keys & 1 == 1), second, first))
+        old = table[chosen]
+        table[chosen] = keys
+        lost = table[chosen] != keys  # two new keys chose one slot: the other takes its second place
+        other = (chosen ^ 1)[lost]
+        old = np.concatenate((old[old >= 0], table[other][table[other] >= 0]))
+        table[other] = keys[lost]
+        return np.setdiff1d(np.concatenate((old, keys)), table[np.concatenate((first, second, other))])
 
 
 def word_starts(quick, size: int) -> np.ndarray:
@@ -86,6 +96,10 @@ class PreciseQuick:
         self._start = word_starts(quick, size)
         self.good, self.bad = PairTable(GOOD_SLOTS), PairTable(BAD_SLOTS)
         self._cache: dict[bytes, int] = {}
+        self._spill: set[int] = set()
+        # the same BPE (and whole-word lookup), with words split at spaces only: pairs checked in bulk
+        self._pairs = Tokenizer(hf.model)
+        self._pairs.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
 
     def count(self, text: str) -> int:
         ids = self._q.encode_ordinary(text)
@@ -104,8 +118,12 @@ class PreciseQuick:
         failed = self.bad.holds(keys, self.bad.slots(keys))
         new = np.flatnonzero(~failed)
         if len(new):
-            fresh = {key: self._agrees(key) for key in set(keys[new].tolist())}
-            failed[new] = [not fresh[key] for key in keys[new].tolist()]
+            fresh, where = np.unique(keys[new], return_inverse=True)
+            spilled = np.fromiter((k in self._spill for k in fresh.tolist()), dtype=bool, count=len(fresh))
+            verdict = spilled.copy()
+            if not spilled.all():
+                verdict[~spilled] = self._agree(fresh[~spilled])
+            failed[new] = ~verdict[where]
         if not failed.any():
             return n
         # the spans (from a word start to the next) holding a failed pair, each once
@@ -113,25 +131,62 @@ class PreciseQuick:
         edges = np.concatenate(([0], starts[starts > 0], [n]))
         k = np.unique(np.searchsorted(edges, inner[failed], side="right"))  # 1 <= i < n: inside
         try:
-            return n + sum(self._correction(ids[j:e]) for j, e in zip(edges[k - 1].tolist(), edges[k].tolist()))
+            return n + self._corrections([ids[j:e] for j, e in zip(edges[k - 1].tolist(), edges[k].tolist())])
         except UnicodeDecodeError:  # a span not of whole characters (never seen): the whole text on HF
             return len(self._hf.encode(text, add_special_tokens=False).ids)
 
-    def _agrees(self, key: int) -> bool:
-        """Does Hugging Face's BPE make the pair ``key`` of its bytes? Remembered either way."""
-        a, b = key >> self._shift, key & ((1 << self._shift) - 1)
-        ta, tb = self._hf.id_to_token(a), self._hf.id_to_token(b)
-        ok = ta is not None and tb is not None and [t.id for t in self._hf.model.tokenize(ta + tb)] == [a, b]
-        (self.good if ok else self.bad).add(key)
+    def _agree(self, keys: np.ndarray) -> np.ndarray:
+        """For each pair: does Hugging Face make it of its own bytes? Remembered either way.
+
+        First its BPE alone, all pairs in one call (their byte-level strings joined by spaces,
+        which no such string holds, and split there). A pair that fails may be two words (a
+        word and its comma: a BPE merges within words only), so the pairs that fail are asked
+        again of the whole tokenizer, its pre-tokenizer included, one batch call: where that
+        makes the pair, it is good. (Where the pre-tokenizer splits a pair's text alone between
+        its tokens, it splits them in any text: each of its patterns matches a whole run of one
+        kind of character, and a run's tail is a run of the same kind.)"""
+        mask = (1 << self._shift) - 1
+        a, b = keys >> self._shift, keys & mask
+        tok = self._hf.id_to_token
+        words = [(tok(x) or "\0") + (tok(y) or "\0") for x, y in zip(a.tolist(), b.tolist())]
+        enc = self._pairs.encode(" ".join(words), add_special_tokens=False)
+        ids, word = np.asarray(enc.ids, dtype=np.int64), np.asarray(enc.word_ids, dtype=np.int64)
+        made = np.bincount(word, minlength=len(keys))
+        if len(made) != len(keys):  # (a string split where it should not be: never seen) one by one
+            ok = np.array([[t.id for t in self._hf.model.tokenize(w)] == [x, y]
+                           for w, x, y in zip(words, a.tolist(), b.tolist())], dtype=bool)
+        else:
+            first = np.concatenate(([0], np.cumsum(made)[:-1]))
+            ok = made == 2
+            ok[ok] &= (ids[first[ok]] == a[ok]) & (ids[first[ok] + 1] == b[ok])
+        again = np.flatnonzero(~ok)
+        texts, where = [], []
+        for i in again.tolist():
+            try:
+                texts.append(self._q.decode_bytes([int(a[i]), int(b[i])]).decode("utf-8"))
+                where.append(i)
+            except UnicodeDecodeError:  # not whole characters: within one word, and failed
+                pass
+        if texts:
+            for i, e in zip(where, self._hf.encode_batch(texts, add_special_tokens=False)):
+                ok[i] = e.ids == [a[i], b[i]]
+        homeless = self.good.add(keys[ok])
+        if len(homeless) and len(self._spill) < SPILL:
+            self._spill.update(homeless.tolist())
+        self.bad.add(keys[~ok])
         return ok
 
-    def _correction(self, span: list[int]) -> int:
-        """Hugging Face's count of a span of whole words less quicktok's."""
-        raw = self._q.decode_bytes(span)
-        fix = self._cache.get(raw)
-        if fix is None:
-            fix = len(self._hf.encode(raw.decode("utf-8"), add_special_tokens=False).ids) - len(span)
-            if len(self._cache) >= CACHE_SPANS:  # the oldest out (dict order); a race only forgets more
-                self._cache.pop(next(iter(self._cache), None), None)
-            self._cache[raw] = fix
-        return fix
+    def _corrections(self, spans: list[list[int]]) -> int:
+        """Hugging Face's count of spans of whole words less quicktok's (those not remembered,
+        in one call)."""
+        raws = [self._q.decode_bytes(span) for span in spans]
+        fixes = [self._cache.get(raw) for raw in raws]
+        todo = [i for i, fix in enumerate(fixes) if fix is None]
+        if todo:
+            counted = self._hf.encode_batch([raws[i].decode("utf-8") for i in todo], add_special_tokens=False)
+            for i, enc in zip(todo, counted):
+                fixes[i] = fix = len(enc.ids) - len(spans[i])
+                if len(self._cache) >= CACHE_SPANS:  # the oldest out (dict order); a race only forgets more
+                    self._cache.pop(next(iter(self._cache), None), None)
+                self._cache[raws[i]] = fix
+        return sum(fixes)

@@ -76,6 +76,7 @@ def test_precise_equals_hugging_face_on_adversarial_strings(family, counters, pa
 def test_tables_stay_bounded_and_a_lost_pair_is_only_checked_again(monkeypatch):
     monkeypatch.setattr(precise_mod, "GOOD_SLOTS", 8)   # every pair evicts another
     monkeypatch.setattr(precise_mod, "BAD_SLOTS", 4)
+    monkeypatch.setattr(precise_mod, "SPILL", 16)
     hf = counter_for("llama3")
     tiny = quick_counter(hf, "llama3")
     p: PreciseQuick = tiny._tok._q
@@ -85,4 +86,4 @@ def test_tables_stay_bounded_and_a_lost_pair_is_only_checked_again(monkeypatch):
         assert [tiny.count_text(t) for t in texts] == [hf.count_text(t) for t in texts]
     for i in range(CACHE_SPANS + 10):  # distinct foreign words: the table of spans stays bounded
         p.count(f" seviyorum{i}x rahati{i}")
-    assert len(p._cache) <= CACHE_SPANS
+    assert len(p._cache) <= CACHE_SPANS and len(p._spill) <= 16
