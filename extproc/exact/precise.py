@@ -171,8 +171,9 @@ class PreciseQuick:
             for i, e in zip(where, self._hf.encode_batch(texts, add_special_tokens=False)):
                 ok[i] = e.ids == [a[i], b[i]]
         homeless = self.good.add(keys[ok])
-        if len(homeless) and len(self._spill) < SPILL:
-            self._spill.update(homeless.tolist())
+        room = SPILL - len(self._spill)
+        if len(homeless) and room > 0:
+            self._spill.update(homeless[:room].tolist())
         self.bad.add(keys[~ok])
         return ok
 
