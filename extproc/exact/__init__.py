@@ -25,6 +25,7 @@ from ..budget import BudgetRouter, Decision, Observation
 from ..budget.router import close_to, distrusted
 from .local import LocalCounters, count_local
 from .pool import PoolCounter, PoolError
+from .precise import Capped
 from .settings import DEFAULT_RULES, OUTCOMES, SOURCES, ExactRule, ExactSettings, LocalSettings, PoolSettings
 
 __all__ = ["DEFAULT_RULES", "OUTCOMES", "SOURCES", "ExactCount", "ExactCounts", "ExactRule", "ExactSettings",
@@ -149,6 +150,8 @@ class ExactCounts:
                 counts = await asyncio.to_thread(count_local, local, api, doc)
             else:
                 counts = count_local(local, api, doc)
+        except Capped:  # too many of its pairs new at once (precise.py): the estimate decides
+            return ExactCount("local", "capped", seconds=time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - vLLM would refuse it (a TemplateError), or a bug: the estimate decides
             return ExactCount("local", "error", seconds=time.perf_counter() - t0)
         if not counts:

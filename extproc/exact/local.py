@@ -48,20 +48,20 @@ class _QuickTokens:
     tokens (one token each), the pieces between are counted by ``quick`` (precise.PreciseQuick)."""
 
     def __init__(self, hf, quick, added: tuple[str, ...]) -> None:
-        self._q = quick  # anything with count(text) -> int
+        self._q = quick  # anything with count_pieces(texts) -> int
         self._cut = re.compile("|".join(re.escape(s) for s in sorted(added, key=len, reverse=True)))
         self._bos = len(hf.encode("", add_special_tokens=True).ids)  # what the post-processor adds
 
     def encode(self, text: str, add_special_tokens: bool = False) -> _Ids:
-        n, last, count = 0, 0, self._q.count
+        pieces, last, added = [], 0, 0
         for m in self._cut.finditer(text):
             if m.start() > last:
-                n += count(text[last:m.start()])
-            n += 1
+                pieces.append(text[last:m.start()])
+            added += 1
             last = m.end()
         if last < len(text):
-            n += count(text[last:])
-        return _Ids(n + (self._bos if add_special_tokens else 0))
+            pieces.append(text[last:])
+        return _Ids(added + self._q.count_pieces(pieces) + (self._bos if add_special_tokens else 0))
 
 
 @dataclass(frozen=True, slots=True)

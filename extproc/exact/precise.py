@@ -25,6 +25,8 @@ boundary needs checking (a BPE never merges across words); a pair across another
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 from tokenizers import Tokenizer, pre_tokenizers
 
@@ -32,7 +34,17 @@ CACHE_SPANS = 16_384      # spans' corrections remembered (each a short text and
 GOOD_SLOTS = 1 << 20      # pairs known to agree: a table of this many keys (8 MB)
 BAD_SLOTS = 1 << 16       # pairs known to disagree (0.5 MB)
 SPILL = 65_536            # good pairs that found no slot in the table (a set, looked up one by one)
+# New pairs checked a second, per tokenizer (a token bucket holding one second's worth). A pair
+# is checked on Hugging Face at ~5 us: a router sees most of its traffic's pairs in its first
+# minutes, after which few are new, but text written to be new (or a cold start under a flood of
+# long close requests) would make every count cost Hugging Face's time. Past the bucket a count
+# is refused (``Capped``): the estimate decides, as without exact counts.
+NEW_PAIRS_PER_S = 50_000
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a key's slot is the top bits of key * this
+
+
+class Capped(Exception):
+    """The count needs more new pairs checked than the budget holds now (NEW_PAIRS_PER_S)."""
 
 
 class PairTable:
@@ -97,12 +109,22 @@ class PreciseQuick:
         self.good, self.bad = PairTable(GOOD_SLOTS), PairTable(BAD_SLOTS)
         self._cache: dict[bytes, int] = {}
         self._spill: set[int] = set()
+        self._budget, self._refill = float(NEW_PAIRS_PER_S), time.monotonic()
         # the same BPE (and whole-word lookup), with words split at spaces only: pairs checked in bulk
         self._pairs = Tokenizer(hf.model)
         self._pairs.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
 
     def count(self, text: str) -> int:
-        ids = self._q.encode_ordinary(text)
+        return self.count_pieces((text,))
+
+    def count_pieces(self, pieces) -> int:
+        """The sum of ``count`` over texts, checked together (one pass of the tables for a
+        request's many pieces between special tokens: a BPE never merges across them)."""
+        ids: list[int] = []
+        bounds = []
+        for piece in pieces:
+            bounds.append(len(ids))
+            ids += self._q.encode_ordinary(piece)
         n = len(ids)
         if n < 2:
             return n
@@ -110,6 +132,8 @@ class PreciseQuick:
         keys = (arr[:-1] << self._shift) | arr[1:]     # every adjacent pair (gathers cost more than lookups)
         unknown = ~self.good.holds(keys, self.good.slots(keys))
         unknown &= ~self._start[arr[1:]]               # a pair across a word start needs no check
+        cuts = np.asarray(bounds[1:], dtype=np.int64)  # nor one across two pieces
+        unknown[cuts[cuts > 0] - 1] = False
         inner = np.flatnonzero(unknown)
         if not len(inner):
             return n
@@ -122,18 +146,30 @@ class PreciseQuick:
             spilled = np.fromiter((k in self._spill for k in fresh.tolist()), dtype=bool, count=len(fresh))
             verdict = spilled.copy()
             if not spilled.all():
+                self._spend(int(np.count_nonzero(~spilled)))
                 verdict[~spilled] = self._agree(fresh[~spilled])
             failed[new] = ~verdict[where]
         if not failed.any():
             return n
-        # the spans (from a word start to the next) holding a failed pair, each once
-        starts = np.flatnonzero(self._start[arr])
-        edges = np.concatenate(([0], starts[starts > 0], [n]))
-        k = np.unique(np.searchsorted(edges, inner[failed], side="right"))  # 1 <= i < n: inside
+        # the spans (from a word start or a piece's start to the next) holding a failed pair, each once
+        begins = self._start[arr]                      # (a copy: the table is not written)
+        begins[np.asarray(bounds, dtype=np.int64)] = True
+        edges = np.append(np.flatnonzero(begins), n)
+        k = np.unique(np.searchsorted(edges, inner[failed], side="right"))  # 0 = edges[0] < i < n: inside
         try:
             return n + self._corrections([ids[j:e] for j, e in zip(edges[k - 1].tolist(), edges[k].tolist())])
         except UnicodeDecodeError:  # a span not of whole characters (never seen): the whole text on HF
-            return len(self._hf.encode(text, add_special_tokens=False).ids)
+            return sum(len(self._hf.encode(piece, add_special_tokens=False).ids) for piece in pieces)
+
+    def _spend(self, pairs: int) -> None:
+        """Take ``pairs`` from the bucket of new-pair checks, or raise Capped. (Threads may race
+        on it: at worst a few more checks pass.)"""
+        now = time.monotonic()
+        self._budget = min(float(NEW_PAIRS_PER_S), self._budget + (now - self._refill) * NEW_PAIRS_PER_S)
+        self._refill = now
+        if pairs > self._budget:
+            raise Capped(f"{pairs} new pairs to check, {int(self._budget)} allowed now")
+        self._budget -= pairs
 
     def _agree(self, keys: np.ndarray) -> np.ndarray:
         """For each pair: does Hugging Face make it of its own bytes? Remembered either way.

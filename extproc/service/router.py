@@ -327,7 +327,7 @@ class Router:
     async def _route_exact(self, d: Decision, observation: Observation | None, why: str, body: bytes,
                            may_inject: bool, ended_by_log: bool, client: str | None) -> Routed:
         """``route`` for a close decision: the exact count decides where it is had, and is learned
-        at once (a calibration sample that needs no response: the client guards apply). Such a
+        right after (a calibration sample that needs no response: the client guards apply). Such a
         request is not at risk: its response is read only as a proven fit's is (while the model
         calibrates, or sampled), and teaches nothing twice. On a failed count the estimate decides
         as before."""
@@ -335,7 +335,9 @@ class Router:
         self._count_exact(refined)
         d = refined.decision
         if d.source == "exact":
-            self._learn(observation, refined.count.total, client)
+            # learned once the answer is on its way (a learning step costs about a millisecond,
+            # which the request need not wait for)
+            asyncio.get_running_loop().call_soon(self._learn, observation, refined.count.total, client)
             observation = None  # learned: a read response would teach it twice
         choice = self._spill(d)
         read = self.wants_read(d, choice[0])

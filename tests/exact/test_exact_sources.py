@@ -319,3 +319,16 @@ def test_serve_preloads_every_tokenizer_the_rules_name_so_no_request_waits_on_a_
     for model in ("meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-3.1-8B-Instruct", "Qwen/Qwen3-8B"):
         rule = next(r for r in DEFAULT_RULES if r.matches(model))
         assert local.get(rule, model) is not None, model  # ready: no load started on the request path
+
+
+def test_a_count_needing_too_many_new_pairs_checked_is_capped(monkeypatch, texts):
+    from extproc.exact import precise
+
+    monkeypatch.setattr(precise, "NEW_PAIRS_PER_S", 50)  # the bucket holds one second's worth
+    ex = exact(ExactRule("*", "local", family="llama3"))
+    ex.warm("m")  # (the warm-up's own pairs are few)
+    found = asyncio.run(ex.count("m", "chat", orjson.dumps(chat("\n".join(texts[:20]), "m"))))
+    assert found.outcome == "capped"
+    small = asyncio.run(ex.count("m", "chat", orjson.dumps(chat("hello there", "m"))))
+    assert small.outcome == "counted" and small.tokens == counter_for("llama3").count_chat(
+        [{"role": "user", "content": "hello there"}])
