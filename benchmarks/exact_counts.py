@@ -89,13 +89,18 @@ def trace_request(rng: random.Random, by_cat: dict, prompt_tokens: int) -> dict:
             "model": body["model"], "kind": "trace"}
 
 
-def workloads(n: int, seed: int, half: int | None = None) -> dict[str, list[dict]]:
+WORKLOADS = ("azure-conv", "mooncake", "near")
+
+
+def workloads(n: int, seed: int, half: int | None = None, names: tuple[str, ...] = WORKLOADS) -> dict[str, list[dict]]:
     by_cat = rq.load_texts(rq.DEFAULT_TEXTS, half)
     out = {}
-    for name in ("azure-conv", "mooncake"):
-        rng = random.Random(seed)
-        out[name] = [trace_request(rng, by_cat, t) for t in trace_lengths(name, n, seed)]
-    out["near"] = rq.build_requests(by_cat, n, seed)
+    for name in names:
+        if name == "near":
+            out[name] = rq.build_requests(by_cat, n, seed)
+        else:
+            rng = random.Random(seed)
+            out[name] = [trace_request(rng, by_cat, t) for t in trace_lengths(name, n, seed)]
     return out
 
 

@@ -109,13 +109,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=120, help="time bound of one mode's round")
-    ap.add_argument("--workloads", nargs="+", default=["azure-conv", "near"], choices=["azure-conv", "mooncake", "near"])
+    ap.add_argument("--workloads", nargs="+", default=["azure-conv", "near"], choices=ec.WORKLOADS)
     args = ap.parse_args()
     for need in (ec.rq.DEFAULT_TEXTS, ec.TRACES / "azure_llm_2023_conv.csv", ec.TRACES / "mooncake_conversation.jsonl"):
         if not need.exists():
             sys.exit(f"SKIP: {need} not found (the shared data set is needed)")
     t0 = time.time()
-    loads = {k: v for k, v in ec.workloads(args.requests, args.seed).items() if k in args.workloads}
+    loads = ec.workloads(args.requests, args.seed, names=tuple(args.workloads))
     print(f"{args.requests} requests per workload, built and counted in {time.time() - t0:.1f}s; seed {args.seed}; "
           f"{args.rounds} alternating rounds; 1 connection per Envoy, sequential", flush=True)
     work = pathlib.Path(tempfile.mkdtemp(prefix="extproc-exact-service-"))
