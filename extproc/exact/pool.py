@@ -1,5 +1,6 @@
-"""The pool exact source: ask a vLLM serving the model, POST /tokenize (exact by construction:
-its own template and tokenizer, no generation).
+"""The pool exact source: ask a vLLM serving the model, POST /tokenize, or for an Anthropic
+Messages body POST /v1/messages/count_tokens (exact by construction: its own template and
+tokenizer, no generation).
 
 Each call is bounded: a total timeout, a cap on calls in flight and a token bucket of calls a
 second per pool address (the pool's API server does the work), a cap on the body sent and on the
@@ -8,8 +9,10 @@ answer read. Any failure is an outcome, never an exception: the estimate then de
 /tokenize takes chat messages or a string prompt. A chat body is sent with what its template
 reads (tools, template kwargs, the generation-prompt flags) and the two things a real request
 adds that /tokenize does not: ``reasoning_content`` renamed ``reasoning``, and
-``reasoning_effort`` as a template argument. Other shapes (prompt lists, token ids, the
-Responses API) are "unsupported".
+``reasoning_effort`` as a template argument. A Messages body is sent with what vLLM's
+count_tokens reads (it renders it as the request would be, and sums the prompt's tokens). Other
+shapes (prompt lists, token ids, the Responses API, whose ``input`` vLLM turns into a prompt its
+own way) are "unsupported".
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import orjson
 
 CHAT_KEYS = ("tools", "add_generation_prompt", "continue_final_message", "add_special_tokens",
              "chat_template_kwargs")
+# what vLLM 0.32's AnthropicCountTokensRequest reads (it ignores the rest: max_tokens, stream, ...)
+MESSAGES_KEYS = ("messages", "system", "tools", "tool_choice", "thinking", "output_config", "chat_template_kwargs")
 
 
 class PoolError(Exception):
@@ -31,6 +36,16 @@ class PoolError(Exception):
     def __init__(self, outcome: str, why: str = "") -> None:
         super().__init__(why or outcome)
         self.outcome = outcome
+
+
+def count_request(api: str, doc: Mapping[str, Any]) -> tuple[str, dict, str]:
+    """(path, body, the answer's count field) of the call that counts a request body;
+    PoolError("unsupported")."""
+    if api == "messages" and isinstance(doc.get("messages"), list):
+        return ("/v1/messages/count_tokens",
+                {"model": doc.get("model"), **{k: doc[k] for k in MESSAGES_KEYS if doc.get(k) is not None}},
+                "input_tokens")
+    return "/tokenize", tokenize_body(api, doc), "count"
 
 
 def tokenize_body(api: str, doc: Mapping[str, Any]) -> dict:
@@ -108,7 +123,8 @@ class PoolCounter:
         """The pool's count for the body's prompt; PoolError saying why there is none."""
         if body_bytes > self.max_bytes:
             raise PoolError("too_large")
-        payload = orjson.dumps(tokenize_body(api, doc))
+        path, body, field = count_request(api, doc)
+        payload = orjson.dumps(body)
         caps = self._caps.get(url)
         if caps is None:
             caps = self._caps[url] = _Caps(self.max_per_s)
@@ -117,7 +133,7 @@ class PoolCounter:
         caps.in_flight += 1
         try:
             async with asyncio.timeout(self.timeout_s):  # (no task per call, as wait_for makes)
-                return await self._post(url.rstrip("/") + "/tokenize", payload)
+                return await self._post(url.rstrip("/") + path, payload, field)
         except asyncio.TimeoutError:
             raise PoolError("timeout") from None
         except (aiohttp.ClientError, OSError, ValueError) as exc:
@@ -125,7 +141,7 @@ class PoolCounter:
         finally:
             caps.in_flight -= 1
 
-    async def _post(self, url: str, payload: bytes) -> int:
+    async def _post(self, url: str, payload: bytes, field: str) -> int:
         async with self._session_now().post(url, data=payload, headers={"content-type": "application/json"},
                                             allow_redirects=False) as resp:
             data = await _read_bounded(resp, self.max_response_bytes)
@@ -135,7 +151,7 @@ class PoolCounter:
             answer = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise PoolError("error", "answer is not JSON") from None
-        count = answer.get("count") if isinstance(answer, dict) else None
+        count = answer.get(field) if isinstance(answer, dict) else None
         if type(count) is not int or not 0 < count < 1 << 31:
             raise PoolError("error", "answer has no count")
         return count

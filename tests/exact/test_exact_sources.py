@@ -332,3 +332,31 @@ def test_a_count_needing_too_many_new_pairs_checked_is_capped(monkeypatch, texts
     small = asyncio.run(ex.count("m", "chat", orjson.dumps(chat("hello there", "m"))))
     assert small.outcome == "counted" and small.tokens == counter_for("llama3").count_chat(
         [{"role": "user", "content": "hello there"}])
+
+
+def test_pool_counts_a_messages_body_with_count_tokens(texts):
+    """An Anthropic Messages body is counted by the pool's /v1/messages/count_tokens, as the
+    local source counts it (the engine renders it as vLLM does)."""
+    bodies = [{"model": LLAMA, "max_tokens": 64, "system": "Be brief.",
+               "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}]} for text in texts[:10]]
+    bodies.append({"model": LLAMA, "max_tokens": 64, "stream": True, "messages": [
+        {"role": "user", "content": "What is the weather?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "rain"}]}],
+        "tools": [{"name": "weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]})
+
+    async def run():
+        engine = await start_engine(engine_config("llama3_1", LLAMA))
+        pool = exact(ExactRule("*", "pool", pool_url=engine.url), pool=PoolSettings(timeout_s=5.0))
+        local = exact(ExactRule("*", "local", family="llama3_1"))
+        local.warm(LLAMA)
+        try:
+            return [(await pool.count(LLAMA, "messages", orjson.dumps(b)), await local.count(LLAMA, "messages", orjson.dumps(b)))
+                    for b in bodies]
+        finally:
+            await pool.close()
+            await engine.close()
+
+    for p, loc in asyncio.run(run()):
+        assert (p.source, p.outcome, loc.outcome) == ("pool", "counted", "counted")
+        assert p.tokens == loc.tokens

@@ -117,3 +117,28 @@ def test_a_real_answer_after_the_timeout_is_a_timeout(servers):
     long_chat = {"messages": [{"role": "user", "content": "lorem ipsum dolor sit amet " * 1200}]}
     ((pool, _),) = counts(srv, "llama3_1", "chat", [long_chat], timeout_s=0.001)
     assert pool.outcome == "timeout" and pool.tokens == 0
+
+
+def test_pool_counts_a_messages_body_as_real_requests_report(servers, dev_bodies):
+    """A Messages body goes to the real server's /v1/messages/count_tokens; its count is the
+    ``usage.input_tokens`` a real /v1/messages request reports, and the local source's."""
+    srv = servers["llama3_1"]
+    bodies = [{"max_tokens": 1, "system": "Be brief.",
+               "messages": [{"role": "user", "content": b["messages"][-1]["content"]}]}
+              for b in dev_bodies[:12] if isinstance(b["messages"][-1].get("content"), str)]
+    checked = 0
+    for body, (pool, local) in zip(bodies, counts(srv, "llama3_1", "messages", bodies)):
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=300)
+        try:
+            conn.request("POST", "/v1/messages", body=json.dumps({**body, "model": srv.model}).encode(),
+                         headers={"content-type": "application/json"})
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            continue
+        checked += 1
+        assert (pool.outcome, local.outcome) == ("counted", "counted")
+        assert pool.tokens == local.tokens == json.loads(raw)["usage"]["input_tokens"]
+    assert checked >= 8
