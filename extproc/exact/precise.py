@@ -1,4 +1,4 @@
-"""Exact counts on quicktok: Hugging Face's count without running Hugging Face on the whole text.
+r"""Exact counts on quicktok: Hugging Face's count without running Hugging Face on the whole text.
 
 quicktok merges by token rank (tiktoken's BPE), Hugging Face ``tokenizers`` by its merge list,
 and for Llama 3 the two orders differ: " rahati" is [" rahat", "i"] on quicktok and
@@ -23,12 +23,22 @@ words as in the whole text, and a BPE's count is the sum over words. No pair acr
 boundary needs checking (a BPE never merges across words), nor one across two texts cut apart
 at a special token; a failed pair's span (from such a token to the next) is counted again.
 
+One more difference lies before the BPE: the pre-tokenizer's regex reads \p{L} and \p{N} from
+each library's own Unicode tables, and quicktok's are newer. A code point assigned a letter in
+Unicode 16 or 17 (U+323B0, CJK extension J) is a letter to quicktok and not to Hugging Face, so
+the two cut the text into different words ("\U000323b0's": a contraction on quicktok, a
+punctuation run on Hugging Face). All 4,644 such code points (found by probing every code point
+in several contexts) are unassigned in Unicode 14, Python 3.11's table: a text holding a code
+point unassigned there (or in ``NEWER_LETTERS``, for a newer Python) is counted on Hugging Face
+whole.
+
 Costs, 26 KB of text (~7K tokens) here: quicktok ~0.6 ms, this ~1.3 ms once its pairs are known,
 Hugging Face ~13-20 ms; a text of new pairs costs about Hugging Face's time once (~5 us a pair).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -45,6 +55,27 @@ SPILL = 65_536            # good pairs that found no slot in the table (a set, l
 # is refused (``Capped``): the estimate decides, as without exact counts.
 NEW_PAIRS_PER_S = 50_000
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: a key's slot is the top bits of key * this
+# Code points where quicktok's pre-tokenizer and Hugging Face's disagree (assigned in Unicode 16
+# and 17), all unassigned in Python 3.11's Unicode 14: named here for a Python whose table has them.
+NEWER_LETTERS = ((0x88F, 0x88F), (0xC5C, 0xC5C), (0xCDC, 0xCDC), (0xA7CE, 0xA7CF), (0xA7D2, 0xA7D2), (0xA7D4, 0xA7D4),
+                 (0xA7F1, 0xA7F1), (0x10940, 0x10959), (0x10EC5, 0x10EC7), (0x11DB0, 0x11DDB), (0x16EA0, 0x16EB8),
+                 (0x16EBB, 0x16ED3), (0x16FF2, 0x16FF3), (0x187F8, 0x187FF), (0x18D09, 0x18D1E), (0x18D80, 0x18DF2),
+                 (0x1E6C0, 0x1E6DE), (0x1E6E0, 0x1E6E2), (0x1E6E4, 0x1E6E5), (0x1E6E7, 0x1E6ED), (0x1E6F0, 0x1E6F4),
+                 (0x1E6FE, 0x1E6FF), (0x2B73A, 0x2B73F), (0x2CEA2, 0x2CEAD), (0x323B0, 0x33479))
+
+
+@functools.cache
+def unsure_code_points() -> np.ndarray:
+    """A table by code point: True where quicktok's pre-tokenizer may read it otherwise than
+    Hugging Face's (unassigned in this Python's Unicode, or in NEWER_LETTERS; surrogates too).
+    ~0.5 s to build, once a process."""
+    import unicodedata
+
+    table = np.fromiter((unicodedata.category(chr(c)) == "Cn" for c in range(0x110000)), dtype=bool, count=0x110000)
+    table[0xD800:0xE000] = True
+    for a, b in NEWER_LETTERS:
+        table[a:b + 1] = True
+    return table
 
 
 class Capped(Exception):
@@ -117,6 +148,7 @@ class PreciseQuick:
         # the same BPE (and whole-word lookup), with words split at spaces only: pairs checked in bulk
         self._pairs = Tokenizer(hf.model)
         self._pairs.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        self._unsure = unsure_code_points()
 
     def count(self, text: str) -> int:
         return self.count_pieces((text,))
@@ -126,9 +158,22 @@ class PreciseQuick:
         request's many pieces between special tokens: a BPE never merges across them)."""
         ids: list[int] = []
         bounds = []
+        whole = 0  # tokens of the pieces counted on Hugging Face
         for piece in pieces:
+            if not piece.isascii() and self._is_unsure(piece):
+                self._spend(len(piece) // 4)  # (Hugging Face's time, in pair checks' worth)
+                whole += len(self._hf.encode(piece, add_special_tokens=False).ids)
+                continue
             bounds.append(len(ids))
             ids += self._q.encode_ordinary(piece)
+        return whole + self._count_ids(ids, bounds, pieces)
+
+    def _is_unsure(self, text: str) -> bool:
+        cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        return bool(self._unsure[cps].any())
+
+    def _count_ids(self, ids: list[int], bounds: list[int], pieces) -> int:
+        """quicktok's ``ids`` of texts starting at ``bounds``, made Hugging Face's count."""
         n = len(ids)
         if n < 2:
             return n
@@ -162,8 +207,9 @@ class PreciseQuick:
         k = np.unique(np.searchsorted(edges, inner[failed], side="right"))  # 0 = edges[0] < i < n: inside
         try:
             return n + self._corrections([ids[j:e] for j, e in zip(edges[k - 1].tolist(), edges[k].tolist())])
-        except UnicodeDecodeError:  # a span not of whole characters (never seen): the whole text on HF
-            return sum(len(self._hf.encode(piece, add_special_tokens=False).ids) for piece in pieces)
+        except UnicodeDecodeError:  # a span not of whole characters (never seen): the texts on HF
+            return sum(len(self._hf.encode(piece, add_special_tokens=False).ids) for piece in pieces
+                       if piece.isascii() or not self._is_unsure(piece))
 
     def _spend(self, pairs: int) -> None:
         """Take ``pairs`` from the bucket of new-pair checks, or raise Capped. (Threads may race

@@ -24,6 +24,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 DEV_REQUESTS = HERE.parents[2] / "shared" / "data" / "requests" / "dev_requests.jsonl"
 WINDOW = 8192
 FAMILIES = ("llama3_1", "qwen3")
+TIER_SPECS = [(f, WINDOW) for f in FAMILIES]  # the servers it uses (conftest starts them together)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from extproc.tokens import counter_for
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SHORT, LONG = 8192, 65536
+TIER_SPECS = [("llama3_1", SHORT), ("llama3_1", LONG)]  # the servers it uses (conftest starts them together)
 # (not EXTPROC_-prefixed: the router's config takes those as settings)
 RECORD = os.environ.get("RECORD_VLLM_MESSAGES") == "1"
 CAPTURES = pathlib.Path(__file__).resolve().parents[1] / "budget" / "vllm_messages"

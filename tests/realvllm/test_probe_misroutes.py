@@ -25,6 +25,7 @@ from extproc.stack import Stack
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SHORT, LONG = 8192, 65536
+TIER_SPECS = [("llama3_1", SHORT), ("llama3_1", LONG)]  # the servers it uses (conftest starts them together)
 DEV_REQUESTS = pathlib.Path(__file__).resolve().parents[2].parent / "shared/data/requests/dev_requests.jsonl"
 
 

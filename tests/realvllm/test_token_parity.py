@@ -37,6 +37,7 @@ RECORD = os.environ.get("EXTPROC_RECORD_VLLM_COUNTS") == "1"
 # "<|python_tag|>" is id 128258 for Llama-3.1 (its config names a token its tokenizer.json lacks, so
 # transformers appends it): past the tiny model's 128,256-row embedding — /tokenize only
 SKIP_REQUEST = {("special_python_tag_in_content", "llama3_1")}
+TIER_SPECS = [(f, WINDOW) for f in FAMILIES]  # the servers it uses (conftest starts them together)
 TOKENIZE_CHAT_KEYS = {"messages", "add_generation_prompt", "continue_final_message",
                       "add_special_tokens", "chat_template", "chat_template_kwargs", "tools"}
 

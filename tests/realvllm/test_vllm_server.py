@@ -15,6 +15,7 @@ from vllm_server import VLLMServer, VLLMStartError, start_all
 
 HERE = pathlib.Path(__file__).resolve().parent
 CAPTURED = HERE.parents[2] / "shared" / "data" / "vllm"
+TIER_SPECS = [("llama3_1", 8192), ("llama3_1", 65536)]  # the servers it uses (conftest starts them together)
 
 
 @pytest.fixture(scope="module")
