@@ -106,8 +106,9 @@ class ExactCounts:
     async def count(self, model: str, api: str, body: bytes) -> ExactCount | None:
         """The exact count of a body's prompts, or None where no rule names the model. Never raises.
 
-        A local rule counts in the router (local.py); a body over ``local.max_bytes``, or a
-        tokenizer not loaded yet, goes to the rule's pool, if it names one."""
+        A local rule counts in the router (local.py); a body over ``local.max_bytes``, a
+        tokenizer not loaded yet, or a count capped (too many new pairs to check: precise.py)
+        goes to the rule's pool, if it names one."""
         rule = self.rule_for(model)
         if rule is None:
             return None
@@ -125,7 +126,7 @@ class ExactCounts:
         if rule.source == "local":
             found = await self._local(rule, model, api, doc, len(body))
             tried.append((found.source, found.outcome, found.seconds))
-        if found is None or (found.outcome in ("too_large", "unavailable") and rule.pool_url):
+        if found is None or (found.outcome in ("too_large", "unavailable", "capped") and rule.pool_url):
             found = await self._pool(rule, api, doc, len(body))
             tried.append((found.source, found.outcome, found.seconds))
         found.seconds = time.perf_counter() - t0

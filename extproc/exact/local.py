@@ -5,10 +5,11 @@ built-in families the BPE runs on quicktok rather than Hugging Face ``tokenizers
 (32 KB of text, an 8K-token prompt, in ~0.4 ms instead of ~13 ms). The text is cut at the
 tokenizer's own added tokens (Hugging Face's list, so special-token strings typed in a message
 count exactly as vLLM counts them) and only the pieces between go to quicktok. quicktok merges by
-token rank, Hugging Face by its merge list; alone they differ on a few words that are not in the
-vocabulary whole (" seviyorum": 2 tokens against 4; 2-7 tokens on 4 of 1,292 dev texts), so the
-words where they can differ are counted again on Hugging Face (precise.py): the count is Hugging
-Face's, at about 2x quicktok's cost. A tokenizer given by path has no quicktok twin:
+token rank, Hugging Face by its merge list, and for Llama 3 the two orders differ (" rahati": 2
+tokens against 3); their Unicode tables differ too (CJK extension J is a letter to quicktok
+only). precise.py checks each adjacent pair of tokens against Hugging Face's BPE and counts
+again on Hugging Face only the words where they part: the count is Hugging Face's, at about 2x
+quicktok's cost once a text's pairs are known. A tokenizer given by path has no quicktok twin:
 ``tokenizers`` counts it, exactly and slower (keep ``local.max_bytes`` small for it, or name a
 pool).
 
