@@ -10,7 +10,9 @@ tokenizer and template), so the routers learn what vLLM would teach them. The sa
 through each Envoy in alternating rounds, one connection, requests one after another.
 
 Reported per workload and mode: router CPU µs per request (from /proc/<pid>/task/*/schedstat, the
-least over the rounds: the machine's other work only ever adds) and its ratio to exact off; the
+least over the rounds: the machine's other work only ever adds), its ratio to exact off, and the
+median over the rounds of each round's ratio to the off round just before it (paired: a slow
+stretch of the machine weighs on both); the
 share of requests counted (the upstream echoes the router's ``x-token-exact``); latency p50/p99 of
 all requests and of the counted ones (their added time is the difference to the same requests
 with exact off); responses read per 1,000 requests (overflow and waste: exact_counts.py).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import pathlib
+import statistics
 import sys
 import tempfile
 import time
@@ -124,7 +127,7 @@ def main() -> None:
         up_port = free_port()
         children.spawn([sys.executable, str(ROOT / "benchmarks" / "fast_upstream.py"), str(up_port)], "upstream")
         stacks = start(work, children, up_port)
-        print(f"\n{'workload':<11} {'exact':<10} {'n':>5} {'counted%':>8} {'CPU µs/r':>9} {'ratio':>6} "
+        print(f"\n{'workload':<11} {'exact':<10} {'n':>5} {'counted%':>8} {'CPU µs/r':>9} {'ratio':>6} {'paired':>6} "
               f"{'p50 ms':>7} {'p99 ms':>7} {'counted p50':>11} {'p99':>6} {'+p50':>6} {'+p99':>6} {'reads':>6}",
               flush=True)
         for name, reqs in loads.items():
@@ -152,8 +155,9 @@ def main() -> None:
                 n = len(lat[mode][0])
                 share = 100 * sum(which[:n]) / max(1, n) if mode == "local" else 0.0
                 added = (pct(mine, 0.5) - pct(off, 0.5), pct(mine, 0.99) - pct(off, 0.99))
+                paired = statistics.median(c / o for c, o in zip(cpu[mode], cpu["off"]))
                 print(f"{name:<11} {mode:<10} {n:>5} {share:>8.2f} {min(cpu[mode]) / 1000:>9.0f} "
-                      f"{min(cpu[mode]) / base:>6.3f} {pct(all_ms, 0.5):>7.2f} {pct(all_ms, 0.99):>7.2f} "
+                      f"{min(cpu[mode]) / base:>6.3f} {paired:>6.3f} {pct(all_ms, 0.5):>7.2f} {pct(all_ms, 0.99):>7.2f} "
                       f"{pct(mine, 0.5):>11.2f} {pct(mine, 0.99):>6.2f} {added[0]:>6.2f} {added[1]:>6.2f} "
                       f"{1000 * reads[mode] / (args.rounds * max(1, n)):>6.0f}", flush=True)
         print("\ncounted p50/p99: latency of the requests the exact router counted, through each Envoy; "
