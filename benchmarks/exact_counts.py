@@ -286,7 +286,7 @@ def row(name: str, mode: str, t: Tally, base: Tally) -> str:
 
 async def main_async(args) -> None:
     t0 = time.time()
-    loads = workloads(args.requests, args.seed, args.half)
+    loads = workloads(args.requests, args.seed, args.half, tuple(args.workloads))
     print(f"{args.requests} requests per workload, built and counted in {time.time() - t0:.1f}s; seed {args.seed}")
     engines, urls = [], {}
     if not args.no_pool:
@@ -348,6 +348,7 @@ def main() -> None:
     ap.add_argument("--half", type=int, choices=(0, 1), help="build every set from one half of the texts "
                     "(the priors' held-out check: fit_priors.py --half)")
     ap.add_argument("--rounds", type=int, default=3, help="replays of each mode, alternating (default: %(default)s)")
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=WORKLOADS)
     ap.add_argument("--real-vllm", action="store_true", help="also time the pool source against a real vLLM "
                     "(the real-vLLM tier's venv and tiny model: tests/realvllm/provision.py)")
     args = ap.parse_args()

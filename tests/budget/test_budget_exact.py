@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from extproc.budget import BudgetRouter, BudgetSettings, Decision, Pool
-from extproc.budget.router import CLOSE_SPAN, DISTRUST_MARGIN, close_to, distrusted
+from extproc.budget.router import CLOSE_FLOOR, CLOSE_SPAN, DISTRUST_MARGIN, close_to, distrusted
 
 POOLS = (Pool("short", 8192), Pool("mid", 32768), Pool("long", 65536))
 
@@ -21,7 +21,8 @@ def decision(point: int, conservative: int, out: int = 1024, source: str = "cali
     (7000, 7300, 1024, "short"),     # the capacity between point+out (8024) and conservative+out (8324)
     (7168, 7300, 1024, "short"),     # point + out lands on the capacity: still close
     (6900, 7100, 1024, "short"),     # conservative + out fits (8124), two margins over the point do not (8324)
-    (6800, 6900, 1024, None),        # two margins over the point still fit (8024): decided safely by the estimate
+    (6400, 6750, 1024, None),        # two margins over the point still fit (8124): decided safely by the estimate
+    (6800, 6900, 1024, "short"),     # a narrow margin (1.5%) spans 5% of the point above it: 6800 + 680 + 1024 > 8192
     (7300, 7500, 1024, "short"),     # point + out over the capacity, two margins under it: close (waste side)
     (7600, 7800, 1024, None),        # even the point less two margins is over: safely long
     (4000, 4200, 4096, "short"),     # the output reserve counts: 4000 + 4096 < 8192 < 4200 + 4096
@@ -34,12 +35,15 @@ def test_close_when_the_budget_range_holds_a_capacity(point, cons, out, near):
 
 
 def test_range_edges_are_exact():
-    # the range is point ± CLOSE_SPAN (2) margins, plus the output reserve
-    assert CLOSE_SPAN == 2.0
-    assert close_to(decision(7000, 7084), POOLS) is None          # 7000 + 168 + 1024 == 8192: fits
-    assert close_to(decision(7000, 7085), POOLS).name == "short"  # 7170 + 1024 > 8192
+    # the range is point ± CLOSE_SPAN (2) margins, plus the output reserve; above the point each
+    # margin is at least CLOSE_FLOOR (5%) of it
+    assert (CLOSE_SPAN, CLOSE_FLOOR) == (2.0, 0.05)
+    assert close_to(decision(6000, 6584), POOLS) is None          # 6000 + 1168 + 1024 == 8192: fits
+    assert close_to(decision(6000, 6585), POOLS).name == "short"  # 7170 + 1024 > 8192
+    assert close_to(decision(6500, 6510), POOLS) is None          # the floor: 6500 + 650 + 1024 = 8174
+    assert close_to(decision(6520, 6530), POOLS).name == "short"  # 6520 + 652 + 1024 = 8196
     assert close_to(decision(7368, 7468), POOLS).name == "short"  # 7368 - 200 + 1024 == 8192
-    assert close_to(decision(7369, 7469), POOLS) is None          # 7169 + 1024 > 8192: surely long
+    assert close_to(decision(7369, 7469), POOLS) is None          # 7169 + 1024 > 8192: surely long (no floor below)
 
 
 @pytest.mark.parametrize("source,reason", [("bound", "fits"), ("exact", "fits"), ("fallback", "unreadable"),
