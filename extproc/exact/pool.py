@@ -38,7 +38,7 @@ class PoolError(Exception):
         self.outcome = outcome
 
 
-def count_request(api: str, doc: Mapping[str, Any]) -> tuple[str, dict, str]:
+def counting_call(api: str, doc: Mapping[str, Any]) -> tuple[str, dict, str]:
     """(path, body, the answer's count field) of the call that counts a request body;
     PoolError("unsupported")."""
     if api == "messages" and isinstance(doc.get("messages"), list):
@@ -123,7 +123,7 @@ class PoolCounter:
         """The pool's count for the body's prompt; PoolError saying why there is none."""
         if body_bytes > self.max_bytes:
             raise PoolError("too_large")
-        path, body, field = count_request(api, doc)
+        path, body, field = counting_call(api, doc)
         payload = orjson.dumps(body)
         caps = self._caps.get(url)
         if caps is None:

@@ -157,16 +157,18 @@ class PreciseQuick:
         """The sum of ``count`` over texts, checked together (one pass of the tables for a
         request's many pieces between special tokens: a BPE never merges across them)."""
         ids: list[int] = []
-        bounds = []
-        whole = 0  # tokens of the pieces counted on Hugging Face
+        bounds: list[int] = []
+        quick = []  # the pieces quicktok encodes
+        whole = 0   # tokens of the pieces counted on Hugging Face
         for piece in pieces:
             if not piece.isascii() and self._is_unsure(piece):
                 self._spend(len(piece) // 4)  # (Hugging Face's time, in pair checks' worth)
                 whole += len(self._hf.encode(piece, add_special_tokens=False).ids)
                 continue
             bounds.append(len(ids))
+            quick.append(piece)
             ids += self._q.encode_ordinary(piece)
-        return whole + self._count_ids(ids, bounds, pieces)
+        return whole + self._count_ids(ids, bounds, quick)
 
     def _is_unsure(self, text: str) -> bool:
         cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
@@ -208,8 +210,7 @@ class PreciseQuick:
         try:
             return n + self._corrections([ids[j:e] for j, e in zip(edges[k - 1].tolist(), edges[k].tolist())])
         except UnicodeDecodeError:  # a span not of whole characters (never seen): the texts on HF
-            return sum(len(self._hf.encode(piece, add_special_tokens=False).ids) for piece in pieces
-                       if piece.isascii() or not self._is_unsure(piece))
+            return sum(len(self._hf.encode(piece, add_special_tokens=False).ids) for piece in pieces)
 
     def _spend(self, pairs: int) -> None:
         """Take ``pairs`` from the bucket of new-pair checks, or raise Capped. (Threads may race
