@@ -27,8 +27,9 @@ _USAGE = (b'data: {"id":"c","object":"chat.completion.chunk","model":"m","choice
 
 
 def _json(prompt_tokens: int) -> bytes:
-    return _JSON.replace(b'"prompt_tokens": 1000, "completion_tokens": 1, "total_tokens": 1001',
-                         b'"prompt_tokens": %d, "completion_tokens": 1, "total_tokens": %d' % (prompt_tokens, prompt_tokens + 1))
+    doc = json.loads(_JSON)
+    doc["usage"] = {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1}
+    return json.dumps(doc).encode()
 
 
 async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
