@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 import pytest
 import tiny_model
 from provision import ProvisionError, provision
-from vllm_server import VLLMServer, start_all
+from vllm_server import VLLMServer, VLLMStartError, start_all
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -161,7 +161,10 @@ def real_vllm(tmp_path_factory) -> Iterator[RealVLLMPool]:
     _POOLS.append(pool)
     try:
         if _WANTED:
-            pool.servers(_WANTED)  # (a module then finds its servers running)
+            try:
+                pool.servers(_WANTED)  # (a module then finds its servers running)
+            except VLLMStartError as e:  # best effort: each module starts (again) what it needs, as before
+                pool.timings.append(f"starting all together failed ({str(e).splitlines()[0][:160]}); per module")
         yield pool
     finally:
         pool.stop_all()
